@@ -1,0 +1,402 @@
+"""The NoC evaluation loop (RITM protocol, SPEC s.4) over a duck-typed click predictor.
+
+The predictor API (``samref_jax.model.predictor.SamRefPredictor`` implements it)::
+
+    p.set_image(image)               # uint8[H, W, 3]; computes the image embedding once
+    out = p.click(x, y, positive)    # out.mask: bool[H, W] (an array or {"mask": ...} works too)
+    p.reset()                        # clears clicks, keeps the embedding
+    p.set_mode(mode)                 # optional, only for evaluate(..., modes=[...])
+
+For every sample: ``set_image`` once, then up to ``max_clicks`` rounds of host click simulator
+(:func:`samref_jax.interaction.clicker.next_click` on ``gt == 1`` with ``gt == -1`` ignored) ->
+``click`` -> IoU. Early stop is off by default so full curves exist.
+
+Outputs under ``output_dir`` (or ``output_dir/<mode>`` per mode):
+
+- ``samples.jsonl``: one line per finished sample (id, IoU curve, clicks, timings), appended as
+  each sample finishes; a rerun skips the ids already there (resume).
+- ``masks/``: final predicted mask of every sample (1-bit PNG), for the overlays after a resume.
+- ``metrics.json``, ``metrics.md``, ``miou_curve.png``, ``overlays/worst_*.png``.
+
+Timing: ``seconds_per_click`` covers ``click`` plus fetching its mask to the host (not the click
+simulator); ``seconds_per_image_embedding`` covers ``set_image``. The first sample a process
+evaluates is a warm-up (jit compilation) and is left out of both unless it is the only one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from samref_jax.evaluation import metrics as M
+from samref_jax.evaluation import report
+from samref_jax.interaction.clicker import ClickState
+
+__all__ = ["evaluate", "load_records", "run_sample"]
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def _as_str(v: Any) -> str:
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, np.ndarray):
+        return _as_str(v.item())
+    return str(v)
+
+
+def _out_mask(out: Any) -> np.ndarray:
+    if isinstance(out, Mapping):
+        out = out["mask"]
+    elif hasattr(out, "mask"):
+        out = out.mask
+    return np.asarray(out).astype(bool, copy=False)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]
+
+
+def run_sample(
+    predictor: Any,
+    image: np.ndarray,
+    gt: np.ndarray,
+    max_clicks: int = 20,
+    stop_iou: float | None = None,
+    embed: bool = True,
+) -> tuple[dict, np.ndarray]:
+    """Run the click loop on one sample.
+
+    Args:
+      predictor: see the module docstring.
+      image: ``uint8[H, W, 3]``.
+      gt: ``int8[H, W]``: 1 object, 0 background, -1 ignore.
+      max_clicks: clicks per sample.
+      stop_iou: stop once the IoU reaches this (``None``: never, full curves).
+      embed: call ``set_image`` (``False``: the image is already set; only ``reset``).
+
+    Returns:
+      ``(record, final_mask)``: record has ``ious``, ``clicks`` (``[y, x, positive]``),
+      ``click_seconds`` and ``set_image_seconds``; ``final_mask`` is ``bool[H, W]``.
+    """
+    gt = np.asarray(gt)
+    obj, ignore = gt == 1, gt == -1
+    set_image_seconds = None
+    if embed:
+        t0 = time.perf_counter()
+        predictor.set_image(image)
+        set_image_seconds = time.perf_counter() - t0
+    predictor.reset()
+    pred = np.zeros(gt.shape, dtype=bool)
+    state = ClickState(gt.shape)
+    ious: list[float] = []
+    click_seconds: list[float] = []
+    clicker_seconds = 0.0
+    for _ in range(max_clicks):
+        t0 = time.perf_counter()
+        click = state.next(obj, pred, ignore)
+        t1 = time.perf_counter()
+        out = predictor.click(click.x, click.y, positive=click.is_positive)
+        mask = _out_mask(out)
+        click_seconds.append(time.perf_counter() - t1)
+        clicker_seconds += t1 - t0
+        if mask.shape != gt.shape:
+            raise ValueError(f"predictor returned a {mask.shape} mask for a {gt.shape} image")
+        pred = mask
+        ious.append(M.iou(pred, obj, ignore))
+        if stop_iou is not None and ious[-1] >= stop_iou:
+            break
+    record = {
+        "ious": ious,
+        "clicks": [[c.y, c.x, int(c.is_positive)] for c in state.clicks],
+        "click_seconds": click_seconds,
+        "clicker_seconds": clicker_seconds,
+        "set_image_seconds": set_image_seconds,
+        "height": int(gt.shape[0]),
+        "width": int(gt.shape[1]),
+    }
+    return record, pred
+
+
+def load_records(path: str | Path) -> dict[str, dict]:
+    """Finished samples of ``samples.jsonl`` by id; drops a torn last line (interrupted write)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[: raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)
+    records = {}
+    for line in raw.decode("utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            records[rec["id"]] = rec
+    return records
+
+
+class _Run:
+    """Output folder of one (predictor, mode) run: the resumable JSONL and the masks."""
+
+    def __init__(self, output_dir: Path | None, max_clicks: int) -> None:
+        self.dir = output_dir
+        self.records: dict[str, dict] = {}
+        self._fh = None
+        if output_dir is not None:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "masks").mkdir(exist_ok=True)
+            self.records = load_records(output_dir / SAMPLES_FILE)
+            for rec in self.records.values():
+                if rec.get("max_clicks", max_clicks) != max_clicks:
+                    raise ValueError(
+                        f"{output_dir / SAMPLES_FILE} was written with max_clicks="
+                        f"{rec.get('max_clicks')}, not {max_clicks}; use another output folder"
+                    )
+            self._fh = open(output_dir / SAMPLES_FILE, "a", encoding="utf-8")  # noqa: SIM115
+
+    def mask_path(self, index: int, sample_id: str) -> Path | None:
+        if self.dir is None:
+            return None
+        return self.dir / "masks" / f"{index:05d}_{_safe(sample_id)}.png"
+
+    def add(self, rec: dict, mask: np.ndarray) -> None:
+        self.records[rec["id"]] = rec
+        if self._fh is not None:
+            Image.fromarray(mask).convert("1").save(self.mask_path(rec["index"], rec["id"]))
+            self._fh.write(json.dumps(rec) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _stats(values: Sequence[float]) -> dict:
+    if not len(values):
+        return {"mean": None, "p50": None, "p95": None}
+    v = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(v.mean()),
+        "p50": float(np.percentile(v, 50)),
+        "p95": float(np.percentile(v, 95)),
+    }
+
+
+def _timing(records: Sequence[dict]) -> dict:
+    warm = [r for r in records if not r.get("warmup")] or list(records)
+    clicks = [s for r in warm for s in r["click_seconds"]]
+    embeds = [r["set_image_seconds"] for r in warm if r.get("set_image_seconds") is not None]
+    all_embed = [r["set_image_seconds"] or 0.0 for r in records]
+    return {
+        "seconds_per_click": _stats(clicks),
+        "seconds_per_image_embedding": float(np.mean(embeds)) if embeds else None,
+        "timing": {
+            "embedding_total_s": float(np.sum(all_embed)),
+            "click_total_s": float(sum(sum(r["click_seconds"]) for r in records)),
+            "clicker_total_s": float(sum(r.get("clicker_seconds", 0.0) for r in records)),
+            "num_clicks": int(sum(len(r["click_seconds"]) for r in records)),
+            "warmup_samples_excluded": len(records) - len(warm),
+        },
+    }
+
+
+def _environment() -> dict:
+    env = {"python": platform.python_version(), "host": platform.node()}
+    try:
+        import jax
+
+        env.update(
+            jax=jax.__version__,
+            backend=jax.default_backend(),
+            devices=[str(d.device_kind) for d in jax.local_devices()],
+        )
+    except Exception:  # pragma: no cover - informational only
+        pass
+    return env
+
+
+def _finish(
+    run: _Run,
+    ids: Sequence[str],
+    samples: Sequence[Mapping],
+    max_clicks: int,
+    metadata: Mapping,
+    num_overlays: int,
+    session_seconds: float,
+) -> dict:
+    records = [run.records[i] for i in ids if i in run.records]
+    curves = [r["ious"] for r in records]
+    out = {**M.summarize(curves, max_clicks), **_timing(records)}
+    out["max_clicks"] = max_clicks
+    out["complete"] = len(records) == len(ids)
+    out["metadata"] = {
+        **metadata,
+        "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "session_wall_s": session_seconds,
+        **_environment(),
+    }
+    if run.dir is None:
+        return out
+    (run.dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
+    report.write_metrics_markdown(out, run.dir / "metrics.md")
+    label = str(metadata.get("label") or metadata.get("mode") or "run")
+    report.plot_miou(
+        {label: out["mIoU@k"]},
+        run.dir / "miou_curve.png",
+        title=f"{metadata.get('dataset', '')} {label}".strip(),
+    )
+    _write_overlays(run, records, samples, num_overlays)
+    return out
+
+
+def _write_overlays(run: _Run, records: Sequence[dict], samples: Sequence, num: int) -> None:
+    """Overlays of the worst samples (highest NoC@90, then lowest mean IoU)."""
+    folder = run.dir / "overlays"
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("worst_*.png"):
+        old.unlink()
+    max_clicks = max((len(r["ious"]) for r in records), default=0)
+    ranked = sorted(
+        records,
+        key=lambda r: (
+            -int(M.noc_per_sample([r["ious"]], 0.90, max(max_clicks, 1))[0]),
+            float(np.mean(r["ious"])),
+        ),
+    )
+    for rank, rec in enumerate(ranked[:num], start=1):
+        mask_path = run.mask_path(rec["index"], rec["id"])
+        if mask_path is None or not mask_path.exists():
+            continue
+        sample = samples[rec["index"]]
+        if _as_str(sample["id"]) != rec["id"]:  # the dataset changed since the record was made
+            continue
+        mask = np.asarray(Image.open(mask_path)).astype(bool)
+        noc90 = int(M.noc_per_sample([rec["ious"]], 0.90, len(rec["ious"]))[0])
+        title = f"{rec['id']}  final IoU {rec['ious'][-1]:.3f}  NoC@90 {noc90}"
+        im = report.draw_overlay(
+            np.asarray(sample["image"]), np.asarray(sample["gt"]), mask, rec["clicks"], title
+        )
+        im.save(folder / f"worst_{rank:02d}_{_safe(rec['id'])}.png")
+
+
+def evaluate(
+    predictor: Any,
+    samples: Sequence[Mapping] | Iterable[Mapping],
+    max_clicks: int = 20,
+    output_dir: str | Path | None = None,
+    *,
+    stop_iou: float | None = None,
+    limit: int | None = None,
+    modes: Sequence[str] | None = None,
+    metadata: Mapping | None = None,
+    num_overlays: int = 6,
+    progress: bool = True,
+) -> dict:
+    """Evaluate ``predictor`` on ``samples`` with the RITM NoC protocol.
+
+    Args:
+      predictor: ``set_image`` / ``click`` / ``reset`` object (module docstring).
+      samples: sequence of ``{"image": uint8[H, W, 3], "gt": int8[H, W], "id": str|bytes}``
+        (a FolderDataset, a Grain/TFDS source or a list; other iterables are materialised).
+      max_clicks: clicks per sample (20 in every paper).
+      output_dir: where the outputs go (module docstring); ``None`` writes nothing and does not
+        resume.
+      stop_iou: early stop once a sample reaches this IoU; ``None`` (default) never stops.
+      limit: evaluate only the first ``limit`` samples.
+      modes: several predictor modes sharing one image embedding per image: the predictor must
+        have ``set_mode(mode)``; outputs go to ``output_dir/<mode>``.
+      metadata: extra run metadata for ``metrics.json`` (dataset, checkpoint, label ...).
+      num_overlays: how many worst samples get an overlay PNG.
+      progress: show a tqdm progress bar with ETA.
+
+    Returns:
+      The ``metrics.json`` dict, or ``{mode: metrics}`` when ``modes`` is given.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    if not isinstance(samples, Sequence) and not hasattr(samples, "__getitem__"):
+        samples = list(samples)
+    n = len(samples) if limit is None else min(limit, len(samples))
+    metadata = dict(metadata or {})
+    metadata.setdefault("started", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    metadata.update(max_clicks=max_clicks, stop_iou=stop_iou)
+    out_root = None if output_dir is None else Path(output_dir)
+    mode_list: list[str | None] = list(modes) if modes else [None]
+    if modes and not hasattr(predictor, "set_mode"):
+        raise TypeError("evaluate(modes=...) needs a predictor with set_mode(mode)")
+    runs = {
+        m: _Run(None if out_root is None else (out_root if m is None else out_root / m), max_clicks)
+        for m in mode_list
+    }
+    known_ids = getattr(samples, "ids", None)
+    ids: list[str] = []
+    first = True
+    bar = tqdm(
+        range(n),
+        desc=str(metadata.get("dataset", "eval")),
+        disable=not progress,
+        unit="img",
+        dynamic_ncols=True,
+    )
+    try:
+        for index in bar:
+            sample = None
+            if known_ids is not None:
+                sid = _as_str(known_ids[index])
+            else:
+                sample = samples[index]
+                sid = _as_str(sample["id"])
+            if sid in ids:
+                raise ValueError(f"duplicate sample id {sid!r} at index {index}")
+            ids.append(sid)
+            todo = [m for m in mode_list if sid not in runs[m].records]
+            if not todo:
+                continue
+            if sample is None:
+                sample = samples[index]
+            image, gt = np.asarray(sample["image"]), np.asarray(sample["gt"])
+            embed_seconds = None
+            for j, m in enumerate(todo):
+                if m is not None:
+                    predictor.set_mode(m)
+                rec, mask = run_sample(predictor, image, gt, max_clicks, stop_iou, embed=j == 0)
+                if j == 0:
+                    embed_seconds = rec["set_image_seconds"]
+                else:
+                    rec["set_image_seconds"] = embed_seconds
+                    rec["shared_embedding"] = True
+                rec = {"id": sid, "index": index, "max_clicks": max_clicks, "warmup": first, **rec}
+                runs[m].add(rec, mask)
+            first = False
+            curves = [
+                runs[mode_list[0]].records[i]["ious"]
+                for i in ids
+                if i in runs[mode_list[0]].records
+            ]
+            bar.set_postfix(
+                NoC90=f"{M.noc(curves, 0.9, max_clicks):.2f}",
+                mIoU=f"{M.miou_curve(curves, max_clicks)[-1]:.3f}",
+            )
+    finally:
+        bar.close()
+        for r in runs.values():
+            r.close()
+    elapsed = time.perf_counter() - start
+    results = {}
+    for m, run in runs.items():
+        meta = dict(metadata)
+        if m is not None:
+            meta["mode"] = m
+        results[m] = _finish(run, ids, samples, max_clicks, meta, num_overlays, elapsed)
+    return results[None] if modes is None else results

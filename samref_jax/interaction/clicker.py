@@ -1,0 +1,273 @@
+"""RITM click simulator (SPEC s.4), on the host (NumPy/SciPy) and in JAX (jittable).
+
+The rule, shared by every interactive-segmentation peer (RITM, FocalClick, SimpleClick, SAM-REF):
+
+1. ``FN = gt & ~pred & valid`` and ``FP = ~gt & pred & valid`` (``valid`` excludes ignore pixels).
+2. Pad each region with 1 px of ``False`` on every side, take the exact Euclidean distance
+   transform (distance of every ``True`` pixel to the nearest ``False`` one), crop back.
+3. Multiply both transforms by the not-yet-clicked map.
+4. The click is positive iff ``max(dt_FN) > max(dt_FP)`` (strictly: ties give a negative click).
+5. Its position is the first pixel in row-major order (smallest y, then smallest x) holding that
+   maximum. Coordinates are ``(y, x)`` in pixels; SAM wants ``(x, y)``.
+
+Degenerate case, followed literally as RITM does: when both maxima are 0 (a perfect prediction,
+or every error pixel already clicked) the click is negative and sits at the first pixel holding
+``max(dt_FP) == 0``, which is ``(0, 0)``. Callers that want to stop instead should check
+:func:`has_error` first.
+
+Both implementations compare *squared* distances in integers (``sqrt`` is monotone, and SciPy's
+float64 square roots of distinct integers below 2**52 are distinct), so they pick bit-identical
+clicks. The JAX version works on any static canvas: pixels outside the image marked invalid at the
+bottom/right behave exactly like the 1-px ``False`` padding, so batches can be padded to a common
+shape (see :func:`next_click_jax`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "Click",
+    "ClickState",
+    "error_masks",
+    "has_error",
+    "next_click",
+    "next_click_jax",
+    "squared_edt",
+    "squared_edt_jax",
+]
+
+
+@dataclass(frozen=True)
+class Click:
+    """One simulated click: pixel ``(y, x)`` and its sign."""
+
+    y: int
+    x: int
+    is_positive: bool
+
+    @property
+    def xy(self) -> tuple[int, int]:
+        """``(x, y)`` order, as SAM's point prompts want it."""
+        return self.x, self.y
+
+
+def error_masks(
+    gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """False-negative and false-positive regions, both ``bool[H, W]``, ignore pixels removed."""
+    gt = np.asarray(gt, dtype=bool)
+    pred = np.asarray(pred, dtype=bool)
+    if gt.shape != pred.shape or gt.ndim != 2:
+        raise ValueError(f"gt {gt.shape} and pred {pred.shape} must be equal 2-D shapes")
+    valid = np.ones_like(gt) if ignore is None else ~np.asarray(ignore, dtype=bool)
+    return gt & ~pred & valid, ~gt & pred & valid
+
+
+def has_error(gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None) -> bool:
+    """Whether any valid pixel is mislabelled (if not, :func:`next_click` is degenerate)."""
+    fn, fp = error_masks(gt, pred, ignore)
+    return bool(fn.any() or fp.any())
+
+
+def squared_edt(region: np.ndarray) -> np.ndarray:
+    """Exact squared EDT (``int64[H, W]``) of ``region`` padded by 1 px of ``False``, cropped.
+
+    Only the bounding box of ``region`` plus a 1-px ring is transformed: every pixel outside it
+    is ``False``, and the ring holds a ``False`` pixel at least as close as any pixel beyond it
+    (clamp the far pixel onto the ring), so the result is exact.
+    """
+    region = np.asarray(region, dtype=bool)
+    out = np.zeros(region.shape, dtype=np.int64)
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    if rows.size == 0:
+        return out
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    padded = np.pad(region[y0:y1, x0:x1], 1)
+    # Nearest-False indices give the squared distance exactly, in integers.
+    idx = ndimage.distance_transform_edt(padded, return_distances=False, return_indices=True)
+    yy, xx = np.indices(padded.shape)
+    sq = (idx[0] - yy) ** 2 + (idx[1] - xx) ** 2
+    out[y0:y1, x0:x1] = sq[1:-1, 1:-1]
+    return out
+
+
+def next_click(
+    gt: np.ndarray,
+    pred: np.ndarray,
+    clicked: np.ndarray | None = None,
+    ignore: np.ndarray | None = None,
+) -> tuple[int, int, bool]:
+    """Next RITM click on the host.
+
+    Args:
+      gt: ``bool[H, W]`` ground-truth object.
+      pred: ``bool[H, W]`` current prediction.
+      clicked: ``bool[H, W]`` pixels clicked so far (skipped), or ``None``.
+      ignore: ``bool[H, W]`` pixels excluded from the error regions, or ``None``.
+
+    Returns:
+      ``(y, x, is_positive)`` as Python ``int, int, bool``.
+    """
+    fn, fp = error_masks(gt, pred, ignore)
+    not_clicked = (
+        np.ones(fn.shape, dtype=bool) if clicked is None else ~np.asarray(clicked, dtype=bool)
+    )
+    dt_fn = squared_edt(fn) * not_clicked
+    dt_fp = squared_edt(fp) * not_clicked
+    is_positive = bool(dt_fn.max() > dt_fp.max())
+    dt = dt_fn if is_positive else dt_fp
+    y, x = np.unravel_index(int(np.argmax(dt)), dt.shape)  # argmax: first max, row-major
+    return int(y), int(x), is_positive
+
+
+# ----------------------------------------------------------------------------------------------
+# JAX
+
+
+def _col_sq_dist(region: jax.Array) -> jax.Array:
+    """Per column: squared distance (int32[H, W]) to the nearest ``False`` in that column.
+
+    The column is treated as padded with ``False`` at ``y = -1`` and ``y = H``. Two sequential
+    ``lax.scan`` passes over the rows carry the index of the last ``False`` seen (``O(H W)``
+    work, small programs; ``lax.cummax`` would lower to an ``O(H^2 W)`` ``reduce_window`` on
+    CPU and ``lax.associative_scan`` compiles slowly).
+    """
+    h, w = region.shape
+    ys = jnp.arange(h, dtype=jnp.int32)
+    zero = ~region
+
+    def last_zero(carry: jax.Array, row: tuple[jax.Array, jax.Array]) -> tuple:
+        z, y = row
+        carry = jnp.where(z, y, carry)
+        return carry, carry
+
+    _, above = jax.lax.scan(last_zero, jnp.full((w,), -1, jnp.int32), (zero, ys))
+    _, below = jax.lax.scan(last_zero, jnp.full((w,), h, jnp.int32), (zero, ys), reverse=True)
+    d = jnp.minimum(ys[:, None] - above, below - ys[:, None])
+    return d * d
+
+
+def squared_edt_jax(region: jax.Array) -> jax.Array:
+    """Exact squared EDT of ``region`` padded by 1 px of ``False``, cropped back.
+
+    ``sq[y, x] = min over False pixels (y', x') of the padded array of (y-y')**2 + (x-x')**2``,
+    computed separably: exact per-column squared distances ``g``, then
+    ``sq[y, x] = min over x' of (x - x')**2 + g[y, x']``, found by growing the offset
+    ``k = |x - x'|`` in a ``lax.while_loop`` until ``k**2`` reaches the largest distance found so
+    far (no farther column can improve any pixel). Work is ``O(H * W * max_distance)``, memory
+    ``O(H * W)``; shapes are static, the trip count is data dependent.
+
+    Args:
+      region: ``bool[H, W]``.
+
+    Returns:
+      ``int32[H, W]``, 0 outside ``region``.
+    """
+    region = jnp.asarray(region, dtype=bool)
+    h, w = region.shape
+    g = _col_sq_dist(region)  # int32[H, W], 0 outside region
+    xs = jnp.arange(w, dtype=jnp.int32)
+    # The padded all-False columns at x' = -1 and x' = W.
+    border = jnp.minimum((xs + 1) ** 2, (w - xs) ** 2)
+    best0 = jnp.minimum(g, border[None, :])
+    big = jnp.int32((h + w + 2) ** 2)  # larger than any distance in the padded array
+    g_pad = jnp.pad(g, ((0, 0), (w, w)), constant_values=big)
+
+    def cond(state: tuple[jax.Array, jax.Array]) -> jax.Array:
+        k, best = state
+        return k * k < best.max()
+
+    def body(state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        k, best = state
+        left = jax.lax.dynamic_slice_in_dim(g_pad, w - k, w, axis=1)  # g[y, x - k]
+        right = jax.lax.dynamic_slice_in_dim(g_pad, w + k, w, axis=1)  # g[y, x + k]
+        return k + 1, jnp.minimum(best, jnp.minimum(left, right) + k * k)
+
+    _, sq = jax.lax.while_loop(cond, body, (jnp.int32(1), best0))
+    return jnp.where(region, sq, 0)
+
+
+def next_click_jax(
+    gt: jax.Array,
+    pred: jax.Array,
+    clicked: jax.Array,
+    valid: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Jittable twin of :func:`next_click` (same rule, same tie-breaking, same clicks).
+
+    Shapes are static. To run a batch of differently sized images on one canvas, put each image at
+    the top-left and mark the rest ``valid = False``: invalid bottom/right pixels act exactly like
+    the 1-px ``False`` padding, so the click equals the one on the unpadded image. Use ``jax.vmap``
+    for batches.
+
+    Args:
+      gt, pred, clicked, valid: ``bool[H, W]``.
+
+    Returns:
+      ``(y, x, is_positive)``: ``int32[]``, ``int32[]``, ``bool[]``.
+    """
+    gt = jnp.asarray(gt, dtype=bool)
+    pred = jnp.asarray(pred, dtype=bool)
+    valid = jnp.asarray(valid, dtype=bool)
+    not_clicked = ~jnp.asarray(clicked, dtype=bool)
+    fn = gt & ~pred & valid
+    fp = ~gt & pred & valid
+    both = jax.vmap(squared_edt_jax)(jnp.stack([fn, fp]))
+    both = jnp.where(not_clicked[None], both, 0)
+    flat = both.reshape(2, -1)
+    maxima = flat.max(axis=1)
+    is_positive = maxima[0] > maxima[1]
+    chosen = jnp.where(is_positive, flat[0], flat[1])
+    idx = jnp.argmax(chosen).astype(jnp.int32)  # first maximum, row-major
+    w = gt.shape[1]
+    return idx // w, idx % w, is_positive
+
+
+# ----------------------------------------------------------------------------------------------
+# Click bookkeeping
+
+
+@dataclass
+class ClickState:
+    """Clicks of one interactive session on an ``H x W`` image (host side)."""
+
+    shape: tuple[int, int]
+    clicks: list[Click] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.clicked = np.zeros(self.shape, dtype=bool)
+
+    def add(self, y: int, x: int, is_positive: bool) -> Click:
+        """Record a click and mark its pixel as clicked."""
+        click = Click(int(y), int(x), bool(is_positive))
+        self.clicks.append(click)
+        self.clicked[click.y, click.x] = True
+        return click
+
+    def next(self, gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None) -> Click:
+        """Simulate the next click with :func:`next_click` and record it."""
+        return self.add(*next_click(gt, pred, self.clicked, ignore))
+
+    def reset(self) -> None:
+        """Forget every click."""
+        self.clicks.clear()
+        self.clicked[:] = False
+
+    @property
+    def points_xy(self) -> np.ndarray:
+        """``float32[N, 2]`` click coordinates in ``(x, y)`` order."""
+        return np.array([c.xy for c in self.clicks], dtype=np.float32).reshape(-1, 2)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """``int32[N]``: 1 for positive clicks, 0 for negative ones (SAM's convention)."""
+        return np.array([int(c.is_positive) for c in self.clicks], dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.clicks)

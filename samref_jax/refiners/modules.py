@@ -1,0 +1,177 @@
+"""GlobalDiff and PatchDiff refiners (SPEC s.3 steps 2-3), called once per click."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from samref_jax.refiners.clicks import batch_disk_maps, scale_clicks
+from samref_jax.refiners.refiner import DiffRefiner, RefinerOutput, default_refiner_config
+from samref_jax.refiners.window import (
+    clicks_to_patch,
+    crop_patches,
+    default_window_config,
+    paste_patches,
+    patch_radius,
+    select_window,
+)
+
+Array = jax.Array
+
+
+def default_global_diff_config() -> ml_collections.ConfigDict:
+    """GlobalDiff config: the DiffRefiner fields (see ``default_refiner_config``)."""
+    return default_refiner_config()
+
+
+def default_patch_diff_config() -> ml_collections.ConfigDict:
+    """PatchDiff config: DiffRefiner fields + window fields (see ``default_window_config``)."""
+    cfg = default_refiner_config()
+    cfg.update(default_window_config())
+    return cfg
+
+
+def default_refiners_config() -> ml_collections.ConfigDict:
+    """Both refiners: ``global_diff`` and ``patch_diff`` sub-configs."""
+    return ml_collections.ConfigDict(
+        dict(global_diff=default_global_diff_config(), patch_diff=default_patch_diff_config())
+    )
+
+
+class PatchDiffOutput(NamedTuple):
+    """PatchDiff outputs (float32).
+
+    logits: (B, H, W) final logits F (= global logits outside the window).
+    window: (B, 4) (x0, y0, x1, y1) frame pixel-edge units (see ``window.py``).
+    patch_logits / patch_detail / patch_error_logits: (B, P, P) refiner outputs in the patch.
+    patch_coarse: (B, P, P) the global logits G cropped to the patch (the refiner's S).
+    Ground truth in patch space: ``crop_patches(gt.astype(float32), window, P) > 0.5``.
+    """
+
+    logits: Array
+    window: Array
+    patch_logits: Array
+    patch_detail: Array
+    patch_error_logits: Array
+    patch_coarse: Array
+
+
+def _work_hw(cfg: Any, hw: tuple[int, int]) -> tuple[int, int]:
+    return hw if cfg.input_size is None else (int(cfg.input_size), int(cfg.input_size))
+
+
+def _draw_disks(
+    coords: Array, labels: Array, radius: Array, frame_hw: tuple[int, int], work_hw: tuple[int, int]
+) -> Array:
+    """Disks of (B, N, 2) frame clicks with (B,) frame radii, drawn at the working size."""
+    if work_hw != frame_hw:
+        coords = scale_clicks(coords, frame_hw, work_hw)
+        scale = ((work_hw[0] / frame_hw[0]) * (work_hw[1] / frame_hw[1])) ** 0.5
+        radius = radius * scale
+    return batch_disk_maps(coords, labels, work_hw[0], work_hw[1], radius)
+
+
+class GlobalDiff(nn.Module):
+    """Whole-frame refiner. ``cfg``: see :func:`default_global_diff_config`."""
+
+    cfg: Any
+
+    @nn.compact
+    def __call__(
+        self,
+        image: Array,
+        coords: Array,
+        labels: Array,
+        coarse_logits: Array,
+        embedding: Array,
+        radius: Array,
+    ) -> RefinerOutput:
+        """Refine SAM's coarse logits over the whole frame.
+
+        Args:
+          image: (B, H, W, 3) normalised (padded) image.
+          coords: (B, N, 2) click (x, y), pixel-centre frame units; labels: (B, N) 1/0/-1.
+          coarse_logits: (B, H, W) SAM logits S upsampled to the frame.
+          embedding: (B, h, w, E) SAM image embedding (e.g. 64x64x256).
+          radius: (B,) or scalar click-disk radius in frame pixels.
+
+        Returns:
+          RefinerOutput of (B, H, W) float32 maps; ``logits`` is G.
+        """
+        b, h, w = coarse_logits.shape
+        radius = jnp.broadcast_to(jnp.asarray(radius, jnp.float32), (b,))
+        disks = _draw_disks(coords, labels, radius, (h, w), _work_hw(self.cfg, (h, w)))
+        return DiffRefiner(self.cfg, name="refiner")(image, disks, coarse_logits, embedding)
+
+
+class PatchDiff(nn.Module):
+    """Local-window refiner. ``cfg``: see :func:`default_patch_diff_config`."""
+
+    cfg: Any
+
+    @nn.compact
+    def __call__(
+        self,
+        image: Array,
+        coords: Array,
+        labels: Array,
+        global_logits: Array,
+        prev_logits: Array,
+        embedding: Array,
+        radius: Array,
+        last_click_xy: Array,
+        valid_hw: Array,
+    ) -> PatchDiffOutput:
+        """Select a window, refine it at P x P, paste it back.
+
+        Args:
+          image: (B, H, W, 3) normalised (padded) image.
+          coords: (B, N, 2) click (x, y), pixel-centre frame units; labels: (B, N) 1/0/-1.
+          global_logits: (B, H, W) GlobalDiff logits G.
+          prev_logits: (B, H, W) previous final logits (any negative constant, e.g. -20, at the
+            first click).
+          embedding: (B, h, w, E) SAM image embedding covering the whole frame.
+          radius: (B,) or scalar click-disk radius in frame pixels.
+          last_click_xy: (B, 2) last click (x, y), pixel-centre frame units.
+          valid_hw: (B, 2) int (height, width) of the unpadded image in the frame.
+
+        Returns:
+          PatchDiffOutput.
+        """
+        cfg = self.cfg
+        p = int(cfg.patch_size)
+        b, h, w = global_logits.shape
+        radius = jnp.broadcast_to(jnp.asarray(radius, jnp.float32), (b,))
+
+        sel = lambda prev, new, c, v: select_window(prev, new, c, v, cfg)
+        windows = jax.vmap(sel)(prev_logits > 0, global_logits > 0, last_click_xy, valid_hw)
+        windows = jax.lax.stop_gradient(windows)
+
+        stride = (h / embedding.shape[1], w / embedding.shape[2])
+        img_p = crop_patches(image, windows, p, 1.0, cfg.image_sampling_ratio)
+        coarse_p = crop_patches(global_logits, windows, p, 1.0, cfg.logit_sampling_ratio)
+        emb_p = crop_patches(embedding, windows, int(cfg.embed_patch_size), stride)
+
+        coords_p = clicks_to_patch(coords, windows[:, None, :], p)
+        radius_p = patch_radius(radius, windows, p)
+        disks = _draw_disks(coords_p, labels, radius_p, (p, p), _work_hw(cfg, (p, p)))
+
+        out = DiffRefiner(cfg, name="refiner")(img_p, disks, coarse_p, emb_p)
+        if cfg.paste_mode == "residual":
+            final = paste_patches(global_logits, out.logits - coarse_p, windows, add=True)
+        elif cfg.paste_mode == "replace":
+            final = paste_patches(global_logits, out.logits, windows)
+        else:
+            raise ValueError(f"unknown paste_mode {cfg.paste_mode!r}")
+        return PatchDiffOutput(
+            logits=final,
+            window=windows,
+            patch_logits=out.logits,
+            patch_detail=out.detail,
+            patch_error_logits=out.error_logits,
+            patch_coarse=coarse_p,
+        )

@@ -1,0 +1,185 @@
+"""The shared early-fusion "diff refiner" (SPEC s.3 step 2).
+
+Input: image (3) + positive/negative click disks (2) + coarse logits S (1), concatenated,
+then conv stem 3x3 stride 2 (width C) + norm + act -> ``blocks_before`` depthwise-separable
+residual blocks -> add the image embedding projected 1x1 to C and bilinearly resized to the
+stem resolution -> ``blocks_after`` blocks -> two 3x3 heads (detail D, error Err) bilinearly
+upsampled to the input frame. Output logits ``G = D * sigmoid(Err) + S * (1 - sigmoid(Err))``.
+
+With the default init (error bias -4, heads scaled by ``head_init_scale``) an untrained refiner
+returns ``G ~= (1 - sigmoid(-4)) * S ~= 0.982 * S`` (or ``~= S`` exactly with
+``detail_residual=True``, where the detail head predicts ``D = S + d``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+Array = jax.Array
+
+
+class RefinerOutput(NamedTuple):
+    """Refiner outputs, all (B, H, W) float32 at the resolution of the coarse logits.
+
+    logits: blended logits G. detail: detail logits D. error_logits: Err (sigmoid = the
+    predicted probability that S is wrong at that pixel).
+    """
+
+    logits: Array
+    detail: Array
+    error_logits: Array
+
+
+def default_refiner_config() -> ml_collections.ConfigDict:
+    """Default DiffRefiner config (GlobalDiff uses it as is)."""
+    return ml_collections.ConfigDict(
+        dict(
+            width=32,  # C, channels of the stem and blocks
+            blocks_before=2,  # depthwise-separable blocks before the embedding is added
+            blocks_after=2,  # blocks after
+            kernel_size=3,  # depthwise kernel of the blocks
+            stem_kernel=3,
+            head_kernel=3,
+            norm="group",  # "group" (GroupNorm) or "layer" (LayerNorm over channels)
+            num_groups=8,  # GroupNorm groups (gcd with width is used)
+            norm_eps=1e-5,
+            act="gelu",  # "gelu" (exact), "relu", "silu"
+            error_bias_init=-4.0,  # initial bias of the error head
+            head_init_scale=0.01,  # heads' kernels = lecun_normal * this (0 -> zeros)
+            detail_residual=False,  # if True, D = S + head(...) instead of D = head(...)
+            coarse_input_scale=8.0,  # the network sees tanh(S / this) as the S channel
+            # Internal square working size: inputs are bilinearly resized to it before the stem,
+            # heads resized back to the frame. None: work at the input frame size.
+            input_size=ml_collections.config_dict.placeholder(int),
+            antialias=False,  # antialias when resizing inputs down (torch-like: False)
+            dtype="float32",  # compute dtype ("bfloat16" for bf16); params stay float32
+        )
+    )
+
+
+def _act(name: str):
+    return {
+        "gelu": lambda x: nn.gelu(x, approximate=False),
+        "relu": nn.relu,
+        "silu": nn.silu,
+    }[name]
+
+
+def _norm(cfg: Any, dtype: Any, name: str | None = None) -> nn.Module:
+    if cfg.norm == "group":
+        groups = math.gcd(int(cfg.num_groups), int(cfg.width))
+        return nn.GroupNorm(num_groups=groups, epsilon=cfg.norm_eps, dtype=dtype, name=name)
+    if cfg.norm == "layer":
+        return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dtype, name=name)
+    raise ValueError(f"unknown norm {cfg.norm!r}")
+
+
+def _resize(x: Array, hw: tuple[int, int], antialias: bool = False) -> Array:
+    """Bilinear (half-pixel, like torch align_corners=False) resize of (B, h, w, C) to hw."""
+    if tuple(x.shape[1:3]) == tuple(hw):
+        return x
+    shape = (x.shape[0], hw[0], hw[1], x.shape[3])
+    return jax.image.resize(x, shape, method="bilinear", antialias=antialias)
+
+
+class SepBlock(nn.Module):
+    """Residual depthwise-separable block: dw kxk -> norm -> act -> 1x1 -> norm, + skip, act."""
+
+    cfg: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c, k = x.shape[-1], self.cfg.kernel_size
+        act = _act(self.cfg.act)
+        y = nn.Conv(c, (k, k), padding="SAME", feature_group_count=c, dtype=self.dtype,
+                    name="dw")(x)
+        y = act(_norm(self.cfg, self.dtype, "norm1")(y))
+        y = nn.Conv(c, (1, 1), dtype=self.dtype, name="pw")(y)
+        y = _norm(self.cfg, self.dtype, "norm2")(y)
+        return act(x + y)
+
+
+class DiffRefiner(nn.Module):
+    """Early-fusion refiner.
+
+    Attributes:
+      cfg: see :func:`default_refiner_config`.
+    """
+
+    cfg: Any
+
+    @property
+    def work_size(self) -> int | None:
+        return None if self.cfg.input_size is None else int(self.cfg.input_size)
+
+    @nn.compact
+    def __call__(
+        self, image: Array, disks: Array, coarse_logits: Array, embedding: Array
+    ) -> RefinerOutput:
+        """Refine coarse logits.
+
+        Args:
+          image: (B, H, W, 3) normalised image.
+          disks: (B, h', w', 2) click disk maps (positive, negative); any size, resized to the
+            working size if needed (draw them at the working size to avoid that).
+          coarse_logits: (B, H, W) coarse logits S (e.g. SAM's, upsampled to the frame).
+          embedding: (B, h, w, E) image embedding of any size (e.g. SAM's 64x64x256).
+
+        Returns:
+          RefinerOutput, each (B, H, W) float32.
+        """
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        act = _act(cfg.act)
+        b, h, w = coarse_logits.shape
+        work = (h, w) if self.work_size is None else (self.work_size, self.work_size)
+        s = coarse_logits.astype(jnp.float32)
+
+        s_in = jnp.tanh(s / cfg.coarse_input_scale)[..., None]
+        x = jnp.concatenate(
+            [
+                _resize(image.astype(jnp.float32), work, cfg.antialias),
+                _resize(disks.astype(jnp.float32), work, cfg.antialias),
+                _resize(s_in, work, cfg.antialias),
+            ],
+            axis=-1,
+        ).astype(dtype)
+
+        k = cfg.stem_kernel
+        pad = (k - 1) // 2
+        x = nn.Conv(cfg.width, (k, k), strides=(2, 2), padding=((pad, pad), (pad, pad)),
+                    dtype=dtype, name="stem")(x)
+        x = act(_norm(cfg, dtype, "stem_norm")(x))
+        for i in range(cfg.blocks_before):
+            x = SepBlock(cfg, dtype, name=f"block_{i}")(x)
+
+        e = nn.Conv(cfg.width, (1, 1), dtype=dtype, name="embed_proj")(embedding.astype(dtype))
+        x = x + _resize(e, x.shape[1:3]).astype(dtype)
+        for i in range(cfg.blocks_after):
+            x = SepBlock(cfg, dtype, name=f"block_{cfg.blocks_before + i}")(x)
+
+        hk = cfg.head_kernel
+        if cfg.head_init_scale > 0:
+            kinit = nn.initializers.variance_scaling(
+                float(cfg.head_init_scale) ** 2, "fan_in", "truncated_normal")
+        else:
+            kinit = nn.initializers.zeros
+        d = nn.Conv(1, (hk, hk), padding="SAME", kernel_init=kinit, dtype=dtype,
+                    name="detail_head")(x)
+        err = nn.Conv(1, (hk, hk), padding="SAME", kernel_init=kinit,
+                      bias_init=nn.initializers.constant(cfg.error_bias_init), dtype=dtype,
+                      name="error_head")(x)
+        heads = _resize(jnp.concatenate([d, err], -1).astype(jnp.float32), (h, w))
+        d, err = heads[..., 0], heads[..., 1]
+        if cfg.detail_residual:
+            d = s + d
+        p = jax.nn.sigmoid(err)
+        g = d * p + s * (1.0 - p)
+        return RefinerOutput(logits=g, detail=d, error_logits=err)

@@ -1,0 +1,212 @@
+"""`SamPredictor`: the official predictor's API and semantics, on the Flax port.
+
+Example:
+  >>> from samref_jax import load_sam, SamPredictor
+  >>> predictor = SamPredictor(load_sam("checkpoints/vit_b"))          # doctest: +SKIP
+  >>> predictor.set_image(image)                                       # doctest: +SKIP
+  >>> masks, scores, low_res = predictor.predict(
+  ...     point_coords=np.array([[500, 375]]), point_labels=np.array([1]))  # doctest: +SKIP
+
+Shapes: masks (C, H, W) bool (or float logits with `return_logits`), scores (C,), low-res
+logits (C, 256, 256), C = 3 with `multimask_output` else 1. Coordinates are (x, y) in the
+original image. The encoder is compiled once per model; the prompt path once per padded prompt
+size (4, 8, 16, ... slots), so successive clicks do not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from samref_jax.sam.build import SamModel
+from samref_jax.sam.mask_decoder import select_masks
+from samref_jax.sam.model import Sam
+from samref_jax.sam.transforms import (
+    apply_boxes,
+    apply_coords,
+    get_preprocess_shape,
+    postprocess_masks,
+    resize_longest_side,
+)
+
+PROMPT_BUCKETS = (4, 8, 16, 32, 64, 128)
+
+
+def prompt_bucket(n: int) -> int:
+    """Smallest padded prompt size holding n slots."""
+    for b in PROMPT_BUCKETS:
+        if n <= b:
+            return b
+    raise ValueError(f"at most {PROMPT_BUCKETS[-1]} prompt slots are supported, got {n}")
+
+
+def normalize_and_pad(resized: np.ndarray, model: SamModel) -> np.ndarray:
+    """hxwx3 uint8 resized image -> (1, S, S, 3) float32: normalise, then zero-pad (host side,
+    float32 arithmetic exactly as torch does it)."""
+    cfg = model.config
+    mean = np.asarray(cfg.pixel_mean, np.float32)
+    std = np.asarray(cfg.pixel_std, np.float32)
+    x = (resized.astype(np.float32) - mean) / std
+    out = np.zeros((1, cfg.img_size, cfg.img_size, 3), np.float32)
+    out[0, : x.shape[0], : x.shape[1]] = x
+    return out
+
+
+def as_rgb_uint8(image: np.ndarray, image_format: str = "RGB") -> np.ndarray:
+    """Accepts HxW (grey), HxWx1, HxWx3, HxWx4 (alpha dropped); uint8 or uint16 (scaled).
+
+    Anything else raises ValueError with a clear message.
+    """
+    arr = np.asarray(image)
+    if arr.dtype == np.bool_ or arr.dtype.kind not in "uif":
+        raise ValueError(f"image must be a numeric array, got dtype {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(
+            f"image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {tuple(np.shape(image))}"
+        )
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"image is empty: shape {arr.shape}")
+    if arr.dtype == np.uint16:
+        arr = (arr.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ValueError("float images must hold values in [0, 1]")
+        arr = (arr * 255.0 + 0.5).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        if arr.min() < 0 or arr.max() > 255:
+            raise ValueError(f"integer image of dtype {arr.dtype} has values outside 0..255")
+        arr = arr.astype(np.uint8)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] == 4:
+        arr = arr[..., :3]
+    if image_format == "BGR":
+        arr = arr[..., ::-1]
+    elif image_format != "RGB":
+        raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+    return np.ascontiguousarray(arr)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _embed(module: Sam, params, images):
+    return module.apply({"params": params}, images, method=Sam.embed_image)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _decode(module: Sam, params, embedding, coords, labels, mask_input, has_mask):
+    return module.apply(
+        {"params": params}, embedding, coords, labels, mask_input, has_mask,
+        method=Sam.predict_masks,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _postprocess(low_res, input_hw, original_hw, config):
+    return postprocess_masks(low_res, input_hw, original_hw, config)
+
+
+class SamPredictor:
+    """Same semantics and shapes as `segment_anything.SamPredictor` (single prompt set)."""
+
+    def __init__(self, sam_model: SamModel) -> None:
+        self.model = sam_model
+        self.reset_image()
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def reset_image(self) -> None:
+        self.features: jax.Array | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+        self.is_image_set = False
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """HxWx3 uint8 RGB (grey/RGBA/16-bit converted). Computes the embedding once."""
+        image = as_rgb_uint8(image, image_format)
+        resized = resize_longest_side(image, self.config.img_size)
+        x = normalize_and_pad(resized, self.model)
+        self.features = _embed(self.model.module, self.model.params, jnp.asarray(x))
+        self.original_size = (int(image.shape[0]), int(image.shape[1]))
+        self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> np.ndarray:
+        """(1, 256, 64, 64) as the official predictor returns it (NCHW)."""
+        self._require_image()
+        return np.asarray(self.features).transpose(0, 3, 1, 2)
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise RuntimeError("an image must be set with .set_image(...) before this call")
+
+    def encode_prompts(
+        self,
+        point_coords: np.ndarray | None,
+        point_labels: np.ndarray | None,
+        box: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Original-image prompts -> padded (1, N, 2) frame coords and (1, N) labels."""
+        coords: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_labels must be supplied with point_coords")
+            pc = np.asarray(point_coords, np.float64).reshape(-1, 2)
+            pl = np.asarray(point_labels).reshape(-1)
+            if len(pc) != len(pl):
+                raise ValueError(f"{len(pc)} points but {len(pl)} labels")
+            if not np.isin(pl, (0, 1)).all():
+                raise ValueError("point labels must be 0 (negative) or 1 (positive)")
+            coords.append(apply_coords(pc, self.original_size, self.config.img_size))
+            labels.append(pl.astype(np.int32))
+        if box is not None:
+            b = np.asarray(box, np.float64).reshape(-1)
+            if b.shape != (4,):
+                raise ValueError(f"box must be XYXY with 4 values, got shape {np.shape(box)}")
+            coords.append(apply_boxes(b, self.original_size, self.config.img_size).reshape(2, 2))
+            labels.append(np.array([2, 3], np.int32))
+        n = sum(len(lab) for lab in labels)
+        size = prompt_bucket(n + 1)
+        out_c = np.zeros((1, size, 2), np.float32)
+        out_l = np.full((1, size), -1, np.int32)
+        if n:
+            out_c[0, :n] = np.concatenate(coords).astype(np.float32)
+            out_l[0, :n] = np.concatenate(labels)
+        return out_c, out_l
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Returns masks (C, H, W), scores (C,), low-res logits (C, 256, 256) as NumPy."""
+        self._require_image()
+        coords, labels = self.encode_prompts(point_coords, point_labels, box)
+        low = self.config.low_res_mask_size
+        if mask_input is not None:
+            m = np.asarray(mask_input, np.float32).reshape(-1, low, low)[:1]
+            has_mask = np.ones((1,), bool)
+        else:
+            m = np.zeros((1, low, low), np.float32)
+            has_mask = np.zeros((1,), bool)
+        masks, iou = _decode(
+            self.model.module, self.model.params, self.features, jnp.asarray(coords),
+            jnp.asarray(labels), jnp.asarray(m), jnp.asarray(has_mask),
+        )
+        masks, iou = select_masks(masks, iou, multimask_output)
+        full = _postprocess(masks, self.input_size, self.original_size, self.config)
+        full = np.asarray(full[0])
+        if not return_logits:
+            full = full > 0.0
+        return full, np.asarray(iou[0]), np.asarray(masks[0])

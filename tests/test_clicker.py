@@ -1,0 +1,216 @@
+"""RITM click simulator: hand-made cases, brute force, and JAX == host on all GrabCut masks."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from samref_jax.data import read_folder_dataset
+from samref_jax.interaction.clicker import (
+    ClickState,
+    has_error,
+    next_click,
+    next_click_jax,
+    squared_edt,
+    squared_edt_jax,
+)
+
+next_click_jit = jax.jit(next_click_jax)
+
+
+def _block(shape, y0, y1, x0, x1):
+    m = np.zeros(shape, dtype=bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def _brute_sq_edt(region: np.ndarray) -> np.ndarray:
+    """Squared distance of every True pixel to the nearest False of the 1-px padded array."""
+    padded = np.pad(region, 1)
+    zy, zx = np.nonzero(~padded)
+    out = np.zeros(region.shape, dtype=np.int64)
+    for y, x in zip(*np.nonzero(region), strict=True):
+        out[y, x] = ((zy - (y + 1)) ** 2 + (zx - (x + 1)) ** 2).min()
+    return out
+
+
+def _brute_click(gt, pred, clicked, ignore):
+    valid = ~ignore
+    dt_fn = _brute_sq_edt(gt & ~pred & valid) * ~clicked
+    dt_fp = _brute_sq_edt(~gt & pred & valid) * ~clicked
+    positive = dt_fn.max() > dt_fp.max()
+    dt = dt_fn if positive else dt_fp
+    ys, xs = np.nonzero(dt == dt.max())
+    return int(ys[0]), int(xs[0]), bool(positive)
+
+
+def _both(gt, pred, clicked=None, ignore=None):
+    """Host click, after checking the JAX clicker agrees."""
+    clicked = np.zeros_like(gt) if clicked is None else clicked
+    host = next_click(gt, pred, clicked, ignore)
+    valid = np.ones_like(gt) if ignore is None else ~ignore
+    y, x, pos = next_click_jit(gt, pred, clicked, valid)
+    assert (int(y), int(x), bool(pos)) == host
+    return host
+
+
+def test_block_center_positive():
+    gt = _block((10, 10), 2, 7, 3, 8)  # 5x5 block, centre (4, 5) at distance 3
+    assert _both(gt, np.zeros_like(gt)) == (4, 5, True)
+
+
+def test_border_padding_and_row_major_tie():
+    # All-object image, empty prediction: only the 1-px padding bounds the distances, so the
+    # maximum (4 px) is the row y = 3, x in 3..5; the first in row-major order is (3, 3).
+    gt = np.ones((7, 9), dtype=bool)
+    assert _both(gt, np.zeros_like(gt)) == (3, 3, True)
+    # Even size: distance 5 on rows/cols 4 and 5, first is (4, 4).
+    gt = np.ones((10, 10), dtype=bool)
+    assert _both(gt, np.zeros_like(gt)) == (4, 4, True)
+    # A region touching the border: the padding is at distance 1 from the edge pixels.
+    gt = _block((6, 12), 0, 6, 0, 3)  # 6x3 strip on the left edge
+    assert _both(gt, np.zeros_like(gt)) == (1, 1, True)
+
+
+def test_tie_gives_negative_click():
+    gt = _block((5, 10), 1, 4, 1, 4)  # FN block, centre (2, 2), distance 2
+    pred = _block((5, 10), 1, 4, 6, 9)  # FP block of the same size, centre (2, 7)
+    assert _both(gt, pred) == (2, 7, False)
+    # Strictly larger FN wins.
+    gt = _block((7, 12), 1, 6, 1, 6)  # 5x5, distance 3
+    pred = _block((7, 12), 1, 4, 8, 11)  # 3x3, distance 2
+    assert _both(gt, pred) == (3, 3, True)
+
+
+def test_clicked_pixels_are_skipped():
+    gt = _block((10, 10), 2, 7, 3, 8)
+    pred = np.zeros_like(gt)
+    clicked = np.zeros_like(gt)
+    clicked[4, 5] = True
+    # Next best: distance 2 ring, first in row-major order.
+    assert _both(gt, pred, clicked) == (3, 4, True)
+    state = ClickState(gt.shape)
+    assert state.next(gt, pred).xy == (5, 4)
+    assert (state.next(gt, pred).y, state.clicks[-1].x) == (3, 4)
+    assert state.points_xy.tolist() == [[5, 4], [4, 3]]
+    assert state.labels.tolist() == [1, 1]
+    state.reset()
+    assert len(state) == 0 and not state.clicked.any()
+
+
+def test_empty_error_regions_degenerate_click():
+    gt = _block((8, 8), 2, 6, 2, 6)
+    assert not has_error(gt, gt)
+    assert _both(gt, gt.copy()) == (0, 0, False)  # documented: RITM's literal rule
+    # All errors clicked: same degenerate click.
+    pred = gt.copy()
+    pred[3, 3] = False
+    clicked = np.zeros_like(gt)
+    clicked[3, 3] = True
+    assert has_error(gt, pred)
+    assert _both(gt, pred, clicked) == (0, 0, False)
+
+
+def test_ignore_pixels_are_not_errors():
+    gt = _block((9, 9), 1, 8, 1, 8)
+    pred = np.zeros_like(gt)
+    # Everything ignored: no error at all.
+    assert _both(gt, pred, ignore=gt.copy()) == (0, 0, False)
+    # An ignore column splits the 7x7 FN block: distances measured to the ignore pixels too.
+    ignore = np.zeros_like(gt)
+    ignore[:, 4] = True
+    assert _both(gt, pred, ignore=ignore) == (2, 2, True)
+    # Without it, the centre wins.
+    assert _both(gt, pred) == (4, 4, True)
+
+
+def test_random_cases_match_brute_force():
+    rng = np.random.default_rng(0)
+    edt = jax.jit(squared_edt_jax)
+    shapes = [(9, 13), (13, 6), (1, 5)]  # few shapes: one compilation each
+    for trial in range(60):
+        h, w = shapes[trial % len(shapes)]
+        # Blobby masks: smoothed noise, so regions have interiors.
+        gt = ndimage.uniform_filter(rng.random((h, w)), 3) > 0.5
+        pred = ndimage.uniform_filter(rng.random((h, w)), 3) > 0.5
+        clicked = rng.random((h, w)) < 0.1
+        ignore = rng.random((h, w)) < (0.1 if trial % 2 else 0.0)
+        expected = _brute_click(gt, pred, clicked, ignore)
+        assert _both(gt, pred, clicked, ignore) == expected, trial
+        for region in (gt, pred):
+            brute = _brute_sq_edt(region)
+            np.testing.assert_array_equal(np.asarray(edt(region)), brute)
+            np.testing.assert_array_equal(squared_edt(region), brute)
+
+
+def test_canvas_padding_and_vmap_give_the_same_click(grabcut_dir):
+    ds = read_folder_dataset("GrabCut", grabcut_dir)
+    canvas = (600, 640)
+    batch, expected = [], []
+    for i in (0, 7, 20):
+        gt = ds[i]["gt"]
+        obj, ign = gt == 1, gt == -1
+        pred = ndimage.binary_erosion(obj, iterations=4)
+        expected.append(next_click(obj, pred, np.zeros_like(obj), ign))
+        pad = [(0, canvas[0] - gt.shape[0]), (0, canvas[1] - gt.shape[1])]
+        batch.append(
+            [np.pad(obj, pad), np.pad(pred, pad), np.zeros(canvas, bool), np.pad(~ign, pad)]
+        )
+    args = [np.stack(a) for a in zip(*batch, strict=True)]
+    ys, xs, pos = jax.jit(jax.vmap(next_click_jax))(*args)
+    got = [(int(y), int(x), bool(p)) for y, x, p in zip(ys, xs, pos, strict=True)]
+    assert got == expected
+
+
+def _predictions(obj: np.ndarray, i: int):
+    """Synthetic predictions: eroded, dilated, shifted, empty, full."""
+    yield "eroded", ndimage.binary_erosion(obj, iterations=6 + i % 5)
+    yield "dilated", ndimage.binary_dilation(obj, iterations=6 + i % 7)
+    dy, dx = 5 + i % 11, -(7 + i % 13)
+    yield "shifted", np.roll(obj, (dy, dx), axis=(0, 1))
+    yield "empty", np.zeros_like(obj)
+    yield "full", np.ones_like(obj)
+
+
+def test_jax_matches_host_on_all_grabcut_masks(grabcut_dir):
+    """All 50 masks x 5 predictions (+ a second click for two of them).
+
+    The two most common shapes (24 masks) run at their own shape; the other nine shapes run on
+    one 600x640 canvas (image top-left, rest invalid), which keeps compilations to three.
+    """
+    ds = read_folder_dataset("GrabCut", grabcut_dir)
+    assert len(ds) == 50
+    native = {(321, 481), (480, 640)}
+    canvas = (600, 640)
+    seen, shapes = set(), set()
+    for i in range(len(ds)):
+        gt = ds[i]["gt"]
+        obj, ign = gt == 1, gt == -1
+        pad = [(0, 0), (0, 0)]
+        if gt.shape not in native:
+            pad = [(0, canvas[0] - gt.shape[0]), (0, canvas[1] - gt.shape[1])]
+        shapes.add(np.pad(obj, pad).shape)
+        for name, pred in _predictions(obj, i):
+            clicked = np.zeros_like(obj)
+            # Two clicks: the second one skips the first (same prediction), like the loop does.
+            for _ in range(2 if name in ("shifted", "dilated") else 1):
+                host = next_click(obj, pred, clicked, ign)
+                y, x, pos = next_click_jit(
+                    np.pad(obj, pad), np.pad(pred, pad), np.pad(clicked, pad), np.pad(~ign, pad)
+                )
+                assert (int(y), int(x), bool(pos)) == host, (ds.ids[i], name)
+                clicked[host[0], host[1]] = True
+                seen.add((name, host[2]))
+    assert shapes == native | {canvas}
+    # Both signs occurred (empty -> positive, full -> negative).
+    assert {("empty", True), ("full", False)} <= seen
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (6, 1)])
+def test_degenerate_shapes(shape):
+    for gt, pred in itertools.product([np.zeros(shape, bool), np.ones(shape, bool)], repeat=2):
+        _both(gt, pred)
