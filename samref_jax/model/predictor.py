@@ -1,0 +1,217 @@
+"""`SamRefPredictor`: click-by-click SAM-REF on one image.
+
+Example:
+  >>> from samref_jax import SamRefPredictor
+  >>> p = SamRefPredictor.from_checkpoint("tiny", mode="full")   # doctest: +SKIP
+  >>> p.set_image(image)              # HxWx3 uint8 RGB; the embedding is computed once
+  >>> out = p.click(120, 80)          # out.mask (H, W) bool, out.window (x0, y0, x1, y1)
+  >>> out = p.click(60, 40, positive=False)
+  >>> p.undo(); p.reset()
+
+Every click runs one jit-compiled step with `max_clicks` padded click slots, so clicking never
+recompiles. Coordinates are (x, y) pixels of the original image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from samref_jax.model.config import MODES, sam_config_from
+from samref_jax.model.io import load_samref
+from samref_jax.model.samref import ClickInputs, ClickOutputs, SamRef
+from samref_jax.sam.common import resize_bilinear
+from samref_jax.sam.predictor import as_rgb_uint8, normalize_and_pad
+from samref_jax.sam.transforms import apply_coords, resize_longest_side
+
+
+@dataclasses.dataclass
+class ClickResult:
+    """Result of one click, in original-image pixels.
+
+    mask: (H, W) bool final mask; logits: (H, W) float32 final logits;
+    sam_mask / global_mask: (H, W) bool masks after SAM and after GlobalDiff;
+    window: (x0, y0, x1, y1) PatchDiff window (None unless mode "full"); score: SAM's IoU.
+    """
+
+    mask: np.ndarray
+    logits: np.ndarray
+    sam_mask: np.ndarray
+    global_mask: np.ndarray
+    window: tuple[float, float, float, float] | None
+    score: float
+
+
+@dataclasses.dataclass
+class _State:
+    coords: list[tuple[float, float]]
+    labels: list[int]
+    low_res: Any
+    logits: Any
+    result: ClickResult | None
+
+
+def _to_original(logits: jax.Array, input_hw: tuple[int, int], original_hw: tuple[int, int]):
+    """(B, F, F) frame logits -> (B, H, W): crop the padding, torch-bilinear resize."""
+    return resize_bilinear(logits[:, : input_hw[0], : input_hw[1]], original_hw)
+
+
+class SamRefPredictor:
+    """Interactive SAM-REF on one image at a time. `mode`: "sam", "global" or "full"."""
+
+    def __init__(
+        self,
+        params: dict[str, Any],
+        config: ml_collections.ConfigDict,
+        mode: str = "full",
+        dtype: Any = jnp.float32,
+    ) -> None:
+        self.config = ml_collections.FrozenConfigDict(config)
+        self.sam_config = sam_config_from(config)
+        self.params = params
+        self.model = SamRef(self.config, dtype)
+        self.set_mode(mode)
+        model = self.model
+
+        @jax.jit
+        def embed(params, images):
+            return model.apply({"params": params}, images, method=SamRef.embed_image)
+
+        self._embed = embed
+        self._steps: dict[str, Any] = {}
+        self.reset_image()
+
+    @classmethod
+    def from_checkpoint(
+        cls, name_or_path: str | os.PathLike, mode: str = "full", dtype: Any = jnp.float32
+    ) -> SamRefPredictor:
+        """A checkpoint directory (SAM-REF, or SAM-only from convert_weights.py) or a bundled
+        name (`tiny`, `tiny-sam`)."""
+        params, config, _ = load_samref(name_or_path)
+        return cls(params, config, mode=mode, dtype=dtype)
+
+    # ----------------------------------------------------------------------------- state
+    def set_mode(self, mode: str) -> None:
+        """Switches between "sam", "global" and "full" (keeps the image embedding)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+
+    def reset_image(self) -> None:
+        self.embedding = None
+        self.frame_image = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+        self._history: list[_State] = []
+
+    def set_image(self, image: np.ndarray) -> None:
+        """HxWx3 uint8 RGB; grey, RGBA and 16-bit images are converted. Clears the clicks."""
+        image = as_rgb_uint8(image)
+        f = self.sam_config.img_size
+        resized = resize_longest_side(image, f)
+        x = normalize_and_pad(resized, _FakeModel(self.sam_config))
+        self.frame_image = jnp.asarray(x)
+        self.embedding = self._embed(self.params, self.frame_image)
+        self.original_size = (int(image.shape[0]), int(image.shape[1]))
+        self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
+        self.reset()
+
+    def reset(self) -> None:
+        """Removes all clicks (keeps the image and its embedding)."""
+        self._history = []
+
+    def undo(self) -> ClickResult | None:
+        """Removes the last click; returns the result now current (None when no click left)."""
+        if self._history:
+            self._history.pop()
+        return self._history[-1].result if self._history else None
+
+    @property
+    def clicks(self) -> list[tuple[float, float, bool]]:
+        """[(x, y, positive)] in original pixels."""
+        if not self._history:
+            return []
+        st = self._history[-1]
+        return [(x, y, lab == 1) for (x, y), lab in zip(st.coords, st.labels, strict=True)]
+
+    # ------------------------------------------------------------------------------ click
+    def _step_fn(self, mode: str):
+        if mode not in self._steps:
+            model = self.model
+            in_hw, orig_hw = self.input_size, self.original_size
+
+            @functools.partial(jax.jit, static_argnums=(2, 3))
+            def step(params, x: ClickInputs, in_hw, orig_hw):
+                out: ClickOutputs = model.apply({"params": params}, x, mode, method=SamRef.click)
+                maps = jnp.stack([out.final_logits, out.sam_logits, out.global_logits], 1)
+                orig = _to_original(maps[0], in_hw, orig_hw)
+                return out.low_res, out.final_logits, orig, out.window[0], out.score[0]
+
+            self._steps[mode] = step
+            del in_hw, orig_hw
+        return self._steps[mode]
+
+    def click(self, x: float, y: float, positive: bool = True) -> ClickResult:
+        """Adds a click at (x, y) original pixels and returns the new masks."""
+        if self.embedding is None:
+            raise RuntimeError("set an image with .set_image(...) before clicking")
+        h, w = self.original_size
+        if not (np.isfinite(x) and np.isfinite(y)) or not (0 <= x < w and 0 <= y < h):
+            raise ValueError(
+                f"click ({x}, {y}) is outside the image: x must be in [0, {w}) and y in [0, {h})"
+            )
+        n_max = int(self.config.max_clicks)
+        prev = self._history[-1] if self._history else None
+        coords = (prev.coords if prev else []) + [(float(x), float(y))]
+        labels = (prev.labels if prev else []) + [1 if positive else 0]
+        if len(coords) > n_max:
+            raise ValueError(f"at most {n_max} clicks per object (config max_clicks)")
+        f = self.sam_config.img_size
+        s = self.sam_config.low_res_mask_size
+        scale = f / max(h, w)
+        c = np.zeros((1, n_max, 2), np.float32)
+        lab = np.full((1, n_max), -1, np.int32)
+        c[0, : len(coords)] = apply_coords(np.array(coords), (h, w), f).astype(np.float32)
+        lab[0, : len(labels)] = labels
+        inputs = ClickInputs(
+            embedding=self.embedding,
+            image=self.frame_image,
+            coords=jnp.asarray(c),
+            labels=jnp.asarray(lab),
+            num_clicks=jnp.asarray([len(coords)], jnp.int32),
+            prev_low_res=prev.low_res if prev else jnp.zeros((1, s, s), jnp.float32),
+            has_prev=jnp.asarray([prev is not None]),
+            prev_logits=prev.logits if prev else jnp.full(
+                (1, f, f), float(self.config.first_prev_logit), jnp.float32),
+            valid_hw=jnp.asarray([self.input_size], jnp.int32),
+            radius=jnp.asarray([float(self.config.click_radius) * scale], jnp.float32),
+        )
+        step = self._step_fn(self.mode)
+        low_res, final, orig, window, score = step(
+            self.params, inputs, self.input_size, self.original_size
+        )
+        orig = np.asarray(orig)
+        win = None
+        if self.mode == "full":
+            sx = w / self.input_size[1]
+            sy = h / self.input_size[0]
+            wx0, wy0, wx1, wy1 = (float(v) for v in np.asarray(window))
+            win = (wx0 * sx, wy0 * sy, wx1 * sx, wy1 * sy)
+        result = ClickResult(
+            mask=orig[0] > 0, logits=orig[0], sam_mask=orig[1] > 0, global_mask=orig[2] > 0,
+            window=win, score=float(score),
+        )
+        self._history.append(_State(coords, labels, low_res, final, result))
+        return result
+
+
+@dataclasses.dataclass
+class _FakeModel:
+    config: Any

@@ -1,0 +1,184 @@
+"""SAM-REF: SAM's decoder, then GlobalDiff, then PatchDiff, one pure function per click.
+
+The data path of one click, all in the padded input frame (F x F, F = 1024 for vit_b):
+
+  image embedding E (B, 64, 64, 256), computed once per image (late fusion, cheap clicks)
+    -> SAM prompt encoder + mask decoder on all clicks so far, previous SAM low-res logits
+       as `mask_input`                                   -> low-res logits (B, 256, 256)
+    -> upscale to the frame                              -> S (B, F, F)
+    -> GlobalDiff(image, click disks, S, E)               -> G (B, F, F)
+    -> PatchDiff(window from prev F vs G around the last click, crop, refine, paste)
+                                                         -> F (B, F, F); mask = F > 0
+
+`mode` chooses how far the path runs: "sam" (refiners off, the baseline), "global", "full".
+Parameters: {"sam": ..., "global_diff": ..., "patch_diff": ...}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from samref_jax.model.config import MODES, sam_config_from
+from samref_jax.refiners.modules import GlobalDiff, PatchDiff
+from samref_jax.sam.model import Sam
+from samref_jax.sam.transforms import upscale_to_frame
+
+Array = jax.Array
+
+
+class ClickInputs(NamedTuple):
+    """Inputs of one click step (B = batch; N = click slots; F = frame side).
+
+    embedding: (B, S, S, D) cached SAM image embedding.
+    image: (B, F, F, 3) normalised, zero-padded image.
+    coords: (B, N, 2) float32 click (x, y) in frame pixels; labels: (B, N) int32 1/0/-1 (pad).
+    num_clicks: (B,) int32 clicks so far including this one (>= 1); the last is
+        `coords[num_clicks - 1]`.
+    prev_low_res: (B, 4S, 4S) previous SAM low-res logits (mask_input); has_prev: (B,) bool.
+    prev_logits: (B, F, F) previous final logits (a negative constant before the first click).
+    valid_hw: (B, 2) int32 unpadded image size in the frame.
+    radius: (B,) float32 click-disk radius in frame pixels.
+    """
+
+    embedding: Array
+    image: Array
+    coords: Array
+    labels: Array
+    num_clicks: Array
+    prev_low_res: Array
+    has_prev: Array
+    prev_logits: Array
+    valid_hw: Array
+    radius: Array
+
+
+class ClickOutputs(NamedTuple):
+    """Outputs of one click step.
+
+    low_res: (B, 4S, 4S) chosen SAM low-res logits (feed back as `prev_low_res`).
+    sam_logits: (B, F, F) S; global_logits: (B, F, F) G; final_logits: (B, F, F) F.
+    score: (B,) SAM's predicted IoU of the chosen mask.
+    window: (B, 4) PatchDiff window (x0, y0, x1, y1) in frame pixel edges (zeros unless "full").
+    global_error_logits: (B, F, F) GlobalDiff error head (zeros in "sam" mode).
+    patch: PatchDiffOutput or None (only in "full" mode), for patch losses.
+    """
+
+    low_res: Array
+    sam_logits: Array
+    global_logits: Array
+    final_logits: Array
+    score: Array
+    window: Array
+    global_error_logits: Array
+    patch: Any
+
+
+class SamRef(nn.Module):
+    """SAM + GlobalDiff + PatchDiff. `config`: a FrozenConfigDict from `samref_model_config`."""
+
+    config: ml_collections.FrozenConfigDict
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.sam_config = sam_config_from(self.config)
+        self.sam = Sam(self.sam_config, self.dtype)
+        self.global_diff = GlobalDiff(self.config.refiners.global_diff)
+        self.patch_diff = PatchDiff(self.config.refiners.patch_diff)
+
+    def __call__(self, x: ClickInputs, mode: str = "full") -> ClickOutputs:
+        """Init entry point: one full click (creates every parameter)."""
+        self.sam.embed_image(jnp.zeros((1,) + (self.sam_config.img_size,) * 2 + (3,)))
+        return self.click(x, mode)
+
+    def embed_image(self, images: Array) -> Array:
+        """(B, F, F, 3) preprocessed -> (B, S, S, D)."""
+        return self.sam.embed_image(images)
+
+    def click(self, x: ClickInputs, mode: str = "full") -> ClickOutputs:
+        """One interaction round. `mode` is static: "sam", "global" or "full"."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        b = x.coords.shape[0]
+        masks, iou = self.sam.predict_masks(
+            x.embedding, x.coords, x.labels, x.prev_low_res, x.has_prev
+        )
+        # Click 1: SAM's best multimask output by predicted IoU; later: the single-mask token.
+        best_multi = 1 + jnp.argmax(iou[:, 1:], axis=-1)
+        use_multi = (x.num_clicks <= 1) & bool(self.config.multimask_first_click)
+        idx = jnp.where(use_multi, best_multi, 0)
+        low_res = jnp.take_along_axis(masks, idx[:, None, None, None], axis=1)[:, 0]
+        score = jnp.take_along_axis(iou, idx[:, None], axis=1)[:, 0]
+        sam_logits = upscale_to_frame(low_res, self.sam_config)
+        zeros = jnp.zeros_like(sam_logits)
+        window = jnp.zeros((b, 4), jnp.float32)
+        if mode == "sam":
+            return ClickOutputs(low_res, sam_logits, sam_logits, sam_logits, score, window, zeros,
+                                None)
+        g = self.global_diff(x.image, x.coords, x.labels, sam_logits, x.embedding, x.radius)
+        if mode == "global":
+            return ClickOutputs(low_res, sam_logits, g.logits, g.logits, score, window,
+                                g.error_logits, None)
+        last = jnp.clip(x.num_clicks - 1, 0, x.coords.shape[1] - 1)
+        last_xy = jnp.take_along_axis(x.coords, last[:, None, None], axis=1)[:, 0]
+        p = self.patch_diff(
+            x.image, x.coords, x.labels, g.logits, x.prev_logits, x.embedding, x.radius,
+            last_xy, x.valid_hw,
+        )
+        return ClickOutputs(low_res, sam_logits, g.logits, p.logits, score, p.window,
+                            g.error_logits, p)
+
+
+def init_samref_params(
+    config: ml_collections.ConfigDict, rng: Array, sam_params: Any | None = None
+) -> dict[str, Any]:
+    """Random SAM-REF params (small: 1 sample). `sam_params` replaces the SAM subtree."""
+    model = SamRef(ml_collections.FrozenConfigDict(config))
+    sc = sam_config_from(config)
+    f = sc.img_size
+    s = sc.image_embedding_size
+    n = int(config.max_clicks)
+    x = ClickInputs(
+        embedding=jnp.zeros((1, s, s, sc.prompt_embed_dim)),
+        image=jnp.zeros((1, f, f, 3)),
+        coords=jnp.zeros((1, n, 2)),
+        labels=jnp.full((1, n), -1, jnp.int32).at[:, 0].set(1),
+        num_clicks=jnp.ones((1,), jnp.int32),
+        prev_low_res=jnp.zeros((1, 4 * s, 4 * s)),
+        has_prev=jnp.zeros((1,), bool),
+        prev_logits=jnp.full((1, f, f), -20.0),
+        valid_hw=jnp.array([[f, f]], jnp.int32),
+        radius=jnp.ones((1,), jnp.float32),
+    )
+    if sam_params is None:
+        params = model.init(rng, x, "full")["params"]
+    else:
+        # Initialise only the refiners; SAM params are given (avoids a 90M-param random init).
+        shapes = jax.eval_shape(lambda: model.init(rng, x, "full"))["params"]
+        params = {"sam": sam_params}
+        for name in ("global_diff", "patch_diff"):
+            params[name] = _init_refiner(model, name, x, rng, shapes[name])
+    return dict(params)
+
+
+def _init_refiner(model: SamRef, name: str, x: ClickInputs, rng: Array, shapes: Any) -> Any:
+    """Initialises one refiner's params with SAM stubbed by zeros (shapes only matter)."""
+    rngs = jax.random.split(rng, 2)
+    sc = sam_config_from(model.config)
+    f = sc.img_size
+    z = jnp.zeros((1, f, f))
+    if name == "global_diff":
+        mod = GlobalDiff(model.config.refiners.global_diff)
+        p = mod.init(rngs[0], x.image, x.coords, x.labels, z, x.embedding, x.radius)["params"]
+    else:
+        mod = PatchDiff(model.config.refiners.patch_diff)
+        p = mod.init(rngs[1], x.image, x.coords, x.labels, z, z - 20.0, x.embedding, x.radius,
+                     x.coords[:, 0], x.valid_hw)["params"]
+    chex_equal = jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(shapes)
+    if not chex_equal:
+        raise AssertionError(f"refiner {name} parameter tree differs from the SamRef tree")
+    return p
