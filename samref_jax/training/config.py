@@ -1,0 +1,75 @@
+"""Shared defaults of the training configs (``configs/*.py`` start from :func:`base_config`).
+
+Fields:
+  mode: "full" | "global" | "sam" -- how far the click path runs (and which losses apply).
+  seed: data order, augmentation and initialisation.
+  model: ``samref_model_config`` (sam_type, sam_overrides, refiners, click radius, max_clicks).
+  data: name (TFDS builder / folder layout), manual_dir (upstream folder; default
+    ``$SAMREF_DATA_DIR/<name>``), data_dir (prepared TFDS/ArrayRecord; default
+    ``WORKDIR/../tfds``), split, per_device_batch_size, heldout_every (instances with
+    index % heldout_every == 0 are held out for periodic eval; 0: none), num_workers (Grain
+    worker processes; 0 = in process), augmentation (scale_min, scale_max, flip, jitter,
+    min_object_pixels), first_click_frac (first click among pixels whose distance to the
+    background is >= frac * max).
+  train: trainable (path prefixes), rounds (T), num_steps, max_minutes (wall clock; 0 = none),
+    lr, warmup_steps, end_lr_factor, b1, b2, weight_decay, clip_norm, dtype ("float32" |
+    "bfloat16"), stop_grad_feedback, init_checkpoint, log_every, checkpoint_every_steps,
+    keep_checkpoints.
+  loss: see ``samref_jax.training.losses.default_loss_config``.
+  eval: every_steps, num_samples, max_clicks (periodic held-out eval; 0 steps = off).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from samref_jax.model.config import samref_model_config
+from samref_jax.training.losses import default_loss_config
+
+
+def base_config(sam_type: str = "tiny") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "full"
+    c.seed = 0
+    c.model = samref_model_config(sam_type)
+    c.data = ml_collections.ConfigDict(
+        dict(
+            name="COCO_MVal",
+            manual_dir="",
+            data_dir="",
+            split="",
+            per_device_batch_size=2,
+            heldout_every=0,
+            num_workers=0,
+            scale_min=0.75,
+            scale_max=1.4,
+            flip=True,
+            jitter=0.2,
+            min_object_pixels=16,
+            first_click_frac=0.5,
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            trainable=("sam/mask_decoder", "global_diff", "patch_diff"),
+            rounds=3,
+            num_steps=1000,
+            max_minutes=0.0,
+            lr=1e-4,
+            warmup_steps=100,
+            end_lr_factor=0.01,
+            b1=0.9,
+            b2=0.999,
+            weight_decay=0.05,
+            clip_norm=1.0,
+            dtype="float32",
+            stop_grad_feedback=False,
+            init_checkpoint="",
+            log_every=10,
+            checkpoint_every_steps=500,
+            keep_checkpoints=3,
+        )
+    )
+    c.loss = default_loss_config()
+    c.eval = ml_collections.ConfigDict(dict(every_steps=0, num_samples=16, max_clicks=10))
+    return c

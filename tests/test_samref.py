@@ -1,0 +1,224 @@
+"""SAM-REF model: the per-click step, its modes, gradients, traces, bf16, predictor, checkpoints."""
+
+from __future__ import annotations
+
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from samref_jax.checkpoint import CheckpointError, save_model_checkpoint
+from samref_jax.model.config import samref_model_config
+from samref_jax.model.io import load_samref, save_samref
+from samref_jax.model.predictor import SamRefPredictor
+from samref_jax.model.samref import ClickInputs, SamRef, init_samref_params
+
+KEY = jax.random.key(0, impl="rbg")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = samref_model_config("tiny")
+    cfg.max_clicks = 8
+    params = init_samref_params(cfg, KEY)
+    return cfg, params
+
+
+def _inputs(cfg, params, n_clicks=2, batch=2, seed=0):
+    rng = np.random.RandomState(seed)
+    model = SamRef(ml_collections.FrozenConfigDict(cfg))
+    f = 128
+    img = jnp.asarray(rng.randn(batch, f, f, 3).astype(np.float32))
+    emb = model.apply({"params": params}, img, method=SamRef.embed_image)
+    n = int(cfg.max_clicks)
+    coords = np.zeros((batch, n, 2), np.float32)
+    labels = np.full((batch, n), -1, np.int32)
+    coords[:, :n_clicks] = rng.uniform(10, 100, (batch, n_clicks, 2))
+    labels[:, :n_clicks] = rng.randint(0, 2, (batch, n_clicks))
+    labels[:, 0] = 1
+    return model, ClickInputs(
+        embedding=emb, image=img, coords=jnp.asarray(coords), labels=jnp.asarray(labels),
+        num_clicks=jnp.full((batch,), n_clicks, jnp.int32),
+        prev_low_res=jnp.asarray(rng.randn(batch, 32, 32).astype(np.float32)),
+        has_prev=jnp.asarray([n_clicks > 1] * batch),
+        prev_logits=jnp.asarray(rng.randn(batch, f, f).astype(np.float32) * 3),
+        valid_hw=jnp.asarray([[128, 96]] * batch, jnp.int32),
+        radius=jnp.full((batch,), 3.0),
+    )
+
+
+@pytest.mark.parametrize("mode", ["sam", "global", "full"])
+def test_shapes_and_jit(setup, mode):
+    cfg, params = setup
+    model, x = _inputs(cfg, params)
+    fn = lambda p, x: model.apply({"params": p}, x, mode, method=SamRef.click)
+    out = fn(params, x)
+    out_j = jax.jit(fn)(params, x)
+    chex.assert_shape(out.low_res, (2, 32, 32))
+    for a in (out.sam_logits, out.global_logits, out.final_logits, out.global_error_logits):
+        chex.assert_shape(a, (2, 128, 128))
+        chex.assert_type(a, jnp.float32)
+    chex.assert_shape(out.window, (2, 4))
+    chex.assert_shape(out.score, (2,))
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(out_j), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=1e-4)
+    if mode == "full":
+        w = np.asarray(out.window)
+        assert (w[:, 2] > w[:, 0]).all() and (w[:, 3] > w[:, 1]).all()
+        assert (w[:, 2] <= 96 + 1e-3).all() and (w[:, 3] <= 128 + 1e-3).all()
+
+
+def test_untrained_refiners_return_sam(setup):
+    cfg, params = setup
+    model, x = _inputs(cfg, params, n_clicks=3)
+    sam = model.apply({"params": params}, x, "sam", method=SamRef.click)
+    full = model.apply({"params": params}, x, "full", method=SamRef.click)
+    s, f = np.asarray(sam.final_logits), np.asarray(full.final_logits)
+    assert np.abs(f - s).max() <= 0.05 * np.abs(s).max() + 0.02
+    assert ((f > 0) == (s > 0)).mean() >= 0.99
+    np.testing.assert_array_equal(np.asarray(sam.low_res), np.asarray(full.low_res))
+
+
+def test_first_click_picks_best_multimask(setup):
+    cfg, params = setup
+    model, x = _inputs(cfg, params, n_clicks=1)
+    out = model.apply({"params": params}, x, "sam", method=SamRef.click)
+    sc = model.apply({"params": params}, x.embedding, x.coords, x.labels, x.prev_low_res,
+                     x.has_prev, method=lambda m, *a: m.sam.predict_masks(*a))[1]
+    np.testing.assert_allclose(np.asarray(out.score), np.asarray(sc)[:, 1:].max(-1), atol=1e-6)
+
+
+def test_gradients_reach_refiners_not_frozen_encoder(setup):
+    cfg, params = setup
+    model, x = _inputs(cfg, params)
+    gt = (jnp.arange(128)[None, :, None] < 64).astype(jnp.float32) * jnp.ones((2, 128, 128))
+
+    def loss(p):
+        emb = jax.lax.stop_gradient(
+            model.apply({"params": p}, x.image, method=SamRef.embed_image))
+        out = model.apply({"params": p}, x._replace(embedding=emb), "full", method=SamRef.click)
+        bce = lambda z: jnp.mean(jnp.logaddexp(0, z) - gt * z)
+        return bce(out.final_logits) + bce(out.global_logits) + jnp.mean(
+            jax.nn.sigmoid(out.global_error_logits))
+
+    grads = jax.jit(jax.grad(loss))(params)
+    for name in ("global_diff", "patch_diff"):
+        for path, g in jax.tree_util.tree_flatten_with_path(grads[name])[0]:
+            assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0, (
+                name, jax.tree_util.keystr(path))
+    enc = jax.tree_util.tree_leaves(grads["sam"]["image_encoder"])
+    assert all(np.all(np.asarray(g) == 0) for g in enc)
+    dec = jax.tree_util.tree_leaves(grads["sam"]["mask_decoder"])
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in dec)
+
+
+def test_twenty_clicks_trace_step_once(setup):
+    cfg, params = setup
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.max_clicks = 24
+    model, x = _inputs(cfg, params, n_clicks=1, batch=1)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(p, x):
+        return model.apply({"params": p}, x, "full", method=SamRef.click)
+
+    out = None
+    coords, labels = np.asarray(x.coords).copy(), np.asarray(x.labels).copy()
+    for k in range(1, 21):
+        coords[0, k - 1] = [5 + 5 * k, 100 - 4 * k]
+        labels[0, k - 1] = k % 2
+        x = x._replace(coords=jnp.asarray(coords), labels=jnp.asarray(labels),
+                       num_clicks=jnp.asarray([k], jnp.int32), has_prev=jnp.asarray([k > 1]))
+        if out is not None:
+            x = x._replace(prev_low_res=out.low_res, prev_logits=out.final_logits)
+        out = step(params, x)
+    jax.block_until_ready(out)
+
+
+def test_bf16_close_to_fp32(setup):
+    cfg, params = setup
+    _, x = _inputs(cfg, params)
+    bf = ml_collections.ConfigDict(cfg.to_dict())
+    bf.refiners.global_diff.dtype = "bfloat16"
+    bf.refiners.patch_diff.dtype = "bfloat16"
+    m32 = SamRef(ml_collections.FrozenConfigDict(cfg))
+    m16 = SamRef(ml_collections.FrozenConfigDict(bf), dtype=jnp.bfloat16)
+    f = lambda m: jax.jit(lambda p, x: m.apply({"params": p}, x, "full", method=SamRef.click))
+    o32 = f(m32)(params, x)
+    o16 = f(m16)(params, x)
+    a, b = np.asarray(o32.final_logits), np.asarray(o16.final_logits, np.float32)
+    assert np.abs(a - b).max() <= 0.1 * np.abs(a).max() + 0.1
+    assert ((a > 0) == (b > 0)).mean() >= 0.97
+
+
+# ------------------------------------------------------------------ predictor + checkpoint
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, setup):
+    cfg, params = setup
+    d = tmp_path_factory.mktemp("samref") / "ck"
+    save_samref(d, params, cfg)
+    return d
+
+
+def test_checkpoint_roundtrip_and_sam_only_warning(ckpt, setup, tmp_path):
+    cfg, params = setup
+    loaded, cfg2, _ = load_samref(ckpt)
+    assert cfg2.max_clicks == cfg.max_clicks
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # SAM-only (what convert_weights.py writes): refiners are initialised, with a warning.
+    from dataclasses import asdict
+
+    from samref_jax.sam import sam_config
+
+    save_model_checkpoint(tmp_path / "samonly", {"sam": params["sam"]},
+                          {"model_type": "tiny", "sam_config": asdict(sam_config("tiny"))})
+    with pytest.warns(UserWarning, match="no refiner weights"):
+        p2, _, _ = load_samref(tmp_path / "samonly")
+    assert set(p2) == {"sam", "global_diff", "patch_diff"}
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_samref(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a samref-jax checkpoint"):
+        load_samref(tmp_path / "empty")
+
+
+def test_predictor_session(ckpt):
+    p = SamRefPredictor.from_checkpoint(ckpt, mode="full")
+    img = np.random.RandomState(0).randint(0, 255, (60, 80, 3), dtype=np.uint8)
+    with pytest.raises(RuntimeError, match="set an image"):
+        p.click(1, 1)
+    p.set_image(img)
+    a = p.click(40, 30)
+    assert a.mask.shape == (60, 80) and a.mask.dtype == bool
+    assert a.sam_mask.shape == a.global_mask.shape == (60, 80)
+    x0, y0, x1, y1 = a.window
+    assert 0 <= x0 <= 40 <= x1 <= 80 and 0 <= y0 <= 30 <= y1 <= 60
+    b = p.click(10, 10, positive=False)
+    assert len(p.clicks) == 2 and p.clicks[1] == (10.0, 10.0, False)
+    back = p.undo()
+    np.testing.assert_array_equal(back.mask, a.mask)
+    for x, y in [(-1, 5), (80, 5), (5, 60), (float("nan"), 1)]:
+        with pytest.raises(ValueError, match="outside the image"):
+            p.click(x, y)
+    assert len(p.clicks) == 1
+    p.reset()
+    assert p.clicks == []
+    p.set_mode("sam")
+    c = p.click(40, 30)
+    assert c.window is None
+    with pytest.raises(ValueError, match="mode must be"):
+        p.set_mode("fast")
+    p.set_image(np.random.RandomState(1).randint(0, 65535, (50, 40), dtype=np.uint16))
+    assert p.click(5, 5).mask.shape == (50, 40)
+    del b
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError):
+            p.set_image(np.zeros((5, 5, 2), np.uint8))
