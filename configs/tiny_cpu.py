@@ -45,8 +45,13 @@ def get_config() -> ml_collections.ConfigDict:
     # From scratch, SAM's 3 multimask outputs would train unevenly; use the single-mask token.
     m.multimask_first_click = False
     m.max_clicks = 24
+    # Depthwise convolutions are slow on CPU: GlobalDiff works on a 64 square (32x32 features)
+    # and PatchDiff on a 48 patch, one block before and one after the embedding fusion each.
     for r in (m.refiners.global_diff, m.refiners.patch_diff):
         r.width = 32
+        r.blocks_before = 1
+        r.blocks_after = 1
+    m.refiners.global_diff.input_size = 64
     m.refiners.patch_diff.patch_size = 48
 
     d = config.data
@@ -67,13 +72,13 @@ def get_config() -> ml_collections.ConfigDict:
     t.weight_decay = 1e-4
     t.clip_norm = 1.0
     t.log_every = 10
-    t.checkpoint_every_steps = 200
+    t.checkpoint_every_steps = 250
     t.keep_checkpoints = 2
 
     config.loss.round_weights = (1.0, 1.0, 1.0)
 
     e = config.eval
-    e.every_steps = 500
+    e.every_steps = 1000  # periodic evaluation time is not counted in max_minutes
     e.num_samples = 16
     e.max_clicks = 10
     return config

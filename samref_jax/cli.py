@@ -217,9 +217,9 @@ def _run_segment(args: argparse.Namespace) -> int:
     mask_path, overlay_path = out / "mask.png", out / "overlay.png"
     viz.mask_image(result.mask).save(mask_path)
     viz.overlay(image, result.mask, clicks, result.window).save(overlay_path)
-    window = (
-        "none" if result.window is None else "(" + ", ".join(f"{v:.0f}" for v in result.window) + ")"
-    )
+    window = "none"
+    if result.window is not None:
+        window = "(" + ", ".join(f"{v:.0f}" for v in result.window) + ")"
     print(
         f"samref segment: {len(clicks)} click(s), mode {args.mode}, mask covers "
         f"{100 * result.mask.mean():.1f}% of {w}x{h}, SAM score {result.score:.3f}, "
@@ -247,13 +247,14 @@ def _run_demo(args: argparse.Namespace) -> int:
     try:
         import gradio  # noqa: F401
     except ImportError:
-        raise CliError(
-            "the browser demo needs Gradio: pip install 'samref-jax[demo]'"
-        ) from None
+        raise CliError("the browser demo needs Gradio: pip install 'samref-jax[demo]'") from None
     check_checkpoint(args.checkpoint)
     from samref_jax.demo.app import launch
 
-    launch(args.checkpoint, host=args.host, port=args.port, share=args.share)
+    try:
+        launch(args.checkpoint, host=args.host, port=args.port, share=args.share)
+    except OSError as e:  # port in use, address not available
+        raise CliError(f"cannot serve on {args.host}:{args.port}: {e}") from None
     return 0
 
 

@@ -36,3 +36,40 @@ def grabcut_dir(data_dir: Path) -> Path:
 def coco_mval_dir(data_dir: Path) -> Path:
     """The real COCO_MVal set (800 instances), skipped if absent."""
     return _dataset(data_dir, "COCO_MVal", "gt")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight tiny SAM-REF checkpoint directory (``SAMREF_TEST_CHECKPOINT`` overrides).
+
+    Used by the CLI, demo-app and notebook tests until the bundled ``tiny`` model exists.
+    """
+    given = os.environ.get("SAMREF_TEST_CHECKPOINT")
+    if given:
+        return Path(given)
+    import jax
+
+    from samref_jax.model.config import samref_model_config
+    from samref_jax.model.io import save_samref
+    from samref_jax.model.samref import init_samref_params
+
+    cfg = samref_model_config("tiny")
+    # jit: about 3x faster than the op-by-op init on CPU; rbg keys compile fast.
+    params = jax.jit(lambda k: init_samref_params(cfg, k))(jax.random.key(0, impl="rbg"))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_random"
+    save_samref(path, params, cfg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def jax_cache_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for subprocesses (CLI, demo app, notebook kernel): a JAX compilation cache
+    shared by them, so each process does not recompile the same SAM-REF step."""
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
+        tmp_path_factory.mktemp("jax_cache")
+    )
+    return {
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }

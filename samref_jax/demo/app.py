@@ -32,6 +32,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from samref_jax import viz
+
+try:  # optional (the `demo` extra); DemoBackend works without it
+    import gradio as gr
+except ImportError:  # pragma: no cover
+    gr = None
 from samref_jax.demo.examples import example_paths
 
 __all__ = ["DemoBackend", "Session", "UserError", "build_app", "launch"]
@@ -93,6 +98,7 @@ class DemoBackend:
         self._image_key: str | None = None
         self._applied: tuple | None = None  # (image key, mode, clicks) now in the predictor
         self.embeddings = 0  # number of set_image calls (the test checks "once per image")
+        self._compiled: set[tuple[int, int, str]] = set()  # (h, w, mode) clicked at least once
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, mode: str = "full", **kw: Any) -> DemoBackend:
@@ -114,7 +120,8 @@ class DemoBackend:
             reason = str(e).split(": ", 2)[-1] if "cannot decode" in str(e) else str(e)
             raise UserError(f"Could not read '{p.name}' as an image ({reason}).") from None
         except Exception as e:  # decompression bombs, truncated files ...
-            raise UserError(f"Could not read '{p.name}' as an image ({type(e).__name__}).") from None
+            name = type(e).__name__
+            raise UserError(f"Could not read '{p.name}' as an image ({name}).") from None
         if min(image.shape[:2]) < 2:
             raise UserError(f"'{p.name}' is too small ({image.shape[1]}x{image.shape[0]}).")
         s = Session(key=uuid.uuid4().hex, name=p.name, image=image, mode=mode)
@@ -161,6 +168,7 @@ class DemoBackend:
             except ValueError as e:  # e.g. more clicks than the model's click slots
                 raise UserError(str(e)) from None
             s.last_click_s = time.perf_counter() - t0
+            self._compiled.add((*s.image.shape[:2], s.mode))
             s.clicks.append((float(x), float(y), bool(positive)))
             s.results.append(r)
             self._applied = (s.key, s.mode, tuple(s.clicks))
@@ -244,14 +252,16 @@ class DemoBackend:
         viz.mask_image(r.mask).save(path)
         return path
 
-    @staticmethod
-    def describe(s: Session) -> str:
+    def describe(self, s: Session) -> str:
         h, w = s.image.shape[:2]
         if not s.clicks:
-            return (
+            text = (
                 f"Loaded **{s.name}** ({w}x{h}). Click on the object; right-click or the "
                 "'background' toggle adds a background point."
             )
+            if (h, w, s.mode) not in self._compiled:
+                text += " The first click on a new image size compiles the model (some seconds)."
+            return text
         x, y, pos = s.clicks[-1]
         r = s.result
         text = (
@@ -328,7 +338,8 @@ def build_app(
     title: str = "SAM-REF interactive segmentation",
 ):
     """The Gradio Blocks app. ``checkpoint``: directory, bundled name, or a ready predictor."""
-    import gradio as gr
+    if gr is None:
+        raise ImportError("the browser demo needs Gradio: pip install 'samref-jax[demo]'")
 
     if isinstance(checkpoint, (str, Path)):
         backend = DemoBackend.from_checkpoint(str(checkpoint))
@@ -431,9 +442,7 @@ def build_app(
                     buttons=[],
                 )
             with gr.Column(scale=2):
-                upload = gr.File(
-                    label="Upload an image", type="filepath", elem_id="samref-upload"
-                )
+                upload = gr.File(label="Upload an image", type="filepath", elem_id="samref-upload")
                 if examples:
                     gr.Examples(
                         examples=[[p] for p in examples],
@@ -458,11 +467,10 @@ def build_app(
                 download = gr.DownloadButton(
                     "Download mask PNG", value=None, interactive=False, elem_id="samref-download"
                 )
-                status = gr.Markdown(
-                    "Upload an image or pick an example.", elem_id="samref-status"
-                )
+                status = gr.Markdown("Upload an image or pick an example.", elem_id="samref-status")
         compare = gr.Image(
             label="Last click: SAM | GlobalDiff | final",
+            show_label=False,
             type="pil",
             format="png",
             interactive=False,

@@ -29,8 +29,9 @@ def samref_model_config(sam_type: str = "vit_b") -> ml_collections.ConfigDict:
         refiners.patch_diff.min_side = max(16.0, 64.0 * scale)
         refiners.patch_diff.embed_patch_size = max(4, int(32 * scale))
     else:
-        # The whole-frame refiner works on a 512 square (stem stride 2 -> 256x256 features).
-        refiners.global_diff.input_size = 512
+        # The whole-frame refiner works on a 256 square (stem stride 2 -> 128x128 features),
+        # SAM's own low-res mask size; PatchDiff restores detail in its window.
+        refiners.global_diff.input_size = 256
     return ml_collections.ConfigDict(
         dict(
             sam_type=sam_type,

@@ -58,6 +58,7 @@ class _State:
     result: ClickResult | None
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _to_original(logits: jax.Array, input_hw: tuple[int, int], original_hw: tuple[int, int]):
     """(B, F, F) frame logits -> (B, H, W): crop the padding, torch-bilinear resize."""
     return resize_bilinear(logits[:, : input_hw[0], : input_hw[1]], original_hw)
@@ -143,19 +144,17 @@ class SamRefPredictor:
 
     # ------------------------------------------------------------------------------ click
     def _step_fn(self, mode: str):
+        """The jitted click step of `mode`: compiled once, whatever the image size."""
         if mode not in self._steps:
             model = self.model
-            in_hw, orig_hw = self.input_size, self.original_size
 
-            @functools.partial(jax.jit, static_argnums=(2, 3))
-            def step(params, x: ClickInputs, in_hw, orig_hw):
+            @jax.jit
+            def step(params, x: ClickInputs):
                 out: ClickOutputs = model.apply({"params": params}, x, mode, method=SamRef.click)
                 maps = jnp.stack([out.final_logits, out.sam_logits, out.global_logits], 1)
-                orig = _to_original(maps[0], in_hw, orig_hw)
-                return out.low_res, out.final_logits, orig, out.window[0], out.score[0]
+                return out.low_res, out.final_logits, maps[0], out.window[0], out.score[0]
 
             self._steps[mode] = step
-            del in_hw, orig_hw
         return self._steps[mode]
 
     def click(self, x: float, y: float, positive: bool = True) -> ClickResult:
@@ -194,10 +193,8 @@ class SamRefPredictor:
             radius=jnp.asarray([float(self.config.click_radius) * scale], jnp.float32),
         )
         step = self._step_fn(self.mode)
-        low_res, final, orig, window, score = step(
-            self.params, inputs, self.input_size, self.original_size
-        )
-        orig = np.asarray(orig)
+        low_res, final, maps, window, score = step(self.params, inputs)
+        orig = np.asarray(_to_original(maps, self.input_size, self.original_size))
         win = None
         if self.mode == "full":
             sx = w / self.input_size[1]

@@ -155,7 +155,7 @@ def init_samref_params(
         radius=jnp.ones((1,), jnp.float32),
     )
     if sam_params is None:
-        params = model.init(rng, x, "full")["params"]
+        params = jax.jit(lambda r: model.init(r, x, "full")["params"])(rng)
     else:
         # Initialise only the refiners; SAM params are given (avoids a 90M-param random init).
         shapes = jax.eval_shape(lambda: model.init(rng, x, "full"))["params"]
@@ -173,11 +173,12 @@ def _init_refiner(model: SamRef, name: str, x: ClickInputs, rng: Array, shapes: 
     z = jnp.zeros((1, f, f))
     if name == "global_diff":
         mod = GlobalDiff(model.config.refiners.global_diff)
-        p = mod.init(rngs[0], x.image, x.coords, x.labels, z, x.embedding, x.radius)["params"]
+        p = jax.jit(lambda r: mod.init(r, x.image, x.coords, x.labels, z, x.embedding,
+                                       x.radius)["params"])(rngs[0])
     else:
         mod = PatchDiff(model.config.refiners.patch_diff)
-        p = mod.init(rngs[1], x.image, x.coords, x.labels, z, z - 20.0, x.embedding, x.radius,
-                     x.coords[:, 0], x.valid_hw)["params"]
+        p = jax.jit(lambda r: mod.init(r, x.image, x.coords, x.labels, z, z - 20.0, x.embedding,
+                                       x.radius, x.coords[:, 0], x.valid_hw)["params"])(rngs[1])
     chex_equal = jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(shapes)
     if not chex_equal:
         raise AssertionError(f"refiner {name} parameter tree differs from the SamRef tree")

@@ -234,7 +234,8 @@ def unrolled_loss(
         )
         return new, ({k: jnp.mean(v) for k, v in terms.items()}, jnp.mean(iou))
 
-    _, (terms, ious) = jax.lax.scan(body, carry0, jnp.arange(T))
+    unroll = bool(config.train.get("scan_unroll", False))
+    _, (terms, ious) = jax.lax.scan(body, carry0, jnp.arange(T), unroll=unroll)
     loss = jnp.sum(w_rounds * terms["total"]) / jnp.maximum(jnp.sum(w_rounds), 1e-6)
     metrics = {"loss": loss, "iou": ious}  # iou: (T,)
     metrics.update({f"loss_{k}": v for k, v in terms.items()})  # each (T,)

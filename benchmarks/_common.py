@@ -1,0 +1,50 @@
+"""Shared helpers for the benchmark scripts (timing, tables, the official torch model)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def median_time(fn: Callable[[], object], runs: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall time (s) of `fn()` over `runs` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    """A GitHub markdown table."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        out.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(out)
+
+
+def machine_line() -> str:
+    import jax
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"backend={jax.default_backend()} devices={jax.device_count()} "
+            f"cpus={os.cpu_count()} load1={load:.2f} jax={jax.__version__}")
+
+
+def official_sam(model_type: str, seed: int = 0):
+    """The official torch SAM of `model_type` with random weights (no checkpoint needed)."""
+    from samref_jax.sam.config import sam_config
+    from tests.sam_reference import random_torch_sam
+
+    return random_torch_sam(sam_config(model_type), seed=seed)

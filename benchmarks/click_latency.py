@@ -1,0 +1,141 @@
+"""Per-click latency of SAM-REF's modes on the vit_b frame, with a cached image embedding.
+
+    python benchmarks/click_latency.py [--clicks 20] [--model-type vit_b]
+
+For `sam`, `global` and `full`: median wall time of one jitted click step (prompt encoder, mask
+decoder, upscaling, refiners; embedding cached, random weights). Also the JAX SAM decoder
+against the official torch decoder on the same embedding (same process), and each refiner's
+parameter count and FLOPs per click from XLA's cost analysis. Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from _common import machine_line, median_time, table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--clicks", type=int, default=20)
+    ap.add_argument("--model-type", default="vit_b")
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch decoder comparison")
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from samref_jax.model.config import MODES, samref_model_config
+    from samref_jax.model.samref import ClickInputs, SamRef, init_samref_params
+    from samref_jax.refiners.modules import GlobalDiff, PatchDiff
+
+    cfg = samref_model_config(args.model_type)
+    params = init_samref_params(cfg, jax.random.key(0, impl="rbg"))
+    model = SamRef(ml_collections.FrozenConfigDict(cfg))
+    f, s = 1024, 64
+    rng = np.random.RandomState(0)
+    n = int(cfg.max_clicks)
+    x = ClickInputs(
+        embedding=jnp.asarray(rng.randn(1, s, s, 256).astype(np.float32)),
+        image=jnp.asarray(rng.randn(1, f, f, 3).astype(np.float32)),
+        coords=jnp.zeros((1, n, 2)),
+        labels=jnp.full((1, n), -1, jnp.int32),
+        num_clicks=jnp.ones((1,), jnp.int32),
+        prev_low_res=jnp.zeros((1, 256, 256)),
+        has_prev=jnp.zeros((1,), bool),
+        prev_logits=jnp.full((1, f, f), -20.0),
+        valid_hw=jnp.asarray([[768, 1024]], jnp.int32),
+        radius=jnp.full((1,), 8.0),
+    )
+    coords = rng.uniform(100, 700, (n, 2)).astype(np.float32)
+    labels = (rng.rand(n) > 0.3).astype(np.int32)
+    labels[0] = 1
+
+    def inputs(k: int, prev):
+        c = np.zeros((1, n, 2), np.float32)
+        lab = np.full((1, n), -1, np.int32)
+        c[0, :k], lab[0, :k] = coords[:k], labels[:k]
+        y = x._replace(coords=jnp.asarray(c), labels=jnp.asarray(lab),
+                       num_clicks=jnp.asarray([k], jnp.int32), has_prev=jnp.asarray([k > 1]))
+        if prev is not None:
+            y = y._replace(prev_low_res=prev.low_res, prev_logits=prev.final_logits)
+        return y
+
+    rows, medians, flops = [], {}, {}
+    for mode in MODES:
+        step = jax.jit(lambda p, x, mode=mode: model.apply({"params": p}, x, mode,
+                                                            method=SamRef.click))
+        compiled = step.lower(params, x).compile()
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, list) else ca
+        flops[mode] = float(ca.get("flops", float("nan")))
+        times = []
+        prev = None
+        jax.block_until_ready(step(params, inputs(1, None)))
+        import time
+
+        for k in range(1, args.clicks + 1):
+            xi = inputs(k, prev)
+            t = time.perf_counter()
+            prev = jax.block_until_ready(step(params, xi))
+            times.append(time.perf_counter() - t)
+        medians[mode] = float(np.median(times))
+        rows.append([mode, f"{medians[mode] * 1e3:.1f} ms",
+                     f"{medians[mode] / medians.get('sam', medians[mode]):.2f}",
+                     f"{flops[mode] / 1e9:.2f}"])
+    print(machine_line())
+    print(f"{args.clicks} clicks per mode, vit_b frame 1024, cached embedding")
+    print(table(["mode", "median per click", "x sam", "GFLOPs/click (XLA)"], rows))
+
+    count = lambda t: sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(t))
+    ref_rows = []
+    for name, mod_cls, extra in (("GlobalDiff", GlobalDiff, flops["global"] - flops["sam"]),
+                                 ("PatchDiff", PatchDiff, flops["full"] - flops["global"])):
+        key = "global_diff" if mod_cls is GlobalDiff else "patch_diff"
+        ref_rows.append([name, f"{count(params[key]):,}", f"{extra / 1e9:.2f}"])
+    ref_rows.append(["SAM prompt encoder + mask decoder",
+                     f"{count(params['sam']['prompt_encoder']) + count(params['sam']['mask_decoder']):,}",
+                     f"{flops['sam'] / 1e9:.2f}"])
+    print(table(["part", "parameters", "GFLOPs/click"], ref_rows))
+
+    if not args.no_torch:
+        import torch
+
+        from samref_jax.sam.convert import convert_state_dict
+        from samref_jax.sam.model import Sam
+        from tests.sam_reference import random_torch_sam, state_dict_numpy
+        from samref_jax.sam.config import sam_config
+
+        ts = random_torch_sam(sam_config(args.model_type))
+        _, sp = convert_state_dict(state_dict_numpy(ts))
+        sp = jax.tree_util.tree_map(jnp.asarray, sp)
+        emb = rng.randn(1, s, s, 256).astype(np.float32)
+        emb_t = torch.from_numpy(emb.transpose(0, 3, 1, 2).copy())
+        pts = torch.from_numpy(coords[None, :3]), torch.from_numpy(labels[None, :3])
+        mask_t = torch.zeros(1, 1, 256, 256)
+
+        def torch_dec():
+            with torch.no_grad():
+                sp_, de_ = ts.prompt_encoder(pts, None, mask_t)
+                return ts.mask_decoder(emb_t, ts.prompt_encoder.get_dense_pe(), sp_, de_, False)
+
+        sam_mod = Sam(sam_config(args.model_type))
+        c = np.zeros((1, 8, 2), np.float32)
+        lab = np.full((1, 8), -1, np.int32)
+        c[0, :3], lab[0, :3] = coords[:3], labels[:3]
+        dec = jax.jit(lambda p, e, c, l, m, h: sam_mod.apply(
+            {"params": p}, e, c, l, m, h, method=Sam.predict_masks))
+        args_j = (sp, jnp.asarray(emb), jnp.asarray(c), jnp.asarray(lab),
+                  jnp.zeros((1, 256, 256)), jnp.ones((1,), bool))
+        t_t, _ = median_time(torch_dec, args.clicks, warmup=2)
+        t_j, _ = median_time(lambda: jax.block_until_ready(dec(*args_j)), args.clicks, warmup=2)
+        print(table(["SAM decoder, 3 points + mask input (median)", "torch", "JAX", "JAX/torch"],
+                    [["prompt encoder + mask decoder", f"{t_t * 1e3:.1f} ms",
+                      f"{t_j * 1e3:.1f} ms", f"{t_j / t_t:.2f}"]]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The training loop: data, sharded step, checkpoints/resume, logging, eval, export, plots.
+
+``train(config, workdir)`` runs until ``train.num_steps`` or the ``train.max_minutes``
+wall-clock budget (counted across resumes, including start-up and compile time) and writes::
+
+    WORKDIR/config.json          the full config
+    WORKDIR/checkpoints/<step>/  orbax: state (params, opt state, step, rng) + data (JSON)
+    WORKDIR/metrics.jsonl        one line per step: losses and IoU per round, throughput
+    WORKDIR/eval.jsonl           periodic held-out NoC@85/90/95 and 5-mIoU
+    WORKDIR/curves.png           loss and NoC curves
+    WORKDIR/export/              the model (``save_samref``), for SamRefPredictor.from_checkpoint
+
+A second call with the same ``workdir`` resumes from the newest checkpoint (same data order).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from samref_jax.training import step as S
+from samref_jax.training.checkpointing import TrainCheckpointer
+from samref_jax.training.pipeline import heldout_samples, make_train_dataset, prepare_source
+
+
+def _jsonable(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        a = np.asarray(v)
+        out[k] = float(a) if a.ndim == 0 else [float(x) for x in a.ravel()]
+    return out
+
+
+def _export(workdir: Path, params: Any, config: ml_collections.ConfigDict, meta: dict) -> Path:
+    from samref_jax.model.io import save_samref
+
+    host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
+    return save_samref(workdir / "export", host, config.model, meta)
+
+
+class _Evaluator:
+    """Periodic held-out NoC evaluation with one predictor (compiled once, params swapped)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, samples: list[dict]) -> None:
+        self.config, self.samples, self.predictor = config, samples, None
+
+    def __call__(self, params: Any) -> dict:
+        from samref_jax.evaluation import evaluate
+        from samref_jax.model.predictor import SamRefPredictor
+
+        host = jax.tree_util.tree_map(lambda x: jnp.asarray(jax.device_get(x)), params)
+        if self.predictor is None:
+            self.predictor = SamRefPredictor(host, self.config.model, mode=self.config.mode)
+        self.predictor.params = host
+        m = evaluate(self.predictor, self.samples, max_clicks=int(self.config.eval.max_clicks),
+                     progress=False)
+        return {k: m[k] for k in m if k.startswith(("NoC", "NoF", "5-mIoU", "mIoU@")) and
+                not isinstance(m[k], list)} | {"num_samples": len(self.samples)}
+
+
+def plot_curves(workdir: Path) -> Path | None:
+    """``curves.png``: training loss (and final-round IoU) and held-out NoC vs step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _read_jsonl(workdir / "metrics.jsonl")
+    evals = _read_jsonl(workdir / "eval.jsonl")
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    steps = np.array([r["step"] for r in rows])
+    loss = np.array([r["loss"] for r in rows])
+    k = max(1, len(loss) // 50)
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+    axes[0].plot(steps, loss, alpha=0.3, label="loss")
+    axes[0].plot(steps[k - 1 :], smooth, label=f"loss (mean of {k})")
+    ax2 = axes[0].twinx()
+    iou_last = np.array([r["iou"][-1] for r in rows])
+    ax2.plot(steps[k - 1 :], np.convolve(iou_last, np.ones(k) / k, mode="valid"), "g",
+             label="train IoU, last round")
+    ax2.set_ylabel("IoU")
+    axes[0].set_xlabel("step")
+    axes[0].set_title("training")
+    axes[0].legend(loc="upper right")
+    if evals:
+        es = [e["step"] for e in evals]
+        for key in ("NoC@85", "NoC@90"):
+            axes[1].plot(es, [e.get(key) for e in evals], "o-", label=key)
+        axes[1].set_xlabel("step")
+        axes[1].set_ylabel("clicks")
+        axes[1].set_title("held-out NoC")
+        axes[1].legend()
+    fig.tight_layout()
+    out = workdir / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line after a kill
+            pass
+    return out
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    progress: bool = True,
+    export: bool = True,
+    command: str | None = None,
+) -> dict:
+    """Trains (or resumes) into ``workdir``; returns a summary dict (steps, steps/s, ...)."""
+    t_start = time.time()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    tc = config.train
+
+    data_dir = Path(config.data.data_dir) if config.data.data_dir else workdir / "tfds"
+    source = prepare_source(config, data_dir)
+    it = iter(make_train_dataset(config, source))
+
+    mesh = S.make_mesh()
+    params = S.init_params(config, jax.random.key(int(config.seed), impl="rbg"))
+    state = S.put_replicated(S.create_state(config, params, int(config.seed)), mesh)
+    step_fn = S.make_train_step(config, mesh, params)
+    del params
+
+    ckpt = TrainCheckpointer(workdir / "checkpoints", int(tc.keep_checkpoints))
+    minutes_before = 0.0
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state, data_state = restored
+        it.set_state(data_state["iterator"])
+        minutes_before = float(data_state.get("minutes_used", 0.0))
+        _truncate_jsonl(workdir / "metrics.jsonl", int(state.step))
+        _truncate_jsonl(workdir / "eval.jsonl", int(state.step))
+        print(f"resumed from step {int(state.step)} ({minutes_before:.1f} min used)",
+              file=sys.stderr)
+
+    evaluator = None
+    if int(config.eval.every_steps) > 0 and int(config.data.heldout_every) > 0:
+        evaluator = _Evaluator(config, heldout_samples(config, source, config.eval.num_samples))
+
+    eval_seconds = [0.0]
+
+    def minutes_used() -> float:
+        """Wall-clock minutes of this run (all resumes), periodic evaluation excluded."""
+        return minutes_before + (time.time() - t_start - eval_seconds[0]) / 60.0
+
+    def run_eval() -> None:
+        t0 = time.time()
+        ev = {"step": step, **evaluator(state.params), "minutes": minutes_used()}
+        elog.write(json.dumps(ev) + "\n")
+        elog.flush()
+        eval_seconds[0] += time.time() - t0
+        bar.write(f"step {step}: held-out NoC@85 {ev.get('NoC@85'):.2f} "
+                  f"NoC@90 {ev.get('NoC@90'):.2f} 5-mIoU {ev.get('5-mIoU'):.3f}")
+
+    def save() -> None:
+        ckpt.save(int(state.step), state,
+                  {"iterator": it.get_state(), "minutes_used": minutes_used()})
+
+    from tqdm.auto import tqdm
+
+    num_steps = int(tc.num_steps)
+    start_step = int(state.step)
+    global_batch = int(config.data.per_device_batch_size) * jax.device_count()
+    bar = tqdm(total=num_steps, initial=start_step, disable=not progress, dynamic_ncols=True,
+               desc=f"train {config.mode}")
+    mlog = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    elog = open(workdir / "eval.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    step = start_step
+    stop_reason = "num_steps"
+    t_steps, n_timed = 0.0, 0
+    try:
+        while step < num_steps:
+            if tc.max_minutes and minutes_used() >= float(tc.max_minutes):
+                stop_reason = "max_minutes"
+                break
+            t0 = time.time()
+            batch = next(it)
+            t_data = time.time() - t0
+            state, metrics = step_fn(state, S.shard_batch(batch, mesh))
+            metrics = _jsonable(jax.device_get(metrics))
+            dt = time.time() - t0
+            step += 1
+            if step > start_step + 1:  # exclude the compiling step from throughput
+                t_steps += dt
+                n_timed += 1
+            sps = n_timed / t_steps if t_steps else 0.0
+            row = {"step": step, **metrics, "step_s": dt, "data_s": t_data,
+                   "steps_per_s": sps, "images_per_s": sps * global_batch,
+                   "minutes": minutes_used()}
+            mlog.write(json.dumps(row) + "\n")
+            mlog.flush()
+            bar.update(1)
+            if step % max(int(tc.log_every), 1) == 0:
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}",
+                                iou=f"{metrics['iou'][-1]:.3f}", sps=f"{sps:.2f}")
+            if evaluator is not None and step % int(config.eval.every_steps) == 0:
+                run_eval()
+            if step % max(int(tc.checkpoint_every_steps), 1) == 0:
+                save()
+    finally:
+        bar.close()
+    if ckpt.latest_step() != step:
+        save()
+    if evaluator is not None and (not _read_jsonl(workdir / "eval.jsonl") or
+                                  _read_jsonl(workdir / "eval.jsonl")[-1]["step"] != step):
+        run_eval()
+    mlog.close()
+    elog.close()
+    ckpt.close()
+    summary = {
+        "steps": step,
+        "stop_reason": stop_reason,
+        "minutes_used": minutes_used(),
+        "eval_minutes_this_session": eval_seconds[0] / 60.0,
+        "steps_per_s": n_timed / t_steps if t_steps else None,
+        "images_per_s": n_timed * global_batch / t_steps if t_steps else None,
+        "global_batch": global_batch,
+        "devices": jax.device_count(),
+        "mode": str(config.mode),
+        "seed": int(config.seed),
+    }
+    if export:
+        meta = {"training": {**summary, "command": command, "config": config.to_dict()}}
+        meta = json.loads(json.dumps(meta, default=str))
+        summary["export"] = str(_export(workdir, state.params, config, meta))
+        plot_curves(workdir)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drops log lines past ``step`` (written after the checkpoint we resume from)."""
+    rows = [r for r in _read_jsonl(path) if r.get("step", 0) <= step]
+    if path.exists():
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,207 @@
+"""``samref`` command line (``samref_jax/cli.py``) and the overlay drawing (``samref_jax/viz.py``).
+
+The end-to-end run segments a real GrabCut image with a small random-weight SAM-REF model;
+the error cases check the one-line message and exit status 2 (no traceback, no model load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from samref_jax import cli, viz
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args, env_extra=None, timeout=600):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **(env_extra or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "samref_jax.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def grabcut_image(grabcut_dir) -> Path:
+    return grabcut_dir / "data_GT" / "banana1.bmp"
+
+
+# ------------------------------------------------------------------------------ parsing
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("120,80,+", (120.0, 80.0, True)),
+        ("120,80,-", (120.0, 80.0, False)),
+        ("12.5, 7 ,neg", (12.5, 7.0, False)),
+        ("3,4", (3.0, 4.0, True)),
+        ("3,4,pos", (3.0, 4.0, True)),
+        ("3,4,0", (3.0, 4.0, False)),
+    ],
+)
+def test_parse_click(spec, expected):
+    assert cli.parse_click(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["", "1", "1,2,3,4", "a,b,+", "1,2,x", "1;2;+", "1,,+"])
+def test_parse_click_rejects(spec):
+    with pytest.raises(cli.CliError, match="malformed click"):
+        cli.parse_click(spec)
+
+
+def test_registry_builds_subparsers():
+    assert {"segment", "demo-app"} <= set(cli.COMMANDS)
+    calls = []
+
+    def configure(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--n", type=int, default=1)
+
+    def run(args: argparse.Namespace) -> int:
+        calls.append(args.n)
+        return 0
+
+    cli.register("unit-test-cmd", "a test command", configure, run)
+    try:
+        assert cli.main(["unit-test-cmd", "--n", "3"]) == 0
+        assert calls == [3]
+        args = cli.build_parser().parse_args(["segment", "x.png", "--click", "1,2", "--out", "o"])
+        assert args.checkpoint == "tiny" and args.mode == "full"
+    finally:
+        del cli.COMMANDS["unit-test-cmd"]
+
+
+# ------------------------------------------------------------------------------- errors
+def _bad_image(tmp_path: Path) -> Path:
+    p = tmp_path / "broken.jpg"
+    p.write_bytes(b"\xff\xd8 definitely not a jpeg")
+    return p
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_image", "image not found"),
+        ("unreadable_image", "cannot read"),
+        ("malformed_click", "malformed click '5;5'"),
+        ("click_outside", "click 2 (640, 10) is outside the 640x480 image"),
+        ("negative_click", "is outside the 640x480 image"),
+        ("missing_checkpoint", "checkpoint not found"),
+        ("no_clicks", "give at least one click"),
+    ],
+)
+def test_segment_user_errors(case, message, grabcut_image, tmp_path):
+    image, clicks, ckpt = str(grabcut_image), ["10,10,+"], str(tmp_path / "no_such_ckpt")
+    if case == "missing_image":
+        image = str(tmp_path / "nope.png")
+    elif case == "unreadable_image":
+        image = str(_bad_image(tmp_path))
+    elif case == "malformed_click":
+        clicks = ["5;5"]
+    elif case == "click_outside":
+        clicks = ["10,10,+", "640,10,-"]
+    elif case == "negative_click":
+        clicks = ["10,-1,+"]
+    elif case == "no_clicks":
+        clicks = []
+    args = ["segment", image, "--checkpoint", ckpt, "--out", str(tmp_path / "out")]
+    for c in clicks:
+        args.append(f"--click={c}")
+    r = _run(args, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("samref segment: error: "), r.stderr
+    assert message in lines[-1], r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_bundled_checkpoint_is_one_line(grabcut_image, tmp_path, monkeypatch, capsys):
+    from samref_jax.model import io
+
+    monkeypatch.setattr(io, "_ASSETS", tmp_path / "no_assets")
+    rc = cli.main(["segment", str(grabcut_image), "--click", "5,5,+", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("samref segment: error: bundled checkpoint 'tiny' is missing"), err
+    assert "\n" not in err
+
+
+def test_segment_grabcut(tiny_checkpoint, jax_cache_env, grabcut_image, tmp_path):
+    out = tmp_path / "seg"
+    r = _run(
+        [
+            "segment",
+            str(grabcut_image),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--click",
+            "300,250,+",
+            "--click",
+            "100,100,-",
+            "--click",
+            "450,200,+",
+            "--mode",
+            "full",
+            "--out",
+            str(out),
+        ],
+        env_extra=jax_cache_env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines() == [str(out / "mask.png"), str(out / "overlay.png")]
+    image = np.asarray(Image.open(grabcut_image).convert("RGB"))
+    h, w = image.shape[:2]
+
+    mask = Image.open(out / "mask.png")
+    assert mask.mode == "L" and mask.size == (w, h)
+    assert set(np.unique(np.asarray(mask))) <= {0, 255}
+
+    ov = Image.open(out / "overlay.png")
+    assert ov.mode == "RGB" and ov.size == (w, h)
+    ov = np.asarray(ov)
+    assert not np.array_equal(ov, image)
+    for colour in (viz.POSITIVE_COLOR, viz.NEGATIVE_COLOR, viz.WINDOW_COLOR):
+        assert np.all(ov == colour, axis=-1).any(), f"{colour} not drawn"
+    assert "PatchDiff window (" in r.stderr
+
+
+# ---------------------------------------------------------------------------------- viz
+def test_viz_mask_and_overlay():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    mask = np.zeros((60, 80), bool)
+    mask[10:40, 20:50] = True
+
+    m = viz.mask_image(mask)
+    assert m.mode == "L" and m.size == (80, 60)
+    np.testing.assert_array_equal(np.asarray(m) == 255, mask)
+
+    ov = np.asarray(viz.overlay(image, mask, [(30, 20, True), (70, 50, False)], (5, 5, 60, 45)))
+    assert ov.shape == image.shape
+    # Untouched far from the mask, the markers and the window.
+    np.testing.assert_array_equal(ov[55:, :3], image[55:, :3])
+    assert np.all(ov[25, 35] != image[25, 35])  # tinted
+    assert np.all(ov == viz.WINDOW_COLOR, axis=-1).any()
+    assert np.all(ov == viz.POSITIVE_COLOR, axis=-1).any()
+    assert np.all(ov == viz.NEGATIVE_COLOR, axis=-1).any()
+
+    with pytest.raises(ValueError, match="does not match"):
+        viz.overlay(image, mask[:10])
+    strip = viz.side_by_side([Image.fromarray(image)] * 3, ["a", "b", "c"])
+    assert strip.size == (3 * 80 + 2 * 4, 60)

@@ -1,0 +1,1 @@
+"""Training entry point: ``python -m train.main --config configs/X.py --workdir DIR``."""
