@@ -38,8 +38,10 @@ def machine_line() -> str:
     import jax
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"backend={jax.default_backend()} devices={jax.device_count()} "
-            f"cpus={os.cpu_count()} load1={load:.2f} jax={jax.__version__}")
+    return (
+        f"backend={jax.default_backend()} devices={jax.device_count()} "
+        f"cpus={os.cpu_count()} load1={load:.2f} jax={jax.__version__}"
+    )
 
 
 def official_sam(model_type: str, seed: int = 0):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-
 from _common import machine_line, median_time, table
 
 
@@ -58,16 +57,21 @@ def main() -> None:
         c = np.zeros((1, n, 2), np.float32)
         lab = np.full((1, n), -1, np.int32)
         c[0, :k], lab[0, :k] = coords[:k], labels[:k]
-        y = x._replace(coords=jnp.asarray(c), labels=jnp.asarray(lab),
-                       num_clicks=jnp.asarray([k], jnp.int32), has_prev=jnp.asarray([k > 1]))
+        y = x._replace(
+            coords=jnp.asarray(c),
+            labels=jnp.asarray(lab),
+            num_clicks=jnp.asarray([k], jnp.int32),
+            has_prev=jnp.asarray([k > 1]),
+        )
         if prev is not None:
             y = y._replace(prev_low_res=prev.low_res, prev_logits=prev.final_logits)
         return y
 
     rows, medians, flops = [], {}, {}
     for mode in MODES:
-        step = jax.jit(lambda p, x, mode=mode: model.apply({"params": p}, x, mode,
-                                                            method=SamRef.click))
+        step = jax.jit(
+            lambda p, x, mode=mode: model.apply({"params": p}, x, mode, method=SamRef.click)
+        )
         compiled = step.lower(params, x).compile()
         ca = compiled.cost_analysis()
         ca = ca[0] if isinstance(ca, list) else ca
@@ -83,31 +87,42 @@ def main() -> None:
             prev = jax.block_until_ready(step(params, xi))
             times.append(time.perf_counter() - t)
         medians[mode] = float(np.median(times))
-        rows.append([mode, f"{medians[mode] * 1e3:.1f} ms",
-                     f"{medians[mode] / medians.get('sam', medians[mode]):.2f}",
-                     f"{flops[mode] / 1e9:.2f}"])
+        rows.append(
+            [
+                mode,
+                f"{medians[mode] * 1e3:.1f} ms",
+                f"{medians[mode] / medians.get('sam', medians[mode]):.2f}",
+                f"{flops[mode] / 1e9:.2f}",
+            ]
+        )
     print(machine_line())
     print(f"{args.clicks} clicks per mode, vit_b frame 1024, cached embedding")
     print(table(["mode", "median per click", "x sam", "GFLOPs/click (XLA)"], rows))
 
     count = lambda t: sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(t))
     ref_rows = []
-    for name, mod_cls, extra in (("GlobalDiff", GlobalDiff, flops["global"] - flops["sam"]),
-                                 ("PatchDiff", PatchDiff, flops["full"] - flops["global"])):
+    for name, mod_cls, extra in (
+        ("GlobalDiff", GlobalDiff, flops["global"] - flops["sam"]),
+        ("PatchDiff", PatchDiff, flops["full"] - flops["global"]),
+    ):
         key = "global_diff" if mod_cls is GlobalDiff else "patch_diff"
         ref_rows.append([name, f"{count(params[key]):,}", f"{extra / 1e9:.2f}"])
-    ref_rows.append(["SAM prompt encoder + mask decoder",
-                     f"{count(params['sam']['prompt_encoder']) + count(params['sam']['mask_decoder']):,}",
-                     f"{flops['sam'] / 1e9:.2f}"])
+    ref_rows.append(
+        [
+            "SAM prompt encoder + mask decoder",
+            f"{count(params['sam']['prompt_encoder']) + count(params['sam']['mask_decoder']):,}",
+            f"{flops['sam'] / 1e9:.2f}",
+        ]
+    )
     print(table(["part", "parameters", "GFLOPs/click"], ref_rows))
 
     if not args.no_torch:
         import torch
 
+        from samref_jax.sam.config import sam_config
         from samref_jax.sam.convert import convert_state_dict
         from samref_jax.sam.model import Sam
         from tests.sam_reference import random_torch_sam, state_dict_numpy
-        from samref_jax.sam.config import sam_config
 
         ts = random_torch_sam(sam_config(args.model_type))
         _, sp = convert_state_dict(state_dict_numpy(ts))
@@ -126,15 +141,34 @@ def main() -> None:
         c = np.zeros((1, 8, 2), np.float32)
         lab = np.full((1, 8), -1, np.int32)
         c[0, :3], lab[0, :3] = coords[:3], labels[:3]
-        dec = jax.jit(lambda p, e, c, l, m, h: sam_mod.apply(
-            {"params": p}, e, c, l, m, h, method=Sam.predict_masks))
-        args_j = (sp, jnp.asarray(emb), jnp.asarray(c), jnp.asarray(lab),
-                  jnp.zeros((1, 256, 256)), jnp.ones((1,), bool))
+        dec = jax.jit(
+            lambda p, e, c, lb, m, h: sam_mod.apply(
+                {"params": p}, e, c, lb, m, h, method=Sam.predict_masks
+            )
+        )
+        args_j = (
+            sp,
+            jnp.asarray(emb),
+            jnp.asarray(c),
+            jnp.asarray(lab),
+            jnp.zeros((1, 256, 256)),
+            jnp.ones((1,), bool),
+        )
         t_t, _ = median_time(torch_dec, args.clicks, warmup=2)
         t_j, _ = median_time(lambda: jax.block_until_ready(dec(*args_j)), args.clicks, warmup=2)
-        print(table(["SAM decoder, 3 points + mask input (median)", "torch", "JAX", "JAX/torch"],
-                    [["prompt encoder + mask decoder", f"{t_t * 1e3:.1f} ms",
-                      f"{t_j * 1e3:.1f} ms", f"{t_j / t_t:.2f}"]]))
+        print(
+            table(
+                ["SAM decoder, 3 points + mask input (median)", "torch", "JAX", "JAX/torch"],
+                [
+                    [
+                        "prompt encoder + mask decoder",
+                        f"{t_t * 1e3:.1f} ms",
+                        f"{t_j * 1e3:.1f} ms",
+                        f"{t_j / t_t:.2f}",
+                    ]
+                ],
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-
 from _common import machine_line, median_time, official_sam, table
 
 
@@ -68,10 +67,18 @@ def main() -> None:
     d_jax, _ = median_time(lambda: ours.predict(**pt), args.decoder_runs, warmup=2)
 
     rows = [
-        [f"{args.model_type} image encoder fp32 (1x1024x1024)", f"{t_torch:.2f} s",
-         f"{t_jax:.2f} s", f"{t_jax / t_torch:.2f}"],
-        ["prompt encoder + mask decoder + postprocess (1 point)", f"{d_torch * 1e3:.1f} ms",
-         f"{d_jax * 1e3:.1f} ms", f"{d_jax / d_torch:.2f}"],
+        [
+            f"{args.model_type} image encoder fp32 (1x1024x1024)",
+            f"{t_torch:.2f} s",
+            f"{t_jax:.2f} s",
+            f"{t_jax / t_torch:.2f}",
+        ],
+        [
+            "prompt encoder + mask decoder + postprocess (1 point)",
+            f"{d_torch * 1e3:.1f} ms",
+            f"{d_jax * 1e3:.1f} ms",
+            f"{d_jax / d_torch:.2f}",
+        ],
     ]
     print(machine_line(), f"torch_threads={torch.get_num_threads()}")
     print(f"JAX encoder compile: {compile_s:.1f} s (not in the medians)")

@@ -62,8 +62,9 @@ def test_vit_b_param_count_matches_torch():
         ts = build_torch_sam(cfg)
     n_torch = sum(p.numel() for p in ts.parameters())
     assert n_torch == 93_735_472
-    shapes = jax.eval_shape(lambda: __import__("samref_jax.sam", fromlist=["Sam"]).Sam(cfg).init(
-        jax.random.key(0)))["params"]
+    shapes = jax.eval_shape(
+        lambda: __import__("samref_jax.sam", fromlist=["Sam"]).Sam(cfg).init(jax.random.key(0))
+    )["params"]
     assert count_params(shapes) == n_torch + 256
 
 
@@ -100,7 +101,9 @@ def test_detects_not_sam_and_wrong_type(tiny_sd):
 def _run_cli(*args):
     proc = subprocess.run(
         [sys.executable, str(REPO / "convert_weights.py"), *map(str, args)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -122,8 +125,10 @@ def test_cli_error_cases(tmp_path):
     rc, _, err = _run_cli("--checkpoint", junk, "--output", out)
     _one_line_error(rc, err, "not a readable PyTorch checkpoint")
 
-    sd = {"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
-          "mask_decoder.iou_token.weight": torch.zeros(1, 256)}
+    sd = {
+        "image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
+        "mask_decoder.iou_token.weight": torch.zeros(1, 256),
+    }
     good = tmp_path / "partial.pth"
     torch.save(sd, good)
     truncated = tmp_path / "truncated.pth"
@@ -144,8 +149,10 @@ def test_cli_error_cases(tmp_path):
 
     pickled = tmp_path / "pickled.pth"
     # A pickle that would call os.system("true"): weights_only=True must refuse to run it.
-    pickled.write_bytes(b"\x80\x04\x95\x1f\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c"
-                        b"\x06system\x94\x93\x94\x8c\x04true\x94\x85\x94R\x94.")
+    pickled.write_bytes(
+        b"\x80\x04\x95\x1f\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c"
+        b"\x06system\x94\x93\x94\x8c\x04true\x94\x85\x94R\x94."
+    )
     rc, _, err = _run_cli("--checkpoint", pickled, "--output", out)
     _one_line_error(rc, err, "not a readable PyTorch checkpoint")
     assert not out.exists()
@@ -166,5 +173,6 @@ def test_main_in_process_roundtrip(tmp_path, tiny_sd, monkeypatch):
     model = load_sam(tmp_path / "ck")
     assert model.config == cfg
     np.testing.assert_array_equal(
-        np.asarray(model.params["mask_decoder"]["iou_token"]), tiny_sd["mask_decoder.iou_token.weight"]
+        np.asarray(model.params["mask_decoder"]["iou_token"]),
+        tiny_sd["mask_decoder.iou_token.weight"],
     )

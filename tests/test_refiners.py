@@ -74,8 +74,9 @@ def _inputs(seed=0):
     image = jnp.asarray(rng.standard_normal((B, H, W, 3)), jnp.float32)
     coarse = _smooth_logits(rng)
     emb = jnp.asarray(rng.standard_normal((B, *EMB)), jnp.float32)
-    coords = jnp.array([[[30.0, 31.0], [10.0, 50.0], [0.0, 0.0]],
-                        [[20.0, 25.0], [40.0, 40.0], [5.0, 5.0]]])
+    coords = jnp.array(
+        [[[30.0, 31.0], [10.0, 50.0], [0.0, 0.0]], [[20.0, 25.0], [40.0, 40.0], [5.0, 5.0]]]
+    )
     labels = jnp.array([[1, 0, -1], [1, 1, 0]], jnp.int32)
     radius = jnp.array([3.0, 2.0])
     return image, coords, labels, coarse, emb, radius
@@ -114,8 +115,9 @@ def test_scale_clicks():
     c = jnp.array([[0.0, 0.0], [9.0, 4.0]])
     out = scale_clicks(c, (5, 10), (10, 20))
     np.testing.assert_allclose(out, [[0.5, 0.5], [18.5, 8.5]])
-    np.testing.assert_allclose(scale_clicks(c, (5, 10), (10, 20), half_pixel=False),
-                               [[0.0, 0.0], [18.0, 8.0]])
+    np.testing.assert_allclose(
+        scale_clicks(c, (5, 10), (10, 20), half_pixel=False), [[0.0, 0.0], [18.0, 8.0]]
+    )
 
 
 # ----------------------------------------------------------------------------- window
@@ -146,8 +148,9 @@ def test_window_no_change_is_expanded_square_on_click():
     chex.assert_shape(win, (4,))
     chex.assert_type(win, jnp.float32)
     side = 1.4 * 32.0
-    np.testing.assert_allclose(win, [60.5 - side / 2, 60.5 - side / 2,
-                                     60.5 + side / 2, 60.5 + side / 2], atol=1e-4)
+    np.testing.assert_allclose(
+        win, [60.5 - side / 2, 60.5 - side / 2, 60.5 + side / 2, 60.5 + side / 2], atol=1e-4
+    )
 
 
 def test_window_diff_bbox_expanded():
@@ -176,12 +179,10 @@ def test_window_first_click_and_empty_masks():
     win = np.asarray(select_window(empty, new, click, jnp.array([128, 128]), cfg))
     assert _contains(win, click)
     # L = max(16, 0.4 * 40) = 16; neighbourhood [52.5, 68.5] clips the object -> pixels 52..68
-    np.testing.assert_allclose(win, [60.5 - 11.9, 60.5 - 11.9, 60.5 + 11.9, 60.5 + 11.9],
-                               atol=1e-4)
+    np.testing.assert_allclose(win, [60.5 - 11.9, 60.5 - 11.9, 60.5 + 11.9, 60.5 + 11.9], atol=1e-4)
     # nothing anywhere: square of min_side around the click, expanded
     win = np.asarray(select_window(empty, empty, click, jnp.array([128, 128]), cfg))
-    np.testing.assert_allclose(win, [60.5 - 11.2, 60.5 - 11.2, 60.5 + 11.2, 60.5 + 11.2],
-                               atol=1e-4)
+    np.testing.assert_allclose(win, [60.5 - 11.2, 60.5 - 11.2, 60.5 + 11.2, 60.5 + 11.2], atol=1e-4)
 
 
 def test_window_clipped_to_valid_area_and_contains_click():
@@ -205,7 +206,7 @@ def test_window_random_properties():
     prev = rng.uniform(size=(n, 128, 128)) < rng.uniform(size=(n, 1, 1)) * 0.05
     prev[: n // 4] = False  # first clicks
     new = rng.uniform(size=(n, 128, 128)) < rng.uniform(size=(n, 1, 1)) * 0.05
-    new[n // 4: n // 2] = prev[n // 4: n // 2]  # no change
+    new[n // 4 : n // 2] = prev[n // 4 : n // 2]  # no change
     new[-2:] = False  # empty new mask
     valid = rng.integers(10, 129, (n, 2)).astype(np.int32)
     click = (rng.uniform(size=(n, 2)) * valid[:, ::-1] - 0.5).astype(np.float32)
@@ -248,8 +249,11 @@ def test_paste_outside_bit_identical_and_roundtrip():
     win = jnp.array([7.3, 5.1, 29.9, 50.2])
     inside = np.asarray(inside_window(win, 64, 64))
     jpaste = jax.jit(paste_patch, static_argnums=3)
-    outs = [paste_patch(full, patch, win), jpaste(full, patch, win, False),
-            jpaste(full, patch, win, True)]
+    outs = [
+        paste_patch(full, patch, win),
+        jpaste(full, patch, win, False),
+        jpaste(full, patch, win, True),
+    ]
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-3)
     for out in outs:
         out = np.asarray(out)
@@ -261,8 +265,12 @@ def test_paste_outside_bit_identical_and_roundtrip():
     win = jnp.array([10.0, 4.0, 42.0, 36.0])
     cropped = crop_patch(full, win, 32)
     np.testing.assert_allclose(cropped, full[4:36, 10:42], rtol=1e-5, atol=1e-3)
-    np.testing.assert_allclose(paste_patch(jnp.zeros_like(full), cropped, win)[4:36, 10:42],
-                               full[4:36, 10:42], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        paste_patch(jnp.zeros_like(full), cropped, win)[4:36, 10:42],
+        full[4:36, 10:42],
+        rtol=1e-5,
+        atol=1e-3,
+    )
     # channels
     full3 = jnp.stack([full] * 3, -1)
     out3 = paste_patch(full3, jnp.stack([patch] * 3, -1), win)
@@ -279,8 +287,9 @@ def test_clicks_to_patch_and_radius():
     click = jnp.array([[25.0, 33.0]])
     frame = disk_maps(click, jnp.array([1]), 64, 64, 6.0)[..., 0]
     cp = crop_patch(frame, win, 64)
-    dp = disk_maps(clicks_to_patch(click, win, 64), jnp.array([1]), 64, 64,
-                   patch_radius(6.0, win, 64))[..., 0]
+    dp = disk_maps(
+        clicks_to_patch(click, win, 64), jnp.array([1]), 64, 64, patch_radius(6.0, win, 64)
+    )[..., 0]
     assert np.mean(np.asarray(cp > 0.5) != np.asarray(dp > 0.5)) < 0.02
 
 
@@ -341,15 +350,28 @@ def jit_run(global_setup, patch_setup):
 
     def loss(params):
         gout = gmodel.apply(params["g"], image, coords, labels, coarse, emb, radius)
-        pout = pmodel.apply(params["p"], image, coords, labels, gout.logits, pargs[4], emb,
-                            radius, pargs[7], pargs[8])
+        pout = pmodel.apply(
+            params["p"],
+            image,
+            coords,
+            labels,
+            gout.logits,
+            pargs[4],
+            emb,
+            radius,
+            pargs[7],
+            pargs[8],
+        )
         bce = lambda z, t: jnp.mean(jnp.logaddexp(0.0, z) - z * t)
-        value = (bce(gout.logits, target) + bce(pout.logits, target)
-                 + bce(gout.error_logits, target) + bce(pout.patch_error_logits, 1.0))
+        value = (
+            bce(gout.logits, target)
+            + bce(pout.logits, target)
+            + bce(gout.error_logits, target)
+            + bce(pout.patch_error_logits, 1.0)
+        )
         return value, (gout, pout)
 
-    (_, (gout, pout)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-        {"g": gp, "p": pp})
+    (_, (gout, pout)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))({"g": gp, "p": pp})
     return gout, pout, grads
 
 
@@ -436,7 +458,8 @@ def test_bf16_close_to_fp32(global_setup):
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(rp))
     o32 = DiffRefiner(_small_global_cfg()).apply(rp, image, disks, coarse, emb)  # eager
     o16 = jax.jit(DiffRefiner(_small_global_cfg(dtype="bfloat16")).apply)(
-        rp, image, disks, coarse, emb)
+        rp, image, disks, coarse, emb
+    )
     _check_refiner_out(o16, (B, H, W))
     assert float(jnp.abs(o32.detail).std()) > 0.1  # the heads are not negligible
     for a, b in zip(o32, o16, strict=True):

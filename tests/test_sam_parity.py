@@ -19,9 +19,18 @@ TOL = 1e-5
 CONFIGS = {
     "tiny": sam_config("tiny"),
     "small": sam_config(
-        "tiny", name="small", img_size=192, encoder_embed_dim=96, encoder_depth=3,
-        encoder_num_heads=3, encoder_global_attn_indexes=(1,), window_size=4,
-        prompt_embed_dim=64, decoder_num_heads=4, decoder_mlp_dim=128, iou_head_hidden_dim=48,
+        "tiny",
+        name="small",
+        img_size=192,
+        encoder_embed_dim=96,
+        encoder_depth=3,
+        encoder_num_heads=3,
+        encoder_global_attn_indexes=(1,),
+        window_size=4,
+        prompt_embed_dim=64,
+        decoder_num_heads=4,
+        decoder_mlp_dim=128,
+        iou_head_hidden_dim=48,
         mask_in_chans=16,
     ),
 }
@@ -103,8 +112,9 @@ def test_prompt_encoder(pair, n_points, with_box, with_mask):
         args = (jnp.asarray(coords), jnp.asarray(labels))
         if with_mask:
             args += (jnp.asarray(mask), jnp.ones((1,), bool))
-        return m.apply({"params": p}, *args, method=lambda mod, *a: mod.prompt_encoder(*a)), \
-            m.apply({"params": p}, method=lambda mod: mod.prompt_encoder.get_dense_pe())
+        return m.apply(
+            {"params": p}, *args, method=lambda mod, *a: mod.prompt_encoder(*a)
+        ), m.apply({"params": p}, method=lambda mod: mod.prompt_encoder.get_dense_pe())
 
     for f in (fn, jax.jit(fn)):
         (j_sparse, j_mask, j_dense), j_pe = f(params)
@@ -144,8 +154,14 @@ def test_mask_decoder(pair, n_points, with_box, multimask):
             )
             return select_masks(masks, iou, multimask)
 
-        args = (params, jnp.asarray(emb), jnp.asarray(coords), jnp.asarray(labels),
-                jnp.asarray(mask), jnp.asarray([with_mask]))
+        args = (
+            params,
+            jnp.asarray(emb),
+            jnp.asarray(coords),
+            jnp.asarray(labels),
+            jnp.asarray(mask),
+            jnp.asarray([with_mask]),
+        )
         for f in (fn, jax.jit(fn)):
             masks, iou = f(*args)
             _assert_close(masks, ref_masks.numpy(), tol=5e-5 if cfg.name == "small" else TOL)

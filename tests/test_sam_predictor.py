@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
+from samref_jax.sam import predictor as pred_mod
 from samref_jax.sam import sam_config
 from samref_jax.sam.build import SamModel
 from samref_jax.sam.model import init_sam_params
-from samref_jax.sam import predictor as pred_mod
 from samref_jax.sam.predictor import PROMPT_BUCKETS, SamPredictor, as_rgb_uint8
 
 
@@ -27,8 +27,9 @@ def test_shapes(predictor):
     m, s, low = predictor.predict(point_coords=np.array([[10, 20]]), point_labels=np.array([1]))
     assert m.shape == (3, 90, 120) and m.dtype == bool
     assert s.shape == (3,) and low.shape == (3, 32, 32)
-    m, s, low = predictor.predict(box=np.array([5, 5, 60, 50]), multimask_output=False,
-                                  return_logits=True)
+    m, s, low = predictor.predict(
+        box=np.array([5, 5, 60, 50]), multimask_output=False, return_logits=True
+    )
     assert m.shape == (1, 90, 120) and m.dtype == np.float32
     assert predictor.get_image_embedding().shape == (1, 32, 8, 8)
 
@@ -43,7 +44,9 @@ def test_twenty_clicks_trace_once_per_bucket(predictor):
         pts.append(rng.uniform(0, 90, 2))
         labs.append(int(rng.randint(0, 2)))
         _, s, lows = predictor.predict(
-            point_coords=np.array(pts), point_labels=np.array(labs), mask_input=low,
+            point_coords=np.array(pts),
+            point_labels=np.array(labs),
+            mask_input=low,
             multimask_output=low is None,
         )
         low = lows[np.argmax(s)][None]
@@ -60,10 +63,24 @@ def test_padding_does_not_change_results(predictor):
     l64 = np.full((1, 64), -1, np.int32)
     c64[:, :4], l64[:, :4] = c, lab
     m = predictor.model
-    masks4, _ = pred_mod._decode(m.module, m.params, predictor.features, c, lab,
-                                 np.zeros((1, 32, 32), np.float32), np.zeros(1, bool))
-    masks64, _ = pred_mod._decode(m.module, m.params, predictor.features, c64, l64,
-                                  np.zeros((1, 32, 32), np.float32), np.zeros(1, bool))
+    masks4, _ = pred_mod._decode(
+        m.module,
+        m.params,
+        predictor.features,
+        c,
+        lab,
+        np.zeros((1, 32, 32), np.float32),
+        np.zeros(1, bool),
+    )
+    masks64, _ = pred_mod._decode(
+        m.module,
+        m.params,
+        predictor.features,
+        c64,
+        l64,
+        np.zeros((1, 32, 32), np.float32),
+        np.zeros(1, bool),
+    )
     np.testing.assert_allclose(np.asarray(masks4), np.asarray(masks64), atol=1e-5)
     np.testing.assert_allclose(np.asarray(masks4)[0, 1:], a[2], atol=1e-6)
 

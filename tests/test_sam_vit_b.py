@@ -31,9 +31,17 @@ def predictors(tmp_path_factory, grabcut_dir):
     torch.save(ts.state_dict(), pth)
     out = tmp / "converted"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "convert_weights.py"), "--checkpoint", str(pth),
-         "--output", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "convert_weights.py"),
+            "--checkpoint",
+            str(pth),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     image = read_image(sorted((grabcut_dir / "data_GT").glob("*"))[0])
@@ -49,6 +57,7 @@ def test_image_embedding(predictors):
     ref = official.get_image_embedding().numpy()
     got = ours.get_image_embedding()
     assert got.shape == ref.shape == (1, 256, 64, 64)
+    print(f"\n[parity vit_b] image embedding max abs diff {np.abs(got - ref).max():.2e}")
     assert np.abs(got - ref).max() <= 1e-4
 
 
@@ -71,6 +80,11 @@ def test_predict_matches_official(predictors, multimask):
         ref_m, ref_s, ref_low = official.predict(multimask_output=multimask, **kw)
         m, s, low = ours.predict(multimask_output=multimask, **kw)
         assert m.shape == ref_m.shape and low.shape == ref_low.shape, name
+        print(
+            f"\n[parity vit_b] {name} multimask={multimask}: low-res logits "
+            f"{np.abs(low - ref_low).max():.2e}, scores {np.abs(s - ref_s).max():.2e}, "
+            f"mask agreement {(m == ref_m).mean():.6f}"
+        )
         assert np.abs(low - ref_low).max() <= 1e-3, name
         assert np.abs(s - ref_s).max() <= 1e-4, name
         assert (m == ref_m).mean() >= 0.9999, name
@@ -78,6 +92,11 @@ def test_predict_matches_official(predictors, multimask):
         best = int(np.argmax(ref_s))
         ref2 = official.predict(mask_input=ref_low[best : best + 1], multimask_output=False, **kw)
         got2 = ours.predict(mask_input=low[best : best + 1], multimask_output=False, **kw)
+        print(
+            f"[parity vit_b] {name} + mask_input: low-res logits "
+            f"{np.abs(got2[2] - ref2[2]).max():.2e}, scores {np.abs(got2[1] - ref2[1]).max():.2e}"
+            f", mask agreement {(got2[0] == ref2[0]).mean():.6f}"
+        )
         assert np.abs(got2[2] - ref2[2]).max() <= 1e-3, name
         assert np.abs(got2[1] - ref2[1]).max() <= 1e-4, name
         assert (got2[0] == ref2[0]).mean() >= 0.9999, name

@@ -41,7 +41,10 @@ def _inputs(cfg, params, n_clicks=2, batch=2, seed=0):
     labels[:, :n_clicks] = rng.randint(0, 2, (batch, n_clicks))
     labels[:, 0] = 1
     return model, ClickInputs(
-        embedding=emb, image=img, coords=jnp.asarray(coords), labels=jnp.asarray(labels),
+        embedding=emb,
+        image=img,
+        coords=jnp.asarray(coords),
+        labels=jnp.asarray(labels),
         num_clicks=jnp.full((batch,), n_clicks, jnp.int32),
         prev_low_res=jnp.asarray(rng.randn(batch, 32, 32).astype(np.float32)),
         has_prev=jnp.asarray([n_clicks > 1] * batch),
@@ -87,8 +90,15 @@ def test_first_click_picks_best_multimask(setup):
     cfg, params = setup
     model, x = _inputs(cfg, params, n_clicks=1)
     out = model.apply({"params": params}, x, "sam", method=SamRef.click)
-    sc = model.apply({"params": params}, x.embedding, x.coords, x.labels, x.prev_low_res,
-                     x.has_prev, method=lambda m, *a: m.sam.predict_masks(*a))[1]
+    sc = model.apply(
+        {"params": params},
+        x.embedding,
+        x.coords,
+        x.labels,
+        x.prev_low_res,
+        x.has_prev,
+        method=lambda m, *a: m.sam.predict_masks(*a),
+    )[1]
     np.testing.assert_allclose(np.asarray(out.score), np.asarray(sc)[:, 1:].max(-1), atol=1e-6)
 
 
@@ -98,18 +108,22 @@ def test_gradients_reach_refiners_not_frozen_encoder(setup):
     gt = (jnp.arange(128)[None, :, None] < 64).astype(jnp.float32) * jnp.ones((2, 128, 128))
 
     def loss(p):
-        emb = jax.lax.stop_gradient(
-            model.apply({"params": p}, x.image, method=SamRef.embed_image))
+        emb = jax.lax.stop_gradient(model.apply({"params": p}, x.image, method=SamRef.embed_image))
         out = model.apply({"params": p}, x._replace(embedding=emb), "full", method=SamRef.click)
         bce = lambda z: jnp.mean(jnp.logaddexp(0, z) - gt * z)
-        return bce(out.final_logits) + bce(out.global_logits) + jnp.mean(
-            jax.nn.sigmoid(out.global_error_logits))
+        return (
+            bce(out.final_logits)
+            + bce(out.global_logits)
+            + jnp.mean(jax.nn.sigmoid(out.global_error_logits))
+        )
 
     grads = jax.jit(jax.grad(loss))(params)
     for name in ("global_diff", "patch_diff"):
         for path, g in jax.tree_util.tree_flatten_with_path(grads[name])[0]:
             assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0, (
-                name, jax.tree_util.keystr(path))
+                name,
+                jax.tree_util.keystr(path),
+            )
     enc = jax.tree_util.tree_leaves(grads["sam"]["image_encoder"])
     assert all(np.all(np.asarray(g) == 0) for g in enc)
     dec = jax.tree_util.tree_leaves(grads["sam"]["mask_decoder"])
@@ -132,8 +146,12 @@ def test_twenty_clicks_trace_step_once(setup):
     for k in range(1, 21):
         coords[0, k - 1] = [5 + 5 * k, 100 - 4 * k]
         labels[0, k - 1] = k % 2
-        x = x._replace(coords=jnp.asarray(coords), labels=jnp.asarray(labels),
-                       num_clicks=jnp.asarray([k], jnp.int32), has_prev=jnp.asarray([k > 1]))
+        x = x._replace(
+            coords=jnp.asarray(coords),
+            labels=jnp.asarray(labels),
+            num_clicks=jnp.asarray([k], jnp.int32),
+            has_prev=jnp.asarray([k > 1]),
+        )
         if out is not None:
             x = x._replace(prev_low_res=out.low_res, prev_logits=out.final_logits)
         out = step(params, x)
@@ -169,16 +187,20 @@ def test_checkpoint_roundtrip_and_sam_only_warning(ckpt, setup, tmp_path):
     cfg, params = setup
     loaded, cfg2, _ = load_samref(ckpt)
     assert cfg2.max_clicks == cfg.max_clicks
-    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded),
-                    strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # SAM-only (what convert_weights.py writes): refiners are initialised, with a warning.
     from dataclasses import asdict
 
     from samref_jax.sam import sam_config
 
-    save_model_checkpoint(tmp_path / "samonly", {"sam": params["sam"]},
-                          {"model_type": "tiny", "sam_config": asdict(sam_config("tiny"))})
+    save_model_checkpoint(
+        tmp_path / "samonly",
+        {"sam": params["sam"]},
+        {"model_type": "tiny", "sam_config": asdict(sam_config("tiny"))},
+    )
     with pytest.warns(UserWarning, match="no refiner weights"):
         p2, _, _ = load_samref(tmp_path / "samonly")
     assert set(p2) == {"sam", "global_diff", "patch_diff"}

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from samref_jax.checkpoint import CheckpointError, load_model_checkpoint, save_model_checkpoint
-from samref_jax.model.config import from_jsonable, samref_model_config, sam_config_from
+from samref_jax.model.config import from_jsonable, sam_config_from, samref_model_config
 from samref_jax.model.samref import init_samref_params
 from samref_jax.sam.build import config_from_metadata
 from samref_jax.sam.config import sam_config
@@ -82,8 +82,9 @@ def load_samref(
             "freshly initialised (an untrained refiner returns SAM's mask almost unchanged)",
             stacklevel=2,
         )
-        fresh = init_samref_params(config, rng if rng is not None else jax.random.key(0),
-                                   sam_params=params["sam"])
+        fresh = init_samref_params(
+            config, rng if rng is not None else jax.random.key(0), sam_params=params["sam"]
+        )
         for k in missing:
             params[k] = fresh[k]
     return params, config, meta

@@ -187,8 +187,9 @@ class SamRefPredictor:
             num_clicks=jnp.asarray([len(coords)], jnp.int32),
             prev_low_res=prev.low_res if prev else jnp.zeros((1, s, s), jnp.float32),
             has_prev=jnp.asarray([prev is not None]),
-            prev_logits=prev.logits if prev else jnp.full(
-                (1, f, f), float(self.config.first_prev_logit), jnp.float32),
+            prev_logits=prev.logits
+            if prev
+            else jnp.full((1, f, f), float(self.config.first_prev_logit), jnp.float32),
             valid_hw=jnp.asarray([self.input_size], jnp.int32),
             radius=jnp.asarray([float(self.config.click_radius) * scale], jnp.float32),
         )
@@ -202,8 +203,12 @@ class SamRefPredictor:
             wx0, wy0, wx1, wy1 = (float(v) for v in np.asarray(window))
             win = (wx0 * sx, wy0 * sy, wx1 * sx, wy1 * sy)
         result = ClickResult(
-            mask=orig[0] > 0, logits=orig[0], sam_mask=orig[1] > 0, global_mask=orig[2] > 0,
-            window=win, score=float(score),
+            mask=orig[0] > 0,
+            logits=orig[0],
+            sam_mask=orig[1] > 0,
+            global_mask=orig[2] > 0,
+            window=win,
+            score=float(score),
         )
         self._history.append(_State(coords, labels, low_res, final, result))
         return result

@@ -117,20 +117,30 @@ class SamRef(nn.Module):
         zeros = jnp.zeros_like(sam_logits)
         window = jnp.zeros((b, 4), jnp.float32)
         if mode == "sam":
-            return ClickOutputs(low_res, sam_logits, sam_logits, sam_logits, score, window, zeros,
-                                None)
+            return ClickOutputs(
+                low_res, sam_logits, sam_logits, sam_logits, score, window, zeros, None
+            )
         g = self.global_diff(x.image, x.coords, x.labels, sam_logits, x.embedding, x.radius)
         if mode == "global":
-            return ClickOutputs(low_res, sam_logits, g.logits, g.logits, score, window,
-                                g.error_logits, None)
+            return ClickOutputs(
+                low_res, sam_logits, g.logits, g.logits, score, window, g.error_logits, None
+            )
         last = jnp.clip(x.num_clicks - 1, 0, x.coords.shape[1] - 1)
         last_xy = jnp.take_along_axis(x.coords, last[:, None, None], axis=1)[:, 0]
         p = self.patch_diff(
-            x.image, x.coords, x.labels, g.logits, x.prev_logits, x.embedding, x.radius,
-            last_xy, x.valid_hw,
+            x.image,
+            x.coords,
+            x.labels,
+            g.logits,
+            x.prev_logits,
+            x.embedding,
+            x.radius,
+            last_xy,
+            x.valid_hw,
         )
-        return ClickOutputs(low_res, sam_logits, g.logits, p.logits, score, p.window,
-                            g.error_logits, p)
+        return ClickOutputs(
+            low_res, sam_logits, g.logits, p.logits, score, p.window, g.error_logits, p
+        )
 
 
 def init_samref_params(
@@ -173,12 +183,25 @@ def _init_refiner(model: SamRef, name: str, x: ClickInputs, rng: Array, shapes: 
     z = jnp.zeros((1, f, f))
     if name == "global_diff":
         mod = GlobalDiff(model.config.refiners.global_diff)
-        p = jax.jit(lambda r: mod.init(r, x.image, x.coords, x.labels, z, x.embedding,
-                                       x.radius)["params"])(rngs[0])
+        p = jax.jit(
+            lambda r: mod.init(r, x.image, x.coords, x.labels, z, x.embedding, x.radius)["params"]
+        )(rngs[0])
     else:
         mod = PatchDiff(model.config.refiners.patch_diff)
-        p = jax.jit(lambda r: mod.init(r, x.image, x.coords, x.labels, z, z - 20.0, x.embedding,
-                                       x.radius, x.coords[:, 0], x.valid_hw)["params"])(rngs[1])
+        p = jax.jit(
+            lambda r: mod.init(
+                r,
+                x.image,
+                x.coords,
+                x.labels,
+                z,
+                z - 20.0,
+                x.embedding,
+                x.radius,
+                x.coords[:, 0],
+                x.valid_hw,
+            )["params"]
+        )(rngs[1])
     chex_equal = jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(shapes)
     if not chex_equal:
         raise AssertionError(f"refiner {name} parameter tree differs from the SamRef tree")

@@ -189,8 +189,14 @@ class DiffRefiner(nn.Module):
 
         k = cfg.stem_kernel
         pad = (k - 1) // 2
-        x = nn.Conv(cfg.width, (k, k), strides=(2, 2), padding=((pad, pad), (pad, pad)),
-                    dtype=dtype, name="stem")(x)
+        x = nn.Conv(
+            cfg.width,
+            (k, k),
+            strides=(2, 2),
+            padding=((pad, pad), (pad, pad)),
+            dtype=dtype,
+            name="stem",
+        )(x)
         x = act(_norm(cfg, dtype, "stem_norm")(x))
         for i in range(cfg.blocks_before):
             x = SepBlock(cfg, dtype, name=f"block_{i}")(x)
@@ -203,14 +209,22 @@ class DiffRefiner(nn.Module):
         hk = cfg.head_kernel
         if cfg.head_init_scale > 0:
             kinit = nn.initializers.variance_scaling(
-                float(cfg.head_init_scale) ** 2, "fan_in", "truncated_normal")
+                float(cfg.head_init_scale) ** 2, "fan_in", "truncated_normal"
+            )
         else:
             kinit = nn.initializers.zeros
-        d = nn.Conv(1, (hk, hk), padding="SAME", kernel_init=kinit, dtype=dtype,
-                    name="detail_head")(x)
-        err = nn.Conv(1, (hk, hk), padding="SAME", kernel_init=kinit,
-                      bias_init=nn.initializers.constant(cfg.error_bias_init), dtype=dtype,
-                      name="error_head")(x)
+        d = nn.Conv(
+            1, (hk, hk), padding="SAME", kernel_init=kinit, dtype=dtype, name="detail_head"
+        )(x)
+        err = nn.Conv(
+            1,
+            (hk, hk),
+            padding="SAME",
+            kernel_init=kinit,
+            bias_init=nn.initializers.constant(cfg.error_bias_init),
+            dtype=dtype,
+            name="error_head",
+        )(x)
         heads = _resize(jnp.concatenate([d, err], -1).astype(jnp.float32), (h, w))
         d, err = heads[..., 0], heads[..., 1]
         if cfg.detail_residual:

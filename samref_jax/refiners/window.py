@@ -114,10 +114,14 @@ def select_window(
     hood = jnp.stack([cx - half, cy - half, cx + half, cy + half])
     box = jnp.where(diff_empty, hood, diff_box)
     # Always include the clicked pixel.
-    box = jnp.stack([
-        jnp.minimum(box[0], px), jnp.minimum(box[1], py),
-        jnp.maximum(box[2], px + 1.0), jnp.maximum(box[3], py + 1.0),
-    ])
+    box = jnp.stack(
+        [
+            jnp.minimum(box[0], px),
+            jnp.minimum(box[1], py),
+            jnp.maximum(box[2], px + 1.0),
+            jnp.maximum(box[3], py + 1.0),
+        ]
+    )
 
     # Expand about the centre, honour min side, fit into the valid area.
     ctr_x, ctr_y = 0.5 * (box[0] + box[2]), 0.5 * (box[1] + box[3])
@@ -254,6 +258,7 @@ def patch_radius(radius: Array, window: Array, patch_size: int) -> Array:
     """Disk radius in patch pixels: ``radius * P / side``; side = sqrt(w * h) of the window
     (= its side for the default square windows). radius (...,), window (..., 4)."""
     window = jnp.asarray(window, jnp.float32)
-    side = jnp.sqrt(jnp.maximum(
-        (window[..., 2] - window[..., 0]) * (window[..., 3] - window[..., 1]), 1e-12))
+    side = jnp.sqrt(
+        jnp.maximum((window[..., 2] - window[..., 0]) * (window[..., 3] - window[..., 1]), 1e-12)
+    )
     return jnp.asarray(radius, jnp.float32) * (patch_size / side)

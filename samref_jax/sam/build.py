@@ -39,7 +39,9 @@ def config_from_metadata(meta: dict[str, Any]) -> SamConfig:
     stored = meta.get("sam_config")
     if stored:
         fields = {f.name for f in dataclasses.fields(SamConfig)}
-        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in fields}
+        kwargs = {
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in fields
+        }
         return SamConfig(**kwargs)
     return sam_config(meta["model_type"])
 

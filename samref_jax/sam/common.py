@@ -62,8 +62,9 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
-            x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype,
-                         name=f"layers_{i}")(x)
+            x = nn.Dense(
+                self.output_dim if last else self.hidden_dim, dtype=self.dtype, name=f"layers_{i}"
+            )(x)
             if not last:
                 x = jax.nn.relu(x)
         return x
@@ -105,7 +106,9 @@ def _linear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray
     return i0, i1, w1
 
 
-def resize_bilinear(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] = (-2, -1)) -> jax.Array:
+def resize_bilinear(
+    x: jax.Array, size: tuple[int, int], axes: tuple[int, int] = (-2, -1)
+) -> jax.Array:
     """Bilinear resize like `torch.nn.functional.interpolate(align_corners=False)`.
 
     No anti-aliasing when downsampling (unlike `jax.image.resize`). `size` is the static

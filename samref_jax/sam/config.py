@@ -15,40 +15,40 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class SamConfig:
-  """Every size of a SAM model. Frozen (hashable) so it can be a Linen attribute."""
+    """Every size of a SAM model. Frozen (hashable) so it can be a Linen attribute."""
 
-  name: str = "vit_b"
-  img_size: int = 1024  # Square input frame, pixels.
-  patch_size: int = 16
-  encoder_embed_dim: int = 768
-  encoder_depth: int = 12
-  encoder_num_heads: int = 12
-  encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
-  window_size: int = 14
-  mlp_ratio: float = 4.0
-  prompt_embed_dim: int = 256  # Neck output channels and prompt/decoder width.
-  decoder_depth: int = 2
-  decoder_num_heads: int = 8
-  decoder_mlp_dim: int = 2048
-  num_multimask_outputs: int = 3
-  iou_head_depth: int = 3
-  iou_head_hidden_dim: int = 256
-  mask_in_chans: int = 16
-  pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-  pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    name: str = "vit_b"
+    img_size: int = 1024  # Square input frame, pixels.
+    patch_size: int = 16
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    window_size: int = 14
+    mlp_ratio: float = 4.0
+    prompt_embed_dim: int = 256  # Neck output channels and prompt/decoder width.
+    decoder_depth: int = 2
+    decoder_num_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    mask_in_chans: int = 16
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
-  @property
-  def image_embedding_size(self) -> int:
-    """Side of the (square) image embedding grid, tokens (64 for a 1024 frame)."""
-    return self.img_size // self.patch_size
+    @property
+    def image_embedding_size(self) -> int:
+        """Side of the (square) image embedding grid, tokens (64 for a 1024 frame)."""
+        return self.img_size // self.patch_size
 
-  @property
-  def low_res_mask_size(self) -> int:
-    """Side of the decoder's low-resolution masks, pixels (256 for a 1024 frame)."""
-    return 4 * self.image_embedding_size
+    @property
+    def low_res_mask_size(self) -> int:
+        """Side of the decoder's low-resolution masks, pixels (256 for a 1024 frame)."""
+        return 4 * self.image_embedding_size
 
-  def replace(self, **kwargs: Any) -> SamConfig:
-    return dataclasses.replace(self, **kwargs)
+    def replace(self, **kwargs: Any) -> SamConfig:
+        return dataclasses.replace(self, **kwargs)
 
 
 _CONFIGS = {
@@ -88,11 +88,13 @@ _CONFIGS = {
 
 
 def sam_config(model_type: str, **overrides: Any) -> SamConfig:
-  """Returns the named config (`vit_b`, `vit_l`, `vit_h`, `tiny`) with overrides applied."""
-  if model_type not in _CONFIGS:
-    raise ValueError(f"unknown SAM model type {model_type!r}; expected one of {sorted(_CONFIGS)}")
-  return _CONFIGS[model_type].replace(**overrides)
+    """Returns the named config (`vit_b`, `vit_l`, `vit_h`, `tiny`) with overrides applied."""
+    if model_type not in _CONFIGS:
+        raise ValueError(
+            f"unknown SAM model type {model_type!r}; expected one of {sorted(_CONFIGS)}"
+        )
+    return _CONFIGS[model_type].replace(**overrides)
 
 
 def available_configs() -> list[str]:
-  return sorted(_CONFIGS)
+    return sorted(_CONFIGS)

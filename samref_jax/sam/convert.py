@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -134,7 +133,9 @@ def convert_state_dict(
             unexpected.append(key)
             continue
         if path in filled:
-            raise ConversionError(f"two checkpoint tensors map to {'/'.join(path)} (one is {key!r})")
+            raise ConversionError(
+                f"two checkpoint tensors map to {'/'.join(path)} (one is {key!r})"
+            )
         filled[path] = _to_flax(key, path, _as_numpy(value), shapes[path])
     missing = sorted("/".join(p) for p in shapes if p not in filled)
     if unexpected or missing:

@@ -163,10 +163,16 @@ class ImageEncoderViT(nn.Module):
                 name=f"blocks_{i}",
             )(x)
         # Neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (no conv biases).
-        x = nn.Conv(cfg.prompt_embed_dim, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(x)
+        x = nn.Conv(cfg.prompt_embed_dim, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(
+            x
+        )
         x = layer_norm(_ENCODER_EPS, self.dtype, name="neck_1")(x)
         x = nn.Conv(
-            cfg.prompt_embed_dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-            dtype=self.dtype, name="neck_2",
+            cfg.prompt_embed_dim,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            dtype=self.dtype,
+            name="neck_2",
         )(x)
         return layer_norm(_ENCODER_EPS, self.dtype, name="neck_3")(x)

@@ -46,10 +46,18 @@ class MaskDecoder(nn.Module):
 
         src = jnp.broadcast_to(image_embeddings, dense.shape) + dense
         hs, src = TwoWayTransformer(
-            cfg.decoder_depth, cfg.decoder_num_heads, cfg.decoder_mlp_dim, 2, self.dtype,
+            cfg.decoder_depth,
+            cfg.decoder_num_heads,
+            cfg.decoder_mlp_dim,
+            2,
+            self.dtype,
             name="transformer",
-        )(src.astype(self.dtype), image_pe.astype(self.dtype), tokens.astype(self.dtype),
-          token_mask)
+        )(
+            src.astype(self.dtype),
+            image_pe.astype(self.dtype),
+            tokens.astype(self.dtype),
+            token_mask,
+        )
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + num_masks]
 
@@ -69,7 +77,10 @@ class MaskDecoder(nn.Module):
         )  # (B, 4, C/8)
         masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, x)
         iou_pred = MLP(
-            cfg.iou_head_hidden_dim, num_masks, cfg.iou_head_depth, self.dtype,
+            cfg.iou_head_hidden_dim,
+            num_masks,
+            cfg.iou_head_depth,
+            self.dtype,
             name="iou_prediction_head",
         )(iou_token_out)
         return masks.astype(jnp.float32), iou_pred.astype(jnp.float32)

@@ -27,7 +27,6 @@ from samref_jax.sam.model import Sam
 from samref_jax.sam.transforms import (
     apply_boxes,
     apply_coords,
-    get_preprocess_shape,
     postprocess_masks,
     resize_longest_side,
 )
@@ -100,7 +99,12 @@ def _embed(module: Sam, params, images):
 @functools.partial(jax.jit, static_argnums=(0,))
 def _decode(module: Sam, params, embedding, coords, labels, mask_input, has_mask):
     return module.apply(
-        {"params": params}, embedding, coords, labels, mask_input, has_mask,
+        {"params": params},
+        embedding,
+        coords,
+        labels,
+        mask_input,
+        has_mask,
         method=Sam.predict_masks,
     )
 
@@ -201,8 +205,13 @@ class SamPredictor:
             m = np.zeros((1, low, low), np.float32)
             has_mask = np.zeros((1,), bool)
         masks, iou = _decode(
-            self.model.module, self.model.params, self.features, jnp.asarray(coords),
-            jnp.asarray(labels), jnp.asarray(m), jnp.asarray(has_mask),
+            self.model.module,
+            self.model.params,
+            self.features,
+            jnp.asarray(coords),
+            jnp.asarray(labels),
+            jnp.asarray(m),
+            jnp.asarray(has_mask),
         )
         masks, iou = select_masks(masks, iou, multimask_output)
         full = _postprocess(masks, self.input_size, self.original_size, self.config)

@@ -134,7 +134,9 @@ class TwoWayTransformer(nn.Module):
         q = queries + point_embedding
         k = keys + key_pe
         queries = queries + Attention(
-            self.num_heads, self.attention_downsample_rate, self.dtype,
+            self.num_heads,
+            self.attention_downsample_rate,
+            self.dtype,
             name="final_attn_token_to_image",
         )(q, k, keys)
         queries = layer_norm(_DECODER_EPS, self.dtype, name="norm_final_attn")(queries)
