@@ -34,7 +34,10 @@ class CheckpointError(ValueError):
 def save_model_checkpoint(
     directory: str | os.PathLike, tree: dict[str, Any], metadata: dict[str, Any]
 ) -> Path:
-    """Writes `tree` (dict of param pytrees) and `metadata` to `directory`. Overwrites."""
+    """Writes `tree` (dict of param pytrees) and `metadata` to `directory`. Overwrites.
+
+    With several JAX processes every one of them must call this (orbax's save is collective).
+    """
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
@@ -43,10 +46,11 @@ def save_model_checkpoint(
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(directory / _PARAMS, tree, force=True)
     ckptr.wait_until_finished()
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
-    tmp = directory / (_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp, directory / _META)
+    if jax.process_index() == 0:  # several processes: all save (orbax), process 0 writes this
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
+        tmp = directory / (_META + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(tmp, directory / _META)
     return directory
 
 

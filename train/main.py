@@ -3,8 +3,11 @@
 
 ``--config`` is an ml_collections config file (``get_config()``); any field can be overridden
 with ``--config.<path>=<value>``. An existing ``--workdir`` resumes. Multi-host: pass
-``--coordinator HOST:PORT --num_processes N --process_id I`` (or nothing on TPU pods, where
-``jax.distributed.initialize()`` finds them itself with ``--distributed``).
+``--coordinator HOST:PORT --num_processes N --process_id I`` (or set ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; or nothing on TPU pods, where
+``jax.distributed.initialize()`` finds them itself with ``--distributed``). A process that cannot
+reach the coordinator within ``--init_timeout`` seconds exits with status 3 and a message.
+``train/launch_local.py`` starts N such processes on this machine (CPU devices, gloo).
 """
 
 from __future__ import annotations
@@ -27,20 +30,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags.DEFINE_integer("num_processes", None, "number of processes", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "this process's id", flag_values=fv)
     flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
-    fv(["samref-train", *argv])
+    flags.DEFINE_bool("print_config", False, "print the resolved config and exit", flag_values=fv)
+    flags.DEFINE_float("init_timeout", 300.0, "seconds to wait for the other processes",
+                       flag_values=fv)
+    flags.DEFINE_integer("kill_after_step", None, "tests: SIGKILL this process right after the "
+                         "checkpoint of this step is written (a crash)", flag_values=fv)
+    # ml_collections discovers the `--config.x=y` overrides in sys.argv: parse with it set.
+    saved, sys.argv = sys.argv, ["samref-train", *argv]
+    try:
+        fv(sys.argv)
+    finally:
+        sys.argv = saved
+    if fv.print_config and fv.config is not None:
+        print(fv.config)
+        return 0
     if fv.config is None or fv.workdir is None:
         print("usage: samref-train --config configs/X.py --workdir DIR [--config.a.b=v]",
               file=sys.stderr)
         return 2
     import jax
 
-    if fv.coordinator or fv.distributed:
-        jax.distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id)
+    from samref_jax.training import distributed
+
+    coordinator, num_processes, process_id = distributed.resolve(
+        fv.coordinator, fv.num_processes, fv.process_id)
+    if coordinator or num_processes is not None or process_id is not None:
+        try:
+            distributed.initialize(coordinator, num_processes, process_id,
+                                   timeout_s=fv.init_timeout)
+        except (distributed.CoordinatorUnreachableError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 3
+    elif fv.distributed:
+        jax.distributed.initialize(initialization_timeout=int(fv.init_timeout))
     from samref_jax.training.trainer import train
 
     summary = train(fv.config, fv.workdir, progress=fv.progress,
-                    command="python -m train.main " + " ".join(argv))
-    print({k: v for k, v in summary.items()})
+                    command="python -m train.main " + " ".join(argv),
+                    kill_after_step=fv.kill_after_step)
+    if jax.process_index() == 0:
+        print({k: v for k, v in summary.items()})
     return 0
 
 

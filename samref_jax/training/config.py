@@ -9,7 +9,7 @@ Fields:
     ``WORKDIR/../tfds``), split, per_device_batch_size, heldout_every (instances with
     index % heldout_every == 0 are held out for periodic eval; 0: none), num_workers (Grain
     worker processes; 0 = in process), augmentation (scale_min, scale_max, flip, jitter,
-    min_object_pixels), first_click_frac (first click among pixels whose distance to the
+    min_object_pixels, zoom_in), first_click_frac (first click among pixels whose distance to the
     background is >= frac * max).
   train: trainable (path prefixes), rounds (T), num_steps, max_minutes (wall clock; 0 = none),
     lr, warmup_steps, end_lr_factor, b1, b2, weight_decay, clip_norm, dtype ("float32" |
@@ -43,6 +43,7 @@ def base_config(sam_type: str = "tiny") -> ml_collections.ConfigDict:
             num_workers=0,
             scale_min=0.75,
             scale_max=1.4,
+            zoom_in=(),  # e.g. (0.3, 0.9): object-centric zoom (box side / frame); () = off
             flip=True,
             jitter=0.2,
             min_object_pixels=16,

@@ -1,11 +1,18 @@
 """Training input pipeline: Grain over the TFDS ArrayRecord source (SPEC s.6).
 
-``MapDataset.source(ArrayRecordDataSource)`` -> this process's shard of the training indices
--> shuffle (per epoch, seeded) -> repeat -> ``random_map(augment)`` (random scale, crop, flip,
-colour jitter, resize-and-pad to the frame, first click inside the object) -> batch ->
-``to_iter_dataset`` (optionally ``mp_prefetch`` worker processes). Everything is a pure function
-of (seed, position), so the iterator is deterministic and its ``get_state()`` (a small dict,
-stored as JSON in the training checkpoint) restores it exactly.
+``MapDataset.source(ArrayRecordDataSource)`` (training indices) -> shuffle (per epoch, seeded)
+-> repeat -> ``random_map(augment)`` (random scale, crop, flip, colour jitter, resize-and-pad to
+the frame, first click inside the object) -> batch (this process's share of the global batch)
+-> this process's batches -> ``to_iter_dataset`` (optionally ``mp_prefetch`` worker processes).
+
+Several processes: global batch ``g`` is the concatenation, in process order, of the local
+batches ``g * P + p`` of the one shuffled stream, and process ``p`` reads (and augments) only its
+own ones (``batched[p::P]``). The global batches are therefore the same for any number of
+processes and devices per process with the same global batch size (what a run on one process
+would see), and every process's iterator state is the same step counter.
+
+Everything is a pure function of (seed, position), so the iterator is deterministic and its
+``get_state()`` (a small dict, stored as JSON in the training checkpoint) restores it exactly.
 
 A training example (numpy, frame side F)::
 
@@ -92,24 +99,39 @@ def augment(
     gt = np.asarray(sample["gt"]).astype(np.int8)
     h0, w0 = gt.shape
     base = frame / max(h0, w0)
+    zoom = tuple(d.get("zoom_in", ()) or ())
+    oy, ox = np.nonzero(gt == 1)
     for attempt in range(4):
         scale = base * (float(rng.uniform(d.scale_min, d.scale_max)) if attempt < 3 else 1.0)
+        if zoom and len(oy) and attempt < 3:
+            # Object-centric zoom: the object's longer box side becomes zoom[0..1] x frame
+            # (not below scale_min x the whole-image fit, not above the native resolution).
+            side = max(oy.max() - oy.min() + 1, ox.max() - ox.min() + 1)
+            target = float(rng.uniform(zoom[0], zoom[1])) * frame / side
+            scale = float(np.clip(target, base * d.scale_min, max(1.0, base * d.scale_min)))
         h, w = max(1, int(round(h0 * scale))), max(1, int(round(w0 * scale)))
         img = _resize(image, (h, w), nearest=False)
         g = _resize(gt.view(np.uint8), (h, w), nearest=True).view(np.int8)
-        # Crop a frame-sized window (when larger) around a random object pixel.
+        # Crop a frame-sized window (when larger): around the whole object box when it fits
+        # (zoom), else around a random object pixel.
         ys, xs = np.nonzero(g == 1)
-        if len(ys) == 0:
+        if len(ys) == 0 and attempt < 3:
             continue
-        k = int(rng.integers(len(ys)))
-        y0 = int(np.clip(ys[k] - rng.integers(frame), 0, max(h - frame, 0)))
-        x0 = int(np.clip(xs[k] - rng.integers(frame), 0, max(w - frame, 0)))
+        if len(ys) and zoom and max(ys.max() - ys.min(), xs.max() - xs.min()) < frame:
+            lo_y, hi_y = max(ys.max() + 1 - frame, 0), min(ys.min(), max(h - frame, 0))
+            lo_x, hi_x = max(xs.max() + 1 - frame, 0), min(xs.min(), max(w - frame, 0))
+            y0 = int(rng.integers(lo_y, max(hi_y, lo_y) + 1))
+            x0 = int(rng.integers(lo_x, max(hi_x, lo_x) + 1))
+        elif len(ys):
+            k = int(rng.integers(len(ys)))
+            y0 = int(np.clip(ys[k] - rng.integers(frame), 0, max(h - frame, 0)))
+            x0 = int(np.clip(xs[k] - rng.integers(frame), 0, max(w - frame, 0)))
+        else:
+            y0 = x0 = 0
         img_c, g_c = img[y0 : y0 + frame, x0 : x0 + frame], g[y0 : y0 + frame, x0 : x0 + frame]
         if (g_c == 1).sum() >= d.min_object_pixels or attempt == 3:
             img, g = img_c, g_c
             break
-    else:  # pragma: no cover - the last attempt always breaks
-        raise AssertionError
     if d.flip and rng.random() < 0.5:
         img, g = img[:, ::-1], g[:, ::-1]
     if d.jitter:
@@ -174,12 +196,13 @@ def make_train_dataset(
     local_devices = jax.local_device_count()
     batch = int(d.per_device_batch_size) * local_devices
     train_idx, _ = split_indices(len(source), int(d.heldout_every))
-    train_idx = train_idx[pi::pc]  # per-process shard
     frame = sam_config_from(config.model).img_size
     aug = _Augment(frame, ml_collections.FrozenConfigDict(d), float(config.model.click_radius))
     ds = grain.MapDataset.source(_Subset(source, train_idx))
     ds = ds.shuffle(seed=int(config.seed)).repeat().random_map(aug, seed=int(config.seed) + 1)
     ds = ds.batch(batch, drop_remainder=True)
+    if pc > 1:  # this process's batches: its part of every global batch (module docstring)
+        ds = ds[pi::pc]
     it_ds = ds.to_iter_dataset()
     if int(d.num_workers) > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -317,8 +316,3 @@ def make_grad_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | No
 def put_replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     sh = replicated(mesh)
     return jax.tree_util.tree_map(lambda x: jax.device_put(x, sh), tree)
-
-
-@functools.cache
-def _noop() -> None:  # pragma: no cover
-    return None

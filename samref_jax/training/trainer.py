@@ -11,11 +11,17 @@ wall-clock budget (counted across resumes, including start-up and compile time) 
     WORKDIR/export/              the model (``save_samref``), for SamRefPredictor.from_checkpoint
 
 A second call with the same ``workdir`` resumes from the newest checkpoint (same data order).
+
+Several processes (``jax.distributed``): each reads its own part of every global batch, all of
+them save and restore the checkpoints together (orbax), and only process 0 writes the logs,
+evaluates, plots and exports.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -126,15 +132,29 @@ def train(
     progress: bool = True,
     export: bool = True,
     command: str | None = None,
+    stop_at_step: int | None = None,
+    kill_after_step: int | None = None,
 ) -> dict:
-    """Trains (or resumes) into ``workdir``; returns a summary dict (steps, steps/s, ...)."""
+    """Trains (or resumes) into ``workdir``; returns a summary dict (steps, steps/s, ...).
+
+    ``stop_at_step`` ends this session early (after checkpointing), as a kill would; the next
+    call resumes (tests use it to simulate an interruption). ``kill_after_step`` SIGKILLs the
+    process right after the checkpoint of that step is written (tests: a crash).
+    """
+    from samref_jax.training.distributed import barrier
+
     t_start = time.time()
     workdir = Path(workdir)
+    main = jax.process_index() == 0  # logs, eval, plots and export come from process 0
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    if main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     tc = config.train
 
     data_dir = Path(config.data.data_dir) if config.data.data_dir else workdir / "tfds"
+    if main:  # prepared once, by process 0, before the others open it
+        prepare_source(config, data_dir)
+    barrier("samref_prepare_data")
     source = prepare_source(config, data_dir)
     it = iter(make_train_dataset(config, source))
 
@@ -151,13 +171,24 @@ def train(
         state, data_state = restored
         it.set_state(data_state["iterator"])
         minutes_before = float(data_state.get("minutes_used", 0.0))
-        _truncate_jsonl(workdir / "metrics.jsonl", int(state.step))
-        _truncate_jsonl(workdir / "eval.jsonl", int(state.step))
-        print(f"resumed from step {int(state.step)} ({minutes_before:.1f} min used)",
-              file=sys.stderr)
+        if main:
+            _truncate_jsonl(workdir / "metrics.jsonl", int(state.step))
+            _truncate_jsonl(workdir / "eval.jsonl", int(state.step))
+            print(f"resumed from step {int(state.step)} ({minutes_before:.1f} min used)",
+                  file=sys.stderr)
+
+    if jax.process_count() > 1 and int(state.step) < int(tc.num_steps):
+        # Compile before the first cross-process collective and wait for every process:
+        # processes finish compiling at different times (a cache hit on one of them), and a
+        # step that waits in gloo's all-reduce for a compiling peer would time out.
+        data_state = it.get_state()
+        step_fn = step_fn.lower(state, S.shard_batch(next(it), mesh)).compile()
+        it.set_state(data_state)
+        barrier("samref_step_compiled")
 
     evaluator = None
-    if int(config.eval.every_steps) > 0 and int(config.data.heldout_every) > 0:
+    eval_on = int(config.eval.every_steps) > 0 and int(config.data.heldout_every) > 0
+    if main and eval_on:
         evaluator = _Evaluator(config, heldout_samples(config, source, config.eval.num_samples))
 
     eval_seconds = [0.0]
@@ -184,16 +215,20 @@ def train(
     num_steps = int(tc.num_steps)
     start_step = int(state.step)
     global_batch = int(config.data.per_device_batch_size) * jax.device_count()
-    bar = tqdm(total=num_steps, initial=start_step, disable=not progress, dynamic_ncols=True,
-               desc=f"train {config.mode}")
-    mlog = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-    elog = open(workdir / "eval.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    bar = tqdm(total=num_steps, initial=start_step, disable=not (progress and main),
+               dynamic_ncols=True, desc=f"train {config.mode}")
+    log_path = (lambda name: workdir / name) if main else (lambda name: os.devnull)
+    mlog = open(log_path("metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+    elog = open(log_path("eval.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
     step = start_step
     stop_reason = "num_steps"
     t_steps, n_timed = 0.0, 0
     try:
         while step < num_steps:
-            if tc.max_minutes and minutes_used() >= float(tc.max_minutes):
+            if stop_at_step is not None and step >= stop_at_step:
+                stop_reason = "stop_at_step"
+                break
+            if tc.max_minutes and _all_agree(minutes_used() >= float(tc.max_minutes)):
                 stop_reason = "max_minutes"
                 break
             t0 = time.time()
@@ -216,10 +251,15 @@ def train(
             if step % max(int(tc.log_every), 1) == 0:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}",
                                 iou=f"{metrics['iou'][-1]:.3f}", sps=f"{sps:.2f}")
-            if evaluator is not None and step % int(config.eval.every_steps) == 0:
-                run_eval()
+            if eval_on and step % int(config.eval.every_steps) == 0:
+                if evaluator is not None:
+                    run_eval()
+                barrier("samref_eval")  # the others wait here, not in a collective
             if step % max(int(tc.checkpoint_every_steps), 1) == 0:
                 save()
+                if kill_after_step is not None and step == int(kill_after_step):
+                    mlog.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
     finally:
         bar.close()
     if ckpt.latest_step() != step:
@@ -227,6 +267,7 @@ def train(
     if evaluator is not None and (not _read_jsonl(workdir / "eval.jsonl") or
                                   _read_jsonl(workdir / "eval.jsonl")[-1]["step"] != step):
         run_eval()
+    barrier("samref_final_eval")
     mlog.close()
     elog.close()
     ckpt.close()
@@ -242,13 +283,24 @@ def train(
         "mode": str(config.mode),
         "seed": int(config.seed),
     }
-    if export:
+    if export:  # every process: orbax's save is collective
         meta = {"training": {**summary, "command": command, "config": config.to_dict()}}
         meta = json.loads(json.dumps(meta, default=str))
         summary["export"] = str(_export(workdir, state.params, config, meta))
-        plot_curves(workdir)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if main:
+            plot_curves(workdir)
+    if main:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def _all_agree(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process (wall-clock decisions must not diverge)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag))))
 
 
 def _truncate_jsonl(path: Path, step: int) -> None:

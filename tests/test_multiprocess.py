@@ -1,0 +1,181 @@
+"""Multi-process training on one machine (issue 7, SPEC s.10): ``jax.distributed`` over
+localhost with gloo collectives, N processes x M CPU devices, started by
+``samref_jax.training.launch`` (``train/launch_local.py``) running the unchanged entry point
+``train.main``.
+
+Runs (the tiniest trainable config: ``sam`` mode, whose step compiles fastest -- the
+multi-process machinery does not depend on the model --, 64 frame, one encoder block, T=2
+rounds, global batch 8, 4 steps, checkpoints every 2 steps), all sharing one persistent
+compilation cache (only process 0 writes it, so process 1 compiles in every 2-process run):
+
+* ``one``: 1 process x 8 devices;
+* ``two``: 2 processes x 4 devices, uninterrupted;
+* ``killed``: 2 x 4, every process SIGKILLed right after the step-2 checkpoint, then restarted.
+
+Every subprocess has a hard timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT_S = 600  # one training run (compiles dominate on a loaded 2-core CPU)
+
+_CONFIG = textwrap.dedent(
+    """
+    from samref_jax.training.testing import tiny_test_config
+
+    def get_config():
+        c = tiny_test_config("sam", 64, rounds=2)  # no refiners: the cheapest compile
+        c.data.per_device_batch_size = 1  # global batch 8 on 8 devices
+        c.data.heldout_every = 0
+        c.data.manual_dir = {manual!r}
+        c.data.data_dir = {data!r}
+        c.train.num_steps = 4
+        c.train.checkpoint_every_steps = 2
+        c.train.log_every = 1
+        return c
+    """
+)
+
+
+def _env(cache: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _launch(args: list[str], n: int, m: int, env: dict[str, str]) -> tuple[int, str]:
+    from samref_jax.training.launch import launch
+
+    lines: list[str] = []
+    with open(os.devnull, "w") as sink:
+        rc = launch(args, n, m, timeout_s=RUN_TIMEOUT_S, env=env, output=sink, capture=lines)
+    return rc, "".join(lines)
+
+
+def _rows(workdir: Path) -> list[dict]:
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Workdirs of the three runs (module docstring), in that order."""
+    from samref_jax.training.testing import write_fake_coco_mval
+
+    root = tmp_path_factory.mktemp("mp")
+    manual = write_fake_coco_mval(root / "COCO_MVal", n=10)
+    cfg = root / "config.py"
+    cfg.write_text(_CONFIG.format(manual=str(manual), data=str(root / "tfds")))
+    env = _env(root / "jax_cache")
+    common = ["--config", str(cfg), "--noprogress"]
+
+    # 1 process x 8 devices: the plain entry point, no jax.distributed.
+    one = root / "one"
+    r = subprocess.run(
+        [sys.executable, "-m", "train.main", *common, "--workdir", str(one)],
+        env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    two = root / "two"
+    rc, out = _launch([*common, "--workdir", str(two)], 2, 4, env)
+    assert rc == 0, out[-5000:]
+
+    killed = root / "killed"
+    rc, out = _launch([*common, "--workdir", str(killed), "--kill_after_step", "2"], 2, 4, env)
+    assert rc == -9, (rc, out[-5000:])  # SIGKILL, as a crash
+    ckpts = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts == ["2"], ckpts
+    assert [r["step"] for r in _rows(killed)] == [1, 2]
+    rc, out = _launch([*common, "--workdir", str(killed)], 2, 4, env)
+    assert rc == 0, out[-5000:]
+    assert "resumed from step 2" in out, out[-3000:]
+    return one, two, killed
+
+
+def test_two_processes_match_one_process(runs):
+    """2 processes x 4 devices == 1 process x 8 devices: same global batches (each process
+    reads its part), same initialisation, losses equal up to the cross-process reduction
+    order. Only process 0 logs; every process takes part in the checkpoints and the export."""
+    one, two, _ = runs
+    a, b = _rows(one), _rows(two)
+    assert [r["step"] for r in a] == [1, 2, 3, 4] and [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        np.testing.assert_allclose(rb["loss"], ra["loss"], rtol=2e-4, atol=1e-5)
+        np.testing.assert_allclose(rb["iou"], ra["iou"], atol=2e-3)
+    # Gradients: before the float differences can move a simulated click (a discrete choice
+    # that changes the next steps' gradients by ~1% while the losses agree to ~1e-5).
+    for ra, rb in zip(a[:2], b[:2], strict=True):
+        np.testing.assert_allclose(rb["grad_norm"], ra["grad_norm"], rtol=1e-4)
+    s1 = json.loads((one / "summary.json").read_text())
+    s2 = json.loads((two / "summary.json").read_text())
+    assert s1["global_batch"] == s2["global_batch"] == 8 and s2["devices"] == 8
+    assert (two / "export" / "metadata.json").is_file()
+
+
+def test_killed_two_process_run_resumes_with_identical_losses(runs):
+    """Every process SIGKILLed after the step-2 checkpoint, restarted: steps 3 and 4 have the
+    losses of the uninterrupted 2-process run (restored params, optimiser, data position)."""
+    _, two, killed = runs
+    a, b = _rows(two), _rows(killed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("loss", "iou", "grad_norm"):
+            np.testing.assert_allclose(rb[k], ra[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_unreachable_coordinator_fails_fast_with_message(tmp_path):
+    """Process 1 of 2 with nobody at the coordinator address exits (status 3) with a plain
+    message within about --init_timeout, instead of hanging or aborting."""
+    from samref_jax.training.launch import free_port
+
+    env = _env(tmp_path / "cache")
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID="1")
+    cfg = tmp_path / "config.py"
+    cfg.write_text(_CONFIG.format(manual=str(tmp_path / "none"), data=str(tmp_path / "tfds")))
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "train.main", "--config", str(cfg), "--workdir",
+         str(tmp_path / "w"), "--init_timeout", "5"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=180,
+    )
+    assert r.returncode == 3, (r.returncode, r.stderr[-3000:])
+    assert "could not reach the JAX coordinator" in r.stderr, r.stderr[-3000:]
+    assert time.monotonic() - t0 < 170
+    assert not (tmp_path / "w").exists()
+
+
+def test_coordinator_alone_fails_with_message(tmp_path):
+    """Process 0 whose peers never join: JAX ends it (bounded by --init_timeout) and the
+    reason is printed first."""
+    from samref_jax.training.launch import free_port
+
+    env = _env(tmp_path / "cache")
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID="0")
+    code = ("import sys; from samref_jax.training import distributed as d; "
+            "d.initialize(timeout_s=4); print('joined')")
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode != 0 and "joined" not in r.stdout
+    assert "not all 2 processes joined the JAX coordinator" in r.stderr, r.stderr[-3000:]
