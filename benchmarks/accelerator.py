@@ -143,8 +143,14 @@ def bench_encoder(sam_cfg, runs: int) -> list[list[str]]:
         compiled = fn.lower(params, x).compile()
         t = _median_s(lambda c=compiled: c(params, x), runs)
         base = base or t
-        rows.append([f"image encoder {sam_cfg.name} {f}x{f}, batch 1, {name}", _ms(t),
-                     f"{base / t:.2f}x vs float32", _fl(_flops(compiled))])
+        rows.append(
+            [
+                f"image encoder {sam_cfg.name} {f}x{f}, batch 1, {name}",
+                _ms(t),
+                f"{base / t:.2f}x vs float32",
+                _fl(_flops(compiled)),
+            ]
+        )
     return rows
 
 
@@ -179,8 +185,9 @@ def bench_clicks(model_cfg, params, clicks: int) -> list[list[str]]:
     labels[0] = 1
     rows, base = [], None
     for mode in ("sam", "full"):
-        step = jax.jit(lambda p, x, mode=mode: model.apply({"params": p}, x, mode,
-                                                           method=SamRef.click))
+        step = jax.jit(
+            lambda p, x, mode=mode: model.apply({"params": p}, x, mode, method=SamRef.click)
+        )
         compiled = step.lower(params, x0).compile()
         jax.block_until_ready(compiled(params, x0))
         times, prev = [], None
@@ -189,9 +196,12 @@ def bench_clicks(model_cfg, params, clicks: int) -> list[list[str]]:
             lab = np.full((1, n), -1, np.int32)
             kk = min(k, n)
             c[0, :kk], lab[0, :kk] = coords[:kk], labels[:kk]
-            xi = x0._replace(coords=jnp.asarray(c), labels=jnp.asarray(lab),
-                             num_clicks=jnp.asarray([kk], jnp.int32),
-                             has_prev=jnp.asarray([k > 1]))
+            xi = x0._replace(
+                coords=jnp.asarray(c),
+                labels=jnp.asarray(lab),
+                num_clicks=jnp.asarray([kk], jnp.int32),
+                has_prev=jnp.asarray([k > 1]),
+            )
             if prev is not None:
                 xi = xi._replace(prev_low_res=prev.low_res, prev_logits=prev.final_logits)
             t = time.perf_counter()
@@ -199,8 +209,14 @@ def bench_clicks(model_cfg, params, clicks: int) -> list[list[str]]:
             times.append(time.perf_counter() - t)
         med = statistics.median(times)
         base = base or med
-        rows.append([f"one click, mode {mode} (cached embedding, median of {clicks})", _ms(med),
-                     f"{med / base:.2f}x sam", _fl(_flops(compiled))])
+        rows.append(
+            [
+                f"one click, mode {mode} (cached embedding, median of {clicks})",
+                _ms(med),
+                f"{med / base:.2f}x sam",
+                _fl(_flops(compiled)),
+            ]
+        )
     return rows
 
 
@@ -239,16 +255,26 @@ def bench_train_step(config, params, steps: int) -> tuple[list[list[str]], dict]
     peak = PEAK_FLOPS.get(key) if key else None
     mfu = flops / dt / peak if peak and np.isfinite(flops) else None
     trainable = ",".join(S.effective_trainable(config))
-    desc = (f"train step: {config.mode}, T={T}, frame {frame}, global batch {gb} on {ndev} "
-            f"device(s), {config.train.dtype}, trainable {trainable}")
+    desc = (
+        f"train step: {config.mode}, T={T}, frame {frame}, global batch {gb} on {ndev} "
+        f"device(s), {config.train.dtype}, trainable {trainable}"
+    )
     rows = [
         [desc, _ms(dt), f"{gb / dt:.2f} images/s", f"{gb * T / dt:.2f} clicks/s"],
-        ["train step: XLA FLOPs per device, MFU", _fl(flops),
-         f"{_fl(flops / dt)}/s achieved",
-         f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a (no peak for this device)"],
+        [
+            "train step: XLA FLOPs per device, MFU",
+            _fl(flops),
+            f"{_fl(flops / dt)}/s achieved",
+            f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a (no peak for this device)",
+        ],
     ]
-    info = {"compile_s": compile_s, "step_s": dt, "flops": flops, "peak_key": key,
-            "loss": float(m["loss"])}
+    info = {
+        "compile_s": compile_s,
+        "step_s": dt,
+        "flops": flops,
+        "peak_key": key,
+        "loss": float(m["loss"]),
+    }
     return rows, info
 
 
@@ -269,17 +295,23 @@ def main(argv: list[str] | None = None) -> int:
     train_cfg, enc_cfg = _configs(a.smoke)
     dev = jax.devices()[0]
     key = peak_key(dev.device_kind)
-    print(f"backend={jax.default_backend()} device={dev.device_kind} x{jax.device_count()} "
-          f"jax={jax.__version__}{' (smoke: tiny sizes)' if a.smoke else ''}")
-    print(f"peak used for MFU: {key} = {PEAK_FLOPS[key] / 1e12:.0f} TFLOP/s bf16 dense"
-          if key else "peak used for MFU: none (device not in the table)")
+    print(
+        f"backend={jax.default_backend()} device={dev.device_kind} x{jax.device_count()} "
+        f"jax={jax.__version__}{' (smoke: tiny sizes)' if a.smoke else ''}"
+    )
+    print(
+        f"peak used for MFU: {key} = {PEAK_FLOPS[key] / 1e12:.0f} TFLOP/s bf16 dense"
+        if key
+        else "peak used for MFU: none (device not in the table)"
+    )
     from samref_jax.model.samref import init_samref_params
 
     tic = time.perf_counter()
     rows = bench_encoder(enc_cfg, runs)
     sections = {"encoder": time.perf_counter() - tic}
     params = jax.jit(lambda k: init_samref_params(train_cfg.model, k))(
-        jax.random.key(0, impl="rbg"))  # random weights, shared by the click and train rows
+        jax.random.key(0, impl="rbg")
+    )  # random weights, shared by the click and train rows
     tic = time.perf_counter()
     rows += bench_clicks(train_cfg.model, params, clicks)
     sections["init + clicks"] = time.perf_counter() - tic
@@ -297,9 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|")
     for k, v in PEAK_FLOPS.items():
         print(f"| {k}{' (used)' if k == key else ''} | {v / 1e12:.0f} |")
-    print(f"\ntrain step compile {info['compile_s']:.1f} s; loss {info['loss']:.3f}; "
-          + "; ".join(f"{k} {v:.1f} s" for k, v in sections.items())
-          + f"; total {time.perf_counter() - t_all:.1f} s")
+    print(
+        f"\ntrain step compile {info['compile_s']:.1f} s; loss {info['loss']:.3f}; "
+        + "; ".join(f"{k} {v:.1f} s" for k, v in sections.items())
+        + f"; total {time.perf_counter() - t_all:.1f} s"
+    )
     return 0
 
 

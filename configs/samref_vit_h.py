@@ -23,8 +23,9 @@ import ml_collections
 
 def _vit_b():
     # Config files are loaded by path (not as a package): load the sibling the same way.
-    spec = importlib.util.spec_from_file_location("samref_vit_b", Path(__file__).with_name(
-        "samref_vit_b.py"))
+    spec = importlib.util.spec_from_file_location(
+        "samref_vit_b", Path(__file__).with_name("samref_vit_b.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

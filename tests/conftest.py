@@ -67,9 +67,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def jax_cache_env(tmp_path_factory) -> dict[str, str]:
     """Environment for subprocesses (CLI, demo app, notebook kernel): a JAX compilation cache
     shared by them, so each process does not recompile the same SAM-REF step."""
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
-        tmp_path_factory.mktemp("jax_cache")
-    )
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("jax_cache"))
     return {
         "JAX_COMPILATION_CACHE_DIR": cache,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",

@@ -38,10 +38,26 @@ def test_peak_table_lookup():
 def test_accelerator_benchmark_smoke_on_cpu():
     env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--smoke"], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "benchmarks/accelerator.py", "--smoke"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
-    for needle in ("image encoder", "float32", "bfloat16", "mode sam", "mode full",
-                   "images/s", "clicks/s", "MFU", "TPU v5p", "NVIDIA H100 SXM"):
+    for needle in (
+        "image encoder",
+        "float32",
+        "bfloat16",
+        "mode sam",
+        "mode full",
+        "images/s",
+        "clicks/s",
+        "MFU",
+        "TPU v5p",
+        "NVIDIA H100 SXM",
+    ):
         assert needle in out, (needle, out[-3000:])

@@ -92,7 +92,10 @@ def runs(tmp_path_factory):
     r = subprocess.run(
         [sys.executable, "-m", "train.main", *common, "--workdir", str(one)],
         env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-        cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
@@ -149,15 +152,31 @@ def test_unreachable_coordinator_fails_fast_with_message(tmp_path):
     from samref_jax.training.launch import free_port
 
     env = _env(tmp_path / "cache")
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID="1")
+    env.update(
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
+        JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID="1",
+    )
     cfg = tmp_path / "config.py"
     cfg.write_text(_CONFIG.format(manual=str(tmp_path / "none"), data=str(tmp_path / "tfds")))
     t0 = time.monotonic()
     r = subprocess.run(
-        [sys.executable, "-m", "train.main", "--config", str(cfg), "--workdir",
-         str(tmp_path / "w"), "--init_timeout", "5"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "train.main",
+            "--config",
+            str(cfg),
+            "--workdir",
+            str(tmp_path / "w"),
+            "--init_timeout",
+            "5",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert r.returncode == 3, (r.returncode, r.stderr[-3000:])
     assert "could not reach the JAX coordinator" in r.stderr, r.stderr[-3000:]
@@ -171,11 +190,17 @@ def test_coordinator_alone_fails_with_message(tmp_path):
     from samref_jax.training.launch import free_port
 
     env = _env(tmp_path / "cache")
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID="0")
-    code = ("import sys; from samref_jax.training import distributed as d; "
-            "d.initialize(timeout_s=4); print('joined')")
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
-                       text=True, timeout=180)
+    env.update(
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
+        JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID="0",
+    )
+    code = (
+        "import sys; from samref_jax.training import distributed as d; "
+        "d.initialize(timeout_s=4); print('joined')"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=180
+    )
     assert r.returncode != 0 and "joined" not in r.stdout
     assert "not all 2 processes joined the JAX coordinator" in r.stderr, r.stderr[-3000:]

@@ -35,8 +35,10 @@ def _key(seed: int = 0):
 def compile_cache(tmp_path_factory):
     """Persistent compilation cache for this module (the trainer runs reuse the step)."""
     d = tmp_path_factory.mktemp("jax_cache")
-    old = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
+    old = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
     jax.config.update("jax_compilation_cache_dir", str(d))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     yield d
@@ -54,7 +56,9 @@ def full_setup():
 
 def _leaves(tree, prefix):
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): v for p, v in flat if jax.tree_util.keystr(p).startswith(prefix)}
+    return {
+        jax.tree_util.keystr(p): v for p, v in flat if jax.tree_util.keystr(p).startswith(prefix)
+    }
 
 
 def test_late_round_weight_reaches_refiners(full_setup):
@@ -70,7 +74,9 @@ def test_late_round_weight_reaches_refiners(full_setup):
         b = jax.tree_util.tree_leaves(g_b[sub])
         diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(a, b, strict=True))
         assert diff > 1e-6, sub
-        norm_last = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(g_last[sub]))))
+        norm_last = float(
+            jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(g_last[sub])))
+        )
         assert norm_last > 1e-6, sub
 
 
@@ -109,8 +115,10 @@ def test_overfit_and_frozen_subtrees(compile_cache):
     for k, v in _leaves(final, "['sam']['image_encoder']").items():
         np.testing.assert_array_equal(v, _leaves(init, "['sam']['image_encoder']")[k])
     for prefix in ("['sam']['mask_decoder']", "['global_diff']", "['patch_diff']"):
-        moved = [not np.array_equal(v, _leaves(init, prefix)[k])
-                 for k, v in _leaves(final, prefix).items()]
+        moved = [
+            not np.array_equal(v, _leaves(init, prefix)[k])
+            for k, v in _leaves(final, prefix).items()
+        ]
         assert any(moved), prefix
 
 
@@ -130,7 +138,9 @@ def test_kill_and_resume_same_losses(tmp_path, compile_cache):
     train(cfg, tmp_path / "a", progress=False, export=True)
     assert S.TRACE_COUNT["train_step"] - before == 1
     train(cfg, tmp_path / "b", progress=False, export=False, stop_at_step=2)
-    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert sorted(
+        p.name for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()
+    ) == ["2"]
     train(cfg, tmp_path / "b", progress=False, export=False)
 
     def rows(d):
@@ -212,8 +222,14 @@ def test_sharded_step_matches_single_device():
     step on the same global batch (float reduction order only)."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("XLA_FLAGS", None)
-    r = subprocess.run([sys.executable, "-c", _SHARDED], env=env, cwd=REPO, capture_output=True,
-                       text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-c", _SHARDED],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "OK" in r.stdout
 
@@ -225,7 +241,11 @@ def test_bundled_checkpoints_segment_grabcut(name, mode, grabcut_dir):
     from samref_jax.model.io import resolve_checkpoint
     from samref_jax.model.predictor import SamRefPredictor
 
-    path = resolve_checkpoint(name) if (REPO / "samref_jax/assets/checkpoints" / name).is_dir() else None
+    path = (
+        resolve_checkpoint(name)
+        if (REPO / "samref_jax/assets/checkpoints" / name).is_dir()
+        else None
+    )
     if path is None:
         pytest.skip(f"bundled checkpoint {name!r} not built yet")
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

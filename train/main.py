@@ -22,8 +22,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "training config file", flag_values=fv,
-                                    lock_config=False)
+    config_flags.DEFINE_config_file(
+        "config", None, "training config file", flag_values=fv, lock_config=False
+    )
     flags.DEFINE_string("workdir", None, "run directory (resumed if it exists)", flag_values=fv)
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize()", flag_values=fv)
     flags.DEFINE_string("coordinator", None, "multi-process coordinator HOST:PORT", flag_values=fv)
@@ -31,10 +32,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags.DEFINE_integer("process_id", None, "this process's id", flag_values=fv)
     flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
     flags.DEFINE_bool("print_config", False, "print the resolved config and exit", flag_values=fv)
-    flags.DEFINE_float("init_timeout", 300.0, "seconds to wait for the other processes",
-                       flag_values=fv)
-    flags.DEFINE_integer("kill_after_step", None, "tests: SIGKILL this process right after the "
-                         "checkpoint of this step is written (a crash)", flag_values=fv)
+    flags.DEFINE_float(
+        "init_timeout", 300.0, "seconds to wait for the other processes", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "kill_after_step",
+        None,
+        "tests: SIGKILL this process right after the checkpoint of this step is written (a crash)",
+        flag_values=fv,
+    )
     # ml_collections discovers the `--config.x=y` overrides in sys.argv: parse with it set.
     saved, sys.argv = sys.argv, ["samref-train", *argv]
     try:
@@ -45,19 +51,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(fv.config)
         return 0
     if fv.config is None or fv.workdir is None:
-        print("usage: samref-train --config configs/X.py --workdir DIR [--config.a.b=v]",
-              file=sys.stderr)
+        print(
+            "usage: samref-train --config configs/X.py --workdir DIR [--config.a.b=v]",
+            file=sys.stderr,
+        )
         return 2
     import jax
 
     from samref_jax.training import distributed
 
     coordinator, num_processes, process_id = distributed.resolve(
-        fv.coordinator, fv.num_processes, fv.process_id)
+        fv.coordinator, fv.num_processes, fv.process_id
+    )
     if coordinator or num_processes is not None or process_id is not None:
         try:
-            distributed.initialize(coordinator, num_processes, process_id,
-                                   timeout_s=fv.init_timeout)
+            distributed.initialize(
+                coordinator, num_processes, process_id, timeout_s=fv.init_timeout
+            )
         except (distributed.CoordinatorUnreachableError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 3
@@ -65,9 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.distributed.initialize(initialization_timeout=int(fv.init_timeout))
     from samref_jax.training.trainer import train
 
-    summary = train(fv.config, fv.workdir, progress=fv.progress,
-                    command="python -m train.main " + " ".join(argv),
-                    kill_after_step=fv.kill_after_step)
+    summary = train(
+        fv.config,
+        fv.workdir,
+        progress=fv.progress,
+        command="python -m train.main " + " ".join(argv),
+        kill_after_step=fv.kill_after_step,
+    )
     if jax.process_index() == 0:
         print({k: v for k, v in summary.items()})
     return 0

@@ -32,7 +32,9 @@ class TrainCheckpointer:
     def save(self, step: int, state: Any, data: dict) -> None:
         self.manager.save(
             int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)
+            ),
             force=True,
         )
         self.manager.wait_until_finished()

@@ -122,8 +122,9 @@ def launch(
                 start_new_session=True,  # its own process group: stopped with its children
             )
             procs.append(p)
-            t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", sink, lines),
-                                 daemon=True)
+            t = threading.Thread(
+                target=_pump, args=(p.stdout, f"[p{i}] ", sink, lines), daemon=True
+            )
             t.start()
             threads.append(t)
         deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
@@ -162,20 +163,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Start N local processes of the training entry point (jax.distributed, "
         "CPU devices, gloo collectives); arguments after -- go to each process."
     )
-    ap.add_argument("--num_processes", type=int,
-                    default=int(os.environ.get("JAX_NUM_PROCESSES", 2)))
-    ap.add_argument("--devices_per_process", type=int, default=4,
-                    help="CPU devices of each process (XLA_FLAGS)")
-    ap.add_argument("--coordinator", default=None,
-                    help="HOST:PORT (default 127.0.0.1 and a free port)")
+    ap.add_argument(
+        "--num_processes", type=int, default=int(os.environ.get("JAX_NUM_PROCESSES", 2))
+    )
+    ap.add_argument(
+        "--devices_per_process", type=int, default=4, help="CPU devices of each process (XLA_FLAGS)"
+    )
+    ap.add_argument(
+        "--coordinator", default=None, help="HOST:PORT (default 127.0.0.1 and a free port)"
+    )
     ap.add_argument("--module", default="train.main", help="python -m MODULE for each process")
     ap.add_argument("--platform", default="cpu", help="JAX_PLATFORMS of the processes ('' keeps)")
     ap.add_argument("--timeout", type=float, default=None, help="stop all after this many s")
     a = ap.parse_args(argv)
     # Stopped ourselves: stop the processes too (launch's cleanup runs on SystemExit).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    status = launch(rest, a.num_processes, a.devices_per_process, module=a.module,
-                    coordinator=a.coordinator, platform=a.platform or None, timeout_s=a.timeout)
+    status = launch(
+        rest,
+        a.num_processes,
+        a.devices_per_process,
+        module=a.module,
+        coordinator=a.coordinator,
+        platform=a.platform or None,
+        timeout_s=a.timeout,
+    )
     if status != 0:
         print(f"launch: a process failed (status {status})", file=sys.stderr)
     return 0 if status == 0 else (status if status > 0 else 128 - status)

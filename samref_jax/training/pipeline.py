@@ -228,10 +228,14 @@ def heldout_samples(
         cy, cx = (int(ys.mean()), int(xs.mean())) if len(ys) else (h // 2, w // 2)
         y0 = int(np.clip(cy - side // 2, 0, h - side))
         x0 = int(np.clip(cx - side // 2, 0, w - side))
-        img = _resize(np.ascontiguousarray(img[y0 : y0 + side, x0 : x0 + side]), (frame, frame),
-                      False)
-        g = _resize(np.ascontiguousarray(gt[y0 : y0 + side, x0 : x0 + side]).view(np.uint8),
-                    (frame, frame), True).view(np.int8)
+        img = _resize(
+            np.ascontiguousarray(img[y0 : y0 + side, x0 : x0 + side]), (frame, frame), False
+        )
+        g = _resize(
+            np.ascontiguousarray(gt[y0 : y0 + side, x0 : x0 + side]).view(np.uint8),
+            (frame, frame),
+            True,
+        ).view(np.int8)
         if (g == 1).sum() == 0:
             continue
         sid = s["id"].decode() if isinstance(s["id"], bytes) else str(s["id"])

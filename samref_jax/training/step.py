@@ -178,7 +178,9 @@ def unrolled_loss(
     gt = batch["gt"] == 1
     valid = (batch["gt"] >= 0) & valid_mask(batch["valid_hw"], (f, f))
     emb = model.apply({"params": params}, image, method=SamRef.embed_image)
-    if not any(p == "sam" or p.startswith("sam/image_encoder") for p in effective_trainable(config)):
+    if not any(
+        p == "sam" or p.startswith("sam/image_encoder") for p in effective_trainable(config)
+    ):
         emb = jax.lax.stop_gradient(emb)
 
     fy, fx = batch["first_click"][:, 0], batch["first_click"][:, 1]
@@ -261,9 +263,7 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, Array]:
     """This process's slice of the global batch -> global arrays sharded along 'data'."""
     sh = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()
-    }
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
 
 
 def make_train_step(

@@ -8,7 +8,9 @@ import numpy as np
 from samref_jax.training.config import base_config
 
 
-def tiny_test_config(mode: str = "full", frame: int = 64, rounds: int = 2) -> ml_collections.ConfigDict:
+def tiny_test_config(
+    mode: str = "full", frame: int = 64, rounds: int = 2
+) -> ml_collections.ConfigDict:
     """A minimal SAM-REF (64 frame, tiny SAM, narrow refiners), everything trainable."""
     c = base_config("tiny")
     c.mode = mode
@@ -42,7 +44,9 @@ def synthetic_batch(n: int, frame: int = 64, seed: int = 0) -> dict[str, np.ndar
         ry, rx = rng.uniform(0.12, 0.3, 2) * frame
         obj = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
         bg = rng.integers(0, 120, (frame, frame, 3))
-        fg = np.array(rng.integers(120, 256, 3))[None, None] + rng.integers(-20, 20, (frame, frame, 3))
+        fg = np.array(rng.integers(120, 256, 3))[None, None] + rng.integers(
+            -20, 20, (frame, frame, 3)
+        )
         img = np.where(obj[..., None], fg, bg).clip(0, 255).astype(np.uint8)
         images.append(img)
         gts.append(obj.astype(np.int8))
@@ -70,5 +74,7 @@ def write_fake_coco_mval(root, n: int = 6, size: tuple[int, int] = (72, 96), see
         img = b["image"][i][: size[0], : size[1]]
         gt = b["gt"][i][: size[0], : size[1]]
         Image.fromarray(img).save(root / "img" / f"obj{i:02d}_{i:06d}.jpg", quality=95)
-        Image.fromarray((gt > 0).astype(np.uint8) * 255).save(root / "gt" / f"obj{i:02d}_{i:06d}.png")
+        Image.fromarray((gt > 0).astype(np.uint8) * 255).save(
+            root / "gt" / f"obj{i:02d}_{i:06d}.png"
+        )
     return root

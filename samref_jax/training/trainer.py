@@ -66,10 +66,17 @@ class _Evaluator:
         if self.predictor is None:
             self.predictor = SamRefPredictor(host, self.config.model, mode=self.config.mode)
         self.predictor.params = host
-        m = evaluate(self.predictor, self.samples, max_clicks=int(self.config.eval.max_clicks),
-                     progress=False)
-        return {k: m[k] for k in m if k.startswith(("NoC", "NoF", "5-mIoU", "mIoU@")) and
-                not isinstance(m[k], list)} | {"num_samples": len(self.samples)}
+        m = evaluate(
+            self.predictor,
+            self.samples,
+            max_clicks=int(self.config.eval.max_clicks),
+            progress=False,
+        )
+        return {
+            k: m[k]
+            for k in m
+            if k.startswith(("NoC", "NoF", "5-mIoU", "mIoU@")) and not isinstance(m[k], list)
+        } | {"num_samples": len(self.samples)}
 
 
 def plot_curves(workdir: Path) -> Path | None:
@@ -92,8 +99,12 @@ def plot_curves(workdir: Path) -> Path | None:
     axes[0].plot(steps[k - 1 :], smooth, label=f"loss (mean of {k})")
     ax2 = axes[0].twinx()
     iou_last = np.array([r["iou"][-1] for r in rows])
-    ax2.plot(steps[k - 1 :], np.convolve(iou_last, np.ones(k) / k, mode="valid"), "g",
-             label="train IoU, last round")
+    ax2.plot(
+        steps[k - 1 :],
+        np.convolve(iou_last, np.ones(k) / k, mode="valid"),
+        "g",
+        label="train IoU, last round",
+    )
     ax2.set_ylabel("IoU")
     axes[0].set_xlabel("step")
     axes[0].set_title("training")
@@ -174,8 +185,10 @@ def train(
         if main:
             _truncate_jsonl(workdir / "metrics.jsonl", int(state.step))
             _truncate_jsonl(workdir / "eval.jsonl", int(state.step))
-            print(f"resumed from step {int(state.step)} ({minutes_before:.1f} min used)",
-                  file=sys.stderr)
+            print(
+                f"resumed from step {int(state.step)} ({minutes_before:.1f} min used)",
+                file=sys.stderr,
+            )
 
     if jax.process_count() > 1 and int(state.step) < int(tc.num_steps):
         # Compile before the first cross-process collective and wait for every process:
@@ -203,20 +216,28 @@ def train(
         elog.write(json.dumps(ev) + "\n")
         elog.flush()
         eval_seconds[0] += time.time() - t0
-        bar.write(f"step {step}: held-out NoC@85 {ev.get('NoC@85'):.2f} "
-                  f"NoC@90 {ev.get('NoC@90'):.2f} 5-mIoU {ev.get('5-mIoU'):.3f}")
+        bar.write(
+            f"step {step}: held-out NoC@85 {ev.get('NoC@85'):.2f} "
+            f"NoC@90 {ev.get('NoC@90'):.2f} 5-mIoU {ev.get('5-mIoU'):.3f}"
+        )
 
     def save() -> None:
-        ckpt.save(int(state.step), state,
-                  {"iterator": it.get_state(), "minutes_used": minutes_used()})
+        ckpt.save(
+            int(state.step), state, {"iterator": it.get_state(), "minutes_used": minutes_used()}
+        )
 
     from tqdm.auto import tqdm
 
     num_steps = int(tc.num_steps)
     start_step = int(state.step)
     global_batch = int(config.data.per_device_batch_size) * jax.device_count()
-    bar = tqdm(total=num_steps, initial=start_step, disable=not (progress and main),
-               dynamic_ncols=True, desc=f"train {config.mode}")
+    bar = tqdm(
+        total=num_steps,
+        initial=start_step,
+        disable=not (progress and main),
+        dynamic_ncols=True,
+        desc=f"train {config.mode}",
+    )
     log_path = (lambda name: workdir / name) if main else (lambda name: os.devnull)
     mlog = open(log_path("metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
     elog = open(log_path("eval.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
@@ -242,15 +263,22 @@ def train(
                 t_steps += dt
                 n_timed += 1
             sps = n_timed / t_steps if t_steps else 0.0
-            row = {"step": step, **metrics, "step_s": dt, "data_s": t_data,
-                   "steps_per_s": sps, "images_per_s": sps * global_batch,
-                   "minutes": minutes_used()}
+            row = {
+                "step": step,
+                **metrics,
+                "step_s": dt,
+                "data_s": t_data,
+                "steps_per_s": sps,
+                "images_per_s": sps * global_batch,
+                "minutes": minutes_used(),
+            }
             mlog.write(json.dumps(row) + "\n")
             mlog.flush()
             bar.update(1)
             if step % max(int(tc.log_every), 1) == 0:
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}",
-                                iou=f"{metrics['iou'][-1]:.3f}", sps=f"{sps:.2f}")
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.3f}", iou=f"{metrics['iou'][-1]:.3f}", sps=f"{sps:.2f}"
+                )
             if eval_on and step % int(config.eval.every_steps) == 0:
                 if evaluator is not None:
                     run_eval()
@@ -264,8 +292,10 @@ def train(
         bar.close()
     if ckpt.latest_step() != step:
         save()
-    if evaluator is not None and (not _read_jsonl(workdir / "eval.jsonl") or
-                                  _read_jsonl(workdir / "eval.jsonl")[-1]["step"] != step):
+    if evaluator is not None and (
+        not _read_jsonl(workdir / "eval.jsonl")
+        or _read_jsonl(workdir / "eval.jsonl")[-1]["step"] != step
+    ):
         run_eval()
     barrier("samref_final_eval")
     mlog.close()
