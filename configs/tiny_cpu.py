@@ -4,13 +4,16 @@ Everything trains (encoder, prompt encoder, decoder, both refiners), end to end 
 ``train.rounds`` unrolled click rounds. ``mode`` picks the model: "full" (SAM + GlobalDiff +
 PatchDiff) or "sam" (the baseline: refiners off and frozen, SAM trained the same way).
 
-Commands that made the bundled checkpoints (same seed and wall-clock budget; both ran at
-the same time on the 2-core machine)::
+Commands that made the bundled checkpoints ``tiny`` and ``tiny-sam`` (same seed and wall-clock
+budget, ``train.max_minutes=36``; both ran at the same time on the 2-core machine, ~1 core
+each; results in ``runs/README_results.md``: ~1000 steps (full) and ~4000 steps (sam))::
 
     python -m train.main --config configs/tiny_cpu.py --workdir runs/tiny_full \\
-        --config.mode=full --config.data.manual_dir=/path/to/COCO_MVal
+        --config.mode=full --config.data.data_dir=runs/tfds \\
+        --config.data.manual_dir=/path/to/COCO_MVal
     python -m train.main --config configs/tiny_cpu.py --workdir runs/tiny_sam \\
-        --config.mode=sam --config.data.manual_dir=/path/to/COCO_MVal
+        --config.mode=sam --config.data.data_dir=runs/tfds \\
+        --config.data.manual_dir=/path/to/COCO_MVal
 
 ``data.manual_dir`` defaults to ``$SAMREF_DATA_DIR/COCO_MVal``. Each run writes
 ``WORKDIR/{checkpoints,metrics.jsonl,eval.jsonl,curves.png}`` and the exported model

@@ -237,7 +237,7 @@ def test_sharded_step_matches_single_device():
 @pytest.mark.parametrize("name,mode", [("tiny", "full"), ("tiny-sam", "sam")])
 def test_bundled_checkpoints_segment_grabcut(name, mode, grabcut_dir):
     from samref_jax.data.folders import read_folder_dataset
-    from samref_jax.evaluation.metrics import iou
+    from samref_jax.evaluation import run_sample
     from samref_jax.model.io import resolve_checkpoint
     from samref_jax.model.predictor import SamRefPredictor
 
@@ -252,12 +252,9 @@ def test_bundled_checkpoints_segment_grabcut(name, mode, grabcut_dir):
     assert size <= 20 * 2**20, size
     pred = SamRefPredictor.from_checkpoint(name, mode=mode)
     sample = read_folder_dataset("GrabCut", grabcut_dir)[0]
-    gt = np.asarray(sample["gt"])
-    pred.set_image(np.asarray(sample["image"]))
-    from scipy import ndimage
-
-    dt = ndimage.distance_transform_edt(np.pad(gt == 1, 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dt)), dt.shape)
-    out = pred.click(float(x), float(y))
-    assert out.mask.shape == gt.shape and out.mask.any()
-    assert iou(out.mask, gt == 1, gt == -1) > 0.3
+    image, gt = np.asarray(sample["image"]), np.asarray(sample["gt"])
+    rec, mask = run_sample(pred, image, gt, max_clicks=3)
+    assert mask.shape == gt.shape and mask.any()
+    # The shipped models are weak (36 CPU-minutes from scratch, runs/README_results.md):
+    # this image reaches IoU 0.48 (tiny) / 0.51 (tiny-sam) after 3 clicks.
+    assert max(rec["ious"]) > 0.4, rec["ious"]
