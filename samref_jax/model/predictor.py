@@ -117,7 +117,7 @@ class SamRefPredictor:
         image = as_rgb_uint8(image)
         f = self.sam_config.img_size
         resized = resize_longest_side(image, f)
-        x = normalize_and_pad(resized, _FakeModel(self.sam_config))
+        x = normalize_and_pad(resized, self.sam_config)
         self.frame_image = jnp.asarray(x)
         self.embedding = self._embed(self.params, self.frame_image)
         self.original_size = (int(image.shape[0]), int(image.shape[1]))
@@ -212,8 +212,3 @@ class SamRefPredictor:
         )
         self._history.append(_State(coords, labels, low_res, final, result))
         return result
-
-
-@dataclasses.dataclass
-class _FakeModel:
-    config: Any

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from samref_jax.sam.build import SamModel
+from samref_jax.sam.config import SamConfig
 from samref_jax.sam.mask_decoder import select_masks
 from samref_jax.sam.model import Sam
 from samref_jax.sam.transforms import (
@@ -42,10 +43,9 @@ def prompt_bucket(n: int) -> int:
     raise ValueError(f"at most {PROMPT_BUCKETS[-1]} prompt slots are supported, got {n}")
 
 
-def normalize_and_pad(resized: np.ndarray, model: SamModel) -> np.ndarray:
+def normalize_and_pad(resized: np.ndarray, cfg: SamConfig) -> np.ndarray:
     """hxwx3 uint8 resized image -> (1, S, S, 3) float32: normalise, then zero-pad (host side,
     float32 arithmetic exactly as torch does it)."""
-    cfg = model.config
     mean = np.asarray(cfg.pixel_mean, np.float32)
     std = np.asarray(cfg.pixel_std, np.float32)
     x = (resized.astype(np.float32) - mean) / std
@@ -135,7 +135,7 @@ class SamPredictor:
         """HxWx3 uint8 RGB (grey/RGBA/16-bit converted). Computes the embedding once."""
         image = as_rgb_uint8(image, image_format)
         resized = resize_longest_side(image, self.config.img_size)
-        x = normalize_and_pad(resized, self.model)
+        x = normalize_and_pad(resized, self.config)
         self.features = _embed(self.model.module, self.model.params, jnp.asarray(x))
         self.original_size = (int(image.shape[0]), int(image.shape[1]))
         self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
