@@ -11,8 +11,8 @@ Measures, with random weights, and prints markdown tables:
 * the training step of the vit_b recipe (``configs/samref_vit_b.py``: frozen image encoder, T
   unrolled click rounds, its dtype and per-device batch) on a ``('data',)`` mesh of every
   device: images/s and clicks/s (images x rounds), and model FLOPs utilisation = XLA's
-  ``cost_analysis()['flops']`` of the compiled step (per device) / step time / the device's
-  peak (the table ``PEAK_FLOPS``: dense bf16, from the vendors' data sheets).
+  ``cost_analysis()['flops']`` of the lowered (unoptimised) step / devices / step time / the
+  device's peak (the table ``PEAK_FLOPS``: dense bf16, from the vendors' data sheets).
 
 ``--smoke`` swaps in the tiny test model (64 frame, 2 rounds; the train step in ``sam`` mode,
 whose compile is the cheapest) so the same code runs on a CPU.
@@ -82,10 +82,34 @@ def _median_s(fn, runs: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def _flops(compiled) -> float:
-    ca = compiled.cost_analysis()
+def _flops(lowered) -> float:
+    """XLA's FLOP count of the unoptimised HLO of a ``jax.stages.Lowered``."""
+    ca = lowered.cost_analysis()
     ca = ca[0] if isinstance(ca, list) else ca
     return float((ca or {}).get("flops", float("nan")))
+
+
+def _on_cpu(tree, sharding=None):
+    """Abstract copies (ShapeDtypeStruct) of the arrays in ``tree``, placed on the CPU."""
+    import jax
+
+    sh = sharding or jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree
+    )
+
+
+def cpu_flops(fn, *args) -> float:
+    """Model FLOPs of ``fn(*args)``: XLA's cost analysis of the program lowered for the CPU.
+
+    Counted on the CPU backend (nothing is compiled or run there) so that every backend reports
+    the same number: on GPU, XLA's analysis of the compiled program misses the matmuls and
+    convolutions it hands to cuBLAS/cuDNN (an H200 reported 34 GFLOP for the fp32 vit_b
+    encoder instead of 988), and the lowered program's analysis is empty there.
+    """
+    import jax
+
+    return _flops(jax.jit(fn).lower(*_on_cpu(args)))
 
 
 def _fl(x: float) -> str:
@@ -139,8 +163,8 @@ def bench_encoder(sam_cfg, runs: int) -> list[list[str]]:
     rows, base = [], None
     for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
         model = Sam(sam_cfg, dtype=dtype)
-        fn = jax.jit(lambda p, x, m=model: m.apply({"params": p}, x, method=Sam.embed_image))
-        compiled = fn.lower(params, x).compile()
+        raw = lambda p, x, m=model: m.apply({"params": p}, x, method=Sam.embed_image)
+        compiled = jax.jit(raw).lower(params, x).compile()
         t = _median_s(lambda c=compiled: c(params, x), runs)
         base = base or t
         rows.append(
@@ -148,7 +172,7 @@ def bench_encoder(sam_cfg, runs: int) -> list[list[str]]:
                 f"image encoder {sam_cfg.name} {f}x{f}, batch 1, {name}",
                 _ms(t),
                 f"{base / t:.2f}x vs float32",
-                _fl(_flops(compiled)),
+                _fl(cpu_flops(raw, params, x)),
             ]
         )
     return rows
@@ -165,18 +189,12 @@ def bench_clicks(model_cfg, params, clicks: int) -> list[list[str]]:
 
     sc = sam_config_from(model_cfg)
     model = SamRef(ml_collections.FrozenConfigDict(model_cfg))
-    f, s, low = sc.img_size, sc.image_embedding_size, sc.low_res_mask_size
+    f, s = sc.img_size, sc.image_embedding_size
     n = int(model_cfg.max_clicks)
     rng = np.random.RandomState(0)
-    x0 = ClickInputs(
+    x0 = ClickInputs.first_click(sc, n)._replace(
         embedding=jnp.asarray(rng.randn(1, s, s, sc.prompt_embed_dim).astype(np.float32)),
         image=jnp.asarray(rng.randn(1, f, f, 3).astype(np.float32)),
-        coords=jnp.zeros((1, n, 2)),
-        labels=jnp.full((1, n), -1, jnp.int32),
-        num_clicks=jnp.ones((1,), jnp.int32),
-        prev_low_res=jnp.zeros((1, low, low)),
-        has_prev=jnp.zeros((1,), bool),
-        prev_logits=jnp.full((1, f, f), -20.0),
         valid_hw=jnp.asarray([[f * 3 // 4, f]], jnp.int32),
         radius=jnp.full((1,), 5.0 * f / 1024),
     )
@@ -185,10 +203,8 @@ def bench_clicks(model_cfg, params, clicks: int) -> list[list[str]]:
     labels[0] = 1
     rows, base = [], None
     for mode in ("sam", "full"):
-        step = jax.jit(
-            lambda p, x, mode=mode: model.apply({"params": p}, x, mode, method=SamRef.click)
-        )
-        compiled = step.lower(params, x0).compile()
+        raw = lambda p, x, mode=mode: model.apply({"params": p}, x, mode, method=SamRef.click)
+        compiled = jax.jit(raw).lower(params, x0).compile()
         jax.block_until_ready(compiled(params, x0))
         times, prev = [], None
         for k in range(1, clicks + 1):
@@ -214,10 +230,23 @@ def bench_clicks(model_cfg, params, clicks: int) -> list[list[str]]:
                 f"one click, mode {mode} (cached embedding, median of {clicks})",
                 _ms(med),
                 f"{med / base:.2f}x sam",
-                _fl(_flops(compiled)),
+                _fl(cpu_flops(raw, params, x0)),
             ]
         )
     return rows
+
+
+def train_step_flops(config, state, batch) -> float:
+    """Model FLOPs of one global training step (all devices together), counted on the CPU."""
+    import jax
+
+    from samref_jax.training import step as S
+
+    cpu_mesh = S.make_mesh(jax.devices("cpu")[:1])
+    fn = S.make_train_step(config, cpu_mesh, state.params, donate=False)
+    return _flops(
+        fn.lower(_on_cpu(state, S.replicated(cpu_mesh)), _on_cpu(batch, S.batch_sharding(cpu_mesh)))
+    )
 
 
 def bench_train_step(config, params, steps: int) -> tuple[list[list[str]], dict]:
@@ -240,7 +269,7 @@ def bench_train_step(config, params, steps: int) -> tuple[list[list[str]], dict]
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops = _flops(compiled)  # of the per-device program
+    flops = train_step_flops(config, state, batch) / ndev  # per device
     state, m = compiled(state, batch)  # warm-up
     jax.block_until_ready(m["loss"])
     times = []
@@ -306,19 +335,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     from samref_jax.model.samref import init_samref_params
 
+    def partial(new_rows: list[list[str]]) -> list[list[str]]:
+        # each row as soon as it is measured, so a run cut short still reports something
+        for r in new_rows:
+            print("row: " + " | ".join(str(c) for c in r), flush=True)
+        return new_rows
+
     tic = time.perf_counter()
-    rows = bench_encoder(enc_cfg, runs)
+    rows = partial(bench_encoder(enc_cfg, runs))
     sections = {"encoder": time.perf_counter() - tic}
     params = jax.jit(lambda k: init_samref_params(train_cfg.model, k))(
         jax.random.key(0, impl="rbg")
     )  # random weights, shared by the click and train rows
     tic = time.perf_counter()
-    rows += bench_clicks(train_cfg.model, params, clicks)
+    rows += partial(bench_clicks(train_cfg.model, params, clicks))
     sections["init + clicks"] = time.perf_counter() - tic
     tic = time.perf_counter()
     train_rows, info = bench_train_step(train_cfg, params, steps)
     sections["train step"] = time.perf_counter() - tic
-    rows += train_rows
+    rows += partial(train_rows)
     print()
     print("| measurement | time | rate / ratio | work |")
     print("|---|---|---|---|")

@@ -27,7 +27,7 @@ def main() -> None:
     import jax.numpy as jnp
     import ml_collections
 
-    from samref_jax.model.config import MODES, samref_model_config
+    from samref_jax.model.config import MODES, sam_config_from, samref_model_config
     from samref_jax.model.samref import ClickInputs, SamRef, init_samref_params
     from samref_jax.refiners.modules import GlobalDiff, PatchDiff
 
@@ -37,15 +37,9 @@ def main() -> None:
     f, s = 1024, 64
     rng = np.random.RandomState(0)
     n = int(cfg.max_clicks)
-    x = ClickInputs(
+    x = ClickInputs.first_click(sam_config_from(cfg), n)._replace(
         embedding=jnp.asarray(rng.randn(1, s, s, 256).astype(np.float32)),
         image=jnp.asarray(rng.randn(1, f, f, 3).astype(np.float32)),
-        coords=jnp.zeros((1, n, 2)),
-        labels=jnp.full((1, n), -1, jnp.int32),
-        num_clicks=jnp.ones((1,), jnp.int32),
-        prev_low_res=jnp.zeros((1, 256, 256)),
-        has_prev=jnp.zeros((1,), bool),
-        prev_logits=jnp.full((1, f, f), -20.0),
         valid_hw=jnp.asarray([[768, 1024]], jnp.int32),
         radius=jnp.full((1,), 8.0),
     )

@@ -6,6 +6,12 @@ Times the image-encoder forward (fp32, 1024x1024) and one prompt-encoder + mask-
 on a cached embedding (one point, multimask, official `SamPredictor.predict` vs ours, which
 includes postprocessing to the original size in both). Prints a markdown table with the
 JAX/torch wall-time ratio (lower is better for JAX). Needs the `test` extra (torch).
+
+With ``--torch-device cuda`` (JAX then runs on its default backend, a GPU when one is present)
+the torch side runs on the GPU with TF32 off, and the table adds the largest embedding
+difference between the two at JAX's default matmul precision (TF32 on NVIDIA) and at
+``"highest"`` (true float32; SPEC s.2). The timed JAX encoder runs at the default precision,
+so on NVIDIA GPUs its ratio compares TF32 (JAX) with true float32 (torch).
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--decoder-runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--torch-device", default="cpu", help="cpu or cuda")
+    ap.add_argument(
+        "--parity", action="store_true", help="add embedding differences (always on with cuda)"
+    )
     args = ap.parse_args()
 
     import jax
@@ -37,15 +47,25 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     ts = official_sam(args.model_type)
-    _, params = convert_state_dict(state_dict_numpy(ts))
+    _, params = convert_state_dict(state_dict_numpy(ts), config=sam_config(args.model_type))
+    dev = torch.device(args.torch_device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    ts = ts.to(dev)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     model = SamModel(sam_config(args.model_type), jax.tree_util.tree_map(jnp.asarray, params))
     rng = np.random.RandomState(0)
-    x = rng.randn(1, 1024, 1024, 3).astype(np.float32)
-    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    f = sam_config(args.model_type).img_size
+    x = rng.randn(1, f, f, 3).astype(np.float32)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dev)
 
     def torch_enc():
         with torch.no_grad():
-            return ts.image_encoder(xt)
+            out = ts.image_encoder(xt)
+        sync()
+        return out
 
     xj = jnp.asarray(x)
     import time
@@ -63,14 +83,15 @@ def main() -> None:
     ours = SamPredictor(model)
     ours.set_image(image)
     pt = dict(point_coords=np.array([[320, 240]]), point_labels=np.array([1]))
-    d_torch, _ = median_time(lambda: official.predict(**pt), args.decoder_runs, warmup=2)
+    d_torch, _ = median_time(lambda: (official.predict(**pt), sync()), args.decoder_runs, warmup=2)
     d_jax, _ = median_time(lambda: ours.predict(**pt), args.decoder_runs, warmup=2)
 
     rows = [
         [
-            f"{args.model_type} image encoder fp32 (1x1024x1024)",
-            f"{t_torch:.2f} s",
-            f"{t_jax:.2f} s",
+            f"{args.model_type} image encoder fp32 (1x{f}x{f})"
+            + (" (JAX: TF32 matmuls)" if cuda and jax.default_backend() == "gpu" else ""),
+            f"{t_torch:.2f} s" if t_torch >= 1 else f"{t_torch * 1e3:.1f} ms",
+            f"{t_jax:.2f} s" if t_jax >= 1 else f"{t_jax * 1e3:.1f} ms",
             f"{t_jax / t_torch:.2f}",
         ],
         [
@@ -80,6 +101,21 @@ def main() -> None:
             f"{d_jax / d_torch:.2f}",
         ],
     ]
+    if cuda or args.parity:
+        ref = torch_enc().cpu().numpy().transpose(0, 2, 3, 1)
+        for prec in ("default", "highest"):
+            with jax.default_matmul_precision(prec):
+                emb = np.asarray(jax.jit(lambda p, x: _embed(model.module, p, x))(model.params, xj))
+            rows.append(
+                [
+                    f"embedding max abs diff vs torch, JAX matmul precision {prec!r}",
+                    "-",
+                    f"{np.abs(emb - ref).max():.2e}",
+                    "-",
+                ]
+            )
+    if cuda:
+        print(f"torch device: {torch.cuda.get_device_name()} (TF32 off), torch {torch.__version__}")
     print(machine_line(), f"torch_threads={torch.get_num_threads()}")
     print(f"JAX encoder compile: {compile_s:.1f} s (not in the medians)")
     print(table(["what (median)", "torch (official)", "JAX (ours)", "JAX/torch"], rows))

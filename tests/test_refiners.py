@@ -465,3 +465,37 @@ def test_bf16_close_to_fp32(global_setup):
     for a, b in zip(o32, o16, strict=True):
         scale = float(jnp.abs(a).max())
         assert float(jnp.abs(a - b).max()) <= 0.05 * scale + 0.05
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_fused_layers_match_flax_reference(jit):
+    """GroupNorm, DepthwiseConv, PointwiseConv (fast XLA:CPU forms) equal flax's layers."""
+    import flax.linen as nn
+
+    from samref_jax.refiners.refiner import DepthwiseConv, GroupNorm, PointwiseConv
+
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(2, 12, 10, 16).astype(np.float32) * 3 + 1.5)
+    pairs = [
+        (GroupNorm(num_groups=4, epsilon=1e-5), nn.GroupNorm(num_groups=4, epsilon=1e-5), 1e-5),
+        (DepthwiseConv(3), nn.Conv(16, (3, 3), padding="SAME", feature_group_count=16), 1e-5),
+        (PointwiseConv(8), nn.Conv(8, (1, 1)), 1e-5),
+    ]
+    for ours, ref, tol in pairs:
+        params = ref.init(_key(0), x)
+        # random scale/bias/kernel: the initial ones (1, 0) would hide a mix-up
+        params = jax.tree_util.tree_map(lambda a: a + jax.random.normal(_key(2), a.shape), params)
+        chex.assert_trees_all_equal_shapes(ours.init(_key(0), x), params)
+        f = lambda p, y, m=ours: m.apply(p, y)
+        f = jax.jit(f) if jit else f
+        np.testing.assert_allclose(f(params, x), ref.apply(params, x), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="groups"):
+        GroupNorm(num_groups=3).init(_key(0), x)
+    gn16 = GroupNorm(num_groups=4, dtype=jnp.bfloat16)
+    y16 = gn16.apply(gn16.init(_key(0), x), x.astype(jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(y16, np.float32),
+        nn.GroupNorm(num_groups=4).apply(nn.GroupNorm(num_groups=4).init(_key(0), x), x),
+        atol=0.05,
+    )

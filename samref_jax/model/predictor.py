@@ -119,7 +119,8 @@ class SamRefPredictor:
         resized = resize_longest_side(image, f)
         x = normalize_and_pad(resized, self.sam_config)
         self.frame_image = jnp.asarray(x)
-        self.embedding = self._embed(self.params, self.frame_image)
+        # Wait for it: the embedding is the expensive step, and callers time set_image.
+        self.embedding = jax.block_until_ready(self._embed(self.params, self.frame_image))
         self.original_size = (int(image.shape[0]), int(image.shape[1]))
         self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
         self.reset()

@@ -56,6 +56,27 @@ class ClickInputs(NamedTuple):
     valid_hw: Array
     radius: Array
 
+    @classmethod
+    def first_click(cls, sam_cfg: Any, max_clicks: int, batch: int = 1) -> ClickInputs:
+        """Inputs of a first click at the frame origin on a blank image (shapes and init).
+
+        ``sam_cfg`` is a SamConfig; replace fields with ``._replace(...)``, e.g.
+        ``ClickInputs.first_click(cfg, 24)._replace(embedding=emb, image=img)``.
+        """
+        f, s, b, n = sam_cfg.img_size, sam_cfg.image_embedding_size, batch, int(max_clicks)
+        return cls(
+            embedding=jnp.zeros((b, s, s, sam_cfg.prompt_embed_dim)),
+            image=jnp.zeros((b, f, f, 3)),
+            coords=jnp.zeros((b, n, 2)),
+            labels=jnp.full((b, n), -1, jnp.int32).at[:, 0].set(1),
+            num_clicks=jnp.ones((b,), jnp.int32),
+            prev_low_res=jnp.zeros((b, 4 * s, 4 * s)),
+            has_prev=jnp.zeros((b,), bool),
+            prev_logits=jnp.full((b, f, f), -20.0),
+            valid_hw=jnp.full((b, 2), f, jnp.int32),
+            radius=jnp.ones((b,), jnp.float32),
+        )
+
 
 class ClickOutputs(NamedTuple):
     """Outputs of one click step.
@@ -148,22 +169,7 @@ def init_samref_params(
 ) -> dict[str, Any]:
     """Random SAM-REF params (small: 1 sample). `sam_params` replaces the SAM subtree."""
     model = SamRef(ml_collections.FrozenConfigDict(config))
-    sc = sam_config_from(config)
-    f = sc.img_size
-    s = sc.image_embedding_size
-    n = int(config.max_clicks)
-    x = ClickInputs(
-        embedding=jnp.zeros((1, s, s, sc.prompt_embed_dim)),
-        image=jnp.zeros((1, f, f, 3)),
-        coords=jnp.zeros((1, n, 2)),
-        labels=jnp.full((1, n), -1, jnp.int32).at[:, 0].set(1),
-        num_clicks=jnp.ones((1,), jnp.int32),
-        prev_low_res=jnp.zeros((1, 4 * s, 4 * s)),
-        has_prev=jnp.zeros((1,), bool),
-        prev_logits=jnp.full((1, f, f), -20.0),
-        valid_hw=jnp.array([[f, f]], jnp.int32),
-        radius=jnp.ones((1,), jnp.float32),
-    )
+    x = ClickInputs.first_click(sam_config_from(config), int(config.max_clicks))
     if sam_params is None:
         params = jax.jit(lambda r: model.init(r, x, "full")["params"])(rng)
     else:

@@ -73,10 +73,42 @@ def _act(name: str):
     }[name]
 
 
+class GroupNorm(nn.Module):
+    """GroupNorm over the channels of (B, H, W, C), statistics in float32.
+
+    Same parameters (``scale``, ``bias``: (C,)) and formula as ``nn.GroupNorm`` with its default
+    fast variance (``E[x^2] - E[x]^2``), but the statistics are per-channel sums over H, W first
+    and then over the channels of each group: XLA:CPU runs this about 8x faster than flax's
+    reduction over a (B, H, W, G, C/G) view (0.5 ms vs 4 ms at 128x128x32).
+    """
+
+    num_groups: int
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        g = self.num_groups
+        if c % g:
+            raise ValueError(f"{c} channels do not split into {g} groups")
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        n = h * w * (c // g)
+        mean = jnp.sum(xf, axis=(1, 2)).reshape(b, g, c // g).sum(-1) / n  # (B, G)
+        sq = jnp.sum(xf * xf, axis=(1, 2)).reshape(b, g, c // g).sum(-1) / n
+        var = jnp.maximum(sq - mean * mean, 0.0)
+        inv = jax.lax.rsqrt(var + self.epsilon)
+        mean_c = jnp.repeat(mean, c // g, axis=1)[:, None, None, :]
+        mul = jnp.repeat(inv, c // g, axis=1)[:, None, None, :] * scale
+        return ((xf - mean_c) * mul + bias).astype(self.dtype)
+
+
 def _norm(cfg: Any, dtype: Any, name: str | None = None) -> nn.Module:
     if cfg.norm == "group":
         groups = math.gcd(int(cfg.num_groups), int(cfg.width))
-        return nn.GroupNorm(num_groups=groups, epsilon=cfg.norm_eps, dtype=dtype, name=name)
+        return GroupNorm(num_groups=groups, epsilon=cfg.norm_eps, dtype=dtype, name=name)
     if cfg.norm == "layer":
         return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dtype, name=name)
     raise ValueError(f"unknown norm {cfg.norm!r}")
@@ -124,6 +156,27 @@ class DepthwiseConv(nn.Module):
         return out
 
 
+class PointwiseConv(nn.Module):
+    """1x1 convolution as a matrix product over channels: (B, H, W, Cin) -> (B, H, W, Cout).
+
+    Same parameters as ``nn.Conv(features, (1, 1))`` (kernel (1, 1, Cin, Cout), bias (Cout,)),
+    so checkpoints are interchangeable; XLA:CPU runs the dot 2-4x faster than its convolution.
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cin = x.shape[-1]
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (1, 1, cin, self.features), jnp.float32
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
 class SepBlock(nn.Module):
     """Residual depthwise-separable block: dw kxk -> norm -> act -> 1x1 -> norm, + skip, act."""
 
@@ -136,7 +189,7 @@ class SepBlock(nn.Module):
         act = _act(self.cfg.act)
         y = DepthwiseConv(k, self.dtype, name="dw")(x)
         y = act(_norm(self.cfg, self.dtype, "norm1")(y))
-        y = nn.Conv(c, (1, 1), dtype=self.dtype, name="pw")(y)
+        y = PointwiseConv(c, self.dtype, name="pw")(y)
         y = _norm(self.cfg, self.dtype, "norm2")(y)
         return act(x + y)
 
@@ -201,7 +254,7 @@ class DiffRefiner(nn.Module):
         for i in range(cfg.blocks_before):
             x = SepBlock(cfg, dtype, name=f"block_{i}")(x)
 
-        e = nn.Conv(cfg.width, (1, 1), dtype=dtype, name="embed_proj")(embedding.astype(dtype))
+        e = PointwiseConv(cfg.width, dtype, name="embed_proj")(embedding.astype(dtype))
         x = x + _resize(e, x.shape[1:3]).astype(dtype)
         for i in range(cfg.blocks_after):
             x = SepBlock(cfg, dtype, name=f"block_{cfg.blocks_before + i}")(x)

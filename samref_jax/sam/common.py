@@ -116,7 +116,12 @@ def resize_bilinear(
     (..., H, W) map; use (1, 2) for NHWC).
     """
     out = x
-    for axis, n_out in zip(axes, size, strict=True):
+    steps = list(zip(axes, size, strict=True))
+    if size[-1] > x.shape[axes[-1]]:
+        # Upsampling the inner axis: do it first, while the array is small (its gather moves
+        # single elements; the outer axis' gather moves whole rows).
+        steps = steps[::-1]
+    for axis, n_out in steps:
         n_in = x.shape[axis]
         if n_in == n_out:
             continue

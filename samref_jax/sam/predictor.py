@@ -136,7 +136,10 @@ class SamPredictor:
         image = as_rgb_uint8(image, image_format)
         resized = resize_longest_side(image, self.config.img_size)
         x = normalize_and_pad(resized, self.config)
-        self.features = _embed(self.model.module, self.model.params, jnp.asarray(x))
+        # Computed before returning (as the official predictor does): callers time set_image.
+        self.features = jax.block_until_ready(
+            _embed(self.model.module, self.model.params, jnp.asarray(x))
+        )
         self.original_size = (int(image.shape[0]), int(image.shape[1]))
         self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
         self.is_image_set = True

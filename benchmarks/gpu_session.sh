@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU measurements in the README, as one command on a borrowed single-GPU machine whose
+# Python already has jax[cuda], flax's dependencies, optax and torch (no network there).
+# Pure-Python pieces it lacks travel as wheels in .whl/ (see the README, "Accelerator"):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       flax==0.12.8 ml_collections==1.1.0 segment-anything==1.0
+# Usage: OUT=/some/dir bash benchmarks/gpu_session.sh
+set -o pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"
+timeout "${ACCEL_TIMEOUT:-330}" python3 benchmarks/accelerator.py 2>&1 | tee "$OUT/accelerator.txt"
+echo "accelerator rc=$?"
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 timeout "${LATENCY_TIMEOUT:-150}" \
+  python3 benchmarks/sam_latency.py --torch-device cuda --runs 10 --decoder-runs 50 2>&1 \
+  | tee "$OUT/sam_latency_gpu.txt"
+echo "sam_latency rc=$?"
