@@ -11,8 +11,9 @@ Measures, with random weights, and prints markdown tables:
 * the training step of the vit_b recipe (``configs/samref_vit_b.py``: frozen image encoder, T
   unrolled click rounds, its dtype and per-device batch) on a ``('data',)`` mesh of every
   device: images/s and clicks/s (images x rounds), and model FLOPs utilisation = XLA's
-  ``cost_analysis()['flops']`` of the lowered (unoptimised) step / devices / step time / the
-  device's peak (the table ``PEAK_FLOPS``: dense bf16, from the vendors' data sheets).
+  ``cost_analysis()['flops']`` of the step lowered for the CPU backend (see ``cpu_flops``) /
+  devices / step time / the device's peak (the table ``PEAK_FLOPS``: dense bf16, from the
+  vendors' data sheets).
 
 ``--smoke`` swaps in the tiny test model (64 frame, 2 rounds; the train step in ``sam`` mode,
 whose compile is the cheapest) so the same code runs on a CPU.
