@@ -284,7 +284,7 @@ def make_train_step(
         (loss, metrics), grads = grad_fn(state.params, batch, model, config)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = learning_rate_schedule(config.train)(state.step)
         new = TrainState(state.step + 1, params, opt_state, state.rng)
         return new, metrics
