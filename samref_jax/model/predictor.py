@@ -64,6 +64,10 @@ def _to_original(logits: jax.Array, input_hw: tuple[int, int], original_hw: tupl
     return resize_bilinear(logits[:, : input_hw[0], : input_hw[1]], original_hw)
 
 
+# Distinct frame maps a mode produces (see SamRef.click): final, SAM, GlobalDiff.
+_NUM_MAPS = {"sam": 1, "global": 2, "full": 3}
+
+
 class SamRefPredictor:
     """Interactive SAM-REF on one image at a time. `mode`: "sam", "global" or "full"."""
 
@@ -152,7 +156,10 @@ class SamRefPredictor:
             @jax.jit
             def step(params, x: ClickInputs):
                 out: ClickOutputs = model.apply({"params": params}, x, mode, method=SamRef.click)
-                maps = jnp.stack([out.final_logits, out.sam_logits, out.global_logits], 1)
+                # Only the distinct maps (final, then SAM, then GlobalDiff): in "sam" mode all
+                # three are SAM's logits, in "global" the final one is GlobalDiff's.
+                distinct = [out.final_logits, out.sam_logits, out.global_logits][: _NUM_MAPS[mode]]
+                maps = jnp.stack(distinct, 1)
                 return out.low_res, out.final_logits, maps[0], out.window[0], out.score[0]
 
             self._steps[mode] = step
@@ -206,8 +213,8 @@ class SamRefPredictor:
         result = ClickResult(
             mask=orig[0] > 0,
             logits=orig[0],
-            sam_mask=orig[1] > 0,
-            global_mask=orig[2] > 0,
+            sam_mask=orig[min(1, len(orig) - 1)] > 0,
+            global_mask=(orig[2] if len(orig) == 3 else orig[0]) > 0,
             window=win,
             score=float(score),
         )
