@@ -3,7 +3,8 @@
     python benchmarks/click_latency.py [--clicks 20] [--model-type vit_b]
 
 For `sam`, `global` and `full`: median wall time of one jitted click step (prompt encoder, mask
-decoder, upscaling, refiners; embedding cached, random weights). Also the JAX SAM decoder
+decoder, upscaling, refiners; embedding cached, random weights), the modes interleaved click
+by click so that each sees the same machine conditions. Also the JAX SAM decoder
 against the official torch decoder on the same embedding (same process), and each refiner's
 parameter count and FLOPs per click from XLA's cost analysis. Prints markdown tables.
 """
@@ -23,6 +24,8 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip the torch decoder comparison")
     args = ap.parse_args()
 
+    import time
+
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -34,11 +37,12 @@ def main() -> None:
     cfg = samref_model_config(args.model_type)
     params = init_samref_params(cfg, jax.random.key(0, impl="rbg"))
     model = SamRef(ml_collections.FrozenConfigDict(cfg))
-    f, s = 1024, 64
+    sc = sam_config_from(cfg)
+    f, s, d = sc.img_size, sc.image_embedding_size, sc.prompt_embed_dim
     rng = np.random.RandomState(0)
     n = int(cfg.max_clicks)
     x = ClickInputs.first_click(sam_config_from(cfg), n)._replace(
-        embedding=jnp.asarray(rng.randn(1, s, s, 256).astype(np.float32)),
+        embedding=jnp.asarray(rng.randn(1, s, s, d).astype(np.float32)),
         image=jnp.asarray(rng.randn(1, f, f, 3).astype(np.float32)),
         valid_hw=jnp.asarray([[768, 1024]], jnp.int32),
         radius=jnp.full((1,), 8.0),
@@ -61,36 +65,37 @@ def main() -> None:
             y = y._replace(prev_low_res=prev.low_res, prev_logits=prev.final_logits)
         return y
 
-    rows, medians, flops = [], {}, {}
+    # Modes are interleaved click by click (each with its own chain of previous outputs), so
+    # that every mode sees the same machine conditions; the ratios are of medians.
+    steps, flops, prev, times = {}, {}, {}, {m: [] for m in MODES}
     for mode in MODES:
-        step = jax.jit(
+        steps[mode] = jax.jit(
             lambda p, x, mode=mode: model.apply({"params": p}, x, mode, method=SamRef.click)
         )
-        compiled = step.lower(params, x).compile()
-        ca = compiled.cost_analysis()
+        ca = steps[mode].lower(params, x).compile().cost_analysis()
         ca = ca[0] if isinstance(ca, list) else ca
         flops[mode] = float(ca.get("flops", float("nan")))
-        times = []
-        prev = None
-        jax.block_until_ready(step(params, inputs(1, None)))
-        import time
-
-        for k in range(1, args.clicks + 1):
-            xi = inputs(k, prev)
+        first = jax.block_until_ready(steps[mode](params, inputs(1, None)))
+        jax.block_until_ready(steps[mode](params, inputs(2, first)))  # warm: both input kinds
+        prev[mode] = None
+    for k in range(1, args.clicks + 1):
+        for mode in MODES:
+            xi = inputs(k, prev[mode])
             t = time.perf_counter()
-            prev = jax.block_until_ready(step(params, xi))
-            times.append(time.perf_counter() - t)
-        medians[mode] = float(np.median(times))
-        rows.append(
-            [
-                mode,
-                f"{medians[mode] * 1e3:.1f} ms",
-                f"{medians[mode] / medians.get('sam', medians[mode]):.2f}",
-                f"{flops[mode] / 1e9:.2f}",
-            ]
-        )
+            prev[mode] = jax.block_until_ready(steps[mode](params, xi))
+            times[mode].append(time.perf_counter() - t)
+    medians = {m: float(np.median(t)) for m, t in times.items()}
+    rows = [
+        [
+            mode,
+            f"{medians[mode] * 1e3:.1f} ms",
+            f"{medians[mode] / medians['sam']:.2f}",
+            f"{flops[mode] / 1e9:.2f}",
+        ]
+        for mode in MODES
+    ]
     print(machine_line())
-    print(f"{args.clicks} clicks per mode, vit_b frame 1024, cached embedding")
+    print(f"{args.clicks} clicks per mode (modes interleaved), frame {f}, cached embedding")
     print(table(["mode", "median per click", "x sam", "GFLOPs/click (XLA)"], rows))
 
     count = lambda t: sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(t))

@@ -72,7 +72,7 @@ class ClickInputs(NamedTuple):
             num_clicks=jnp.ones((b,), jnp.int32),
             prev_low_res=jnp.zeros((b, 4 * s, 4 * s)),
             has_prev=jnp.zeros((b,), bool),
-            prev_logits=jnp.full((b, f, f), -20.0),
+            prev_logits=jnp.full((b, f, f), -20.0, jnp.float32),
             valid_hw=jnp.full((b, 2), f, jnp.int32),
             radius=jnp.ones((b,), jnp.float32),
         )

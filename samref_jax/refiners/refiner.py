@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from samref_jax.sam.common import resize_bilinear
+from samref_jax.sam.common import gelu, resize_bilinear
 
 Array = jax.Array
 
@@ -67,7 +67,7 @@ def default_refiner_config() -> ml_collections.ConfigDict:
 
 def _act(name: str):
     return {
-        "gelu": lambda x: nn.gelu(x, approximate=False),
+        "gelu": gelu,  # exact (erf)
         "relu": nn.relu,
         "silu": nn.silu,
     }[name]
@@ -128,6 +128,20 @@ def _resize(x: Array, hw: tuple[int, int], antialias: bool = False) -> Array:
     return jax.image.resize(x, shape, method="bilinear", antialias=antialias)
 
 
+class _ConvParams(nn.Module):
+    """Only the parameters of an ``nn.Conv`` (``kernel`` of ``shape``, ``bias`` (out,)), so that
+    several convolutions can run as one while keeping their checkpoint names."""
+
+    shape: tuple[int, ...]
+    kernel_init: Any
+    bias_init: Any
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array]:
+        kernel = self.param("kernel", self.kernel_init, self.shape, jnp.float32)
+        return kernel, self.param("bias", self.bias_init, self.shape[-1:], jnp.float32)
+
+
 class DepthwiseConv(nn.Module):
     """Depthwise k x k convolution, SAME padding, as k*k shifted multiply-adds.
 
@@ -146,14 +160,20 @@ class DepthwiseConv(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         kernel = kernel.astype(self.dtype)
-        lo = (k - 1) // 2
+        xp = _pad_same(x.astype(self.dtype), k)
         h, w = x.shape[1], x.shape[2]
-        xp = jnp.pad(x.astype(self.dtype), ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
         out = jnp.zeros(x.shape, self.dtype) + bias.astype(self.dtype)
         for dy in range(k):
             for dx in range(k):
                 out = out + xp[:, dy : dy + h, dx : dx + w, :] * kernel[dy, dx, 0]
         return out
+
+
+def _pad_same(x: Array, k: int) -> Array:
+    """Zero-pads the two spatial axes of (B, H, W, ...) for a stride-1 SAME k x k window."""
+    lo = (k - 1) // 2
+    pad = ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo)) + ((0, 0),) * (x.ndim - 3)
+    return jnp.pad(x, pad)
 
 
 class PointwiseConv(nn.Module):
@@ -266,20 +286,27 @@ class DiffRefiner(nn.Module):
             )
         else:
             kinit = nn.initializers.zeros
-        d = nn.Conv(
-            1, (hk, hk), padding="SAME", kernel_init=kinit, dtype=dtype, name="detail_head"
-        )(x)
-        err = nn.Conv(
-            1,
-            (hk, hk),
-            padding="SAME",
-            kernel_init=kinit,
-            bias_init=nn.initializers.constant(cfg.error_bias_init),
-            dtype=dtype,
+        # The two heads run as one 2-channel convolution (their parameters stay separate).
+        kd, bd = _ConvParams(
+            (hk, hk, x.shape[-1], 1), kinit, nn.initializers.zeros, name="detail_head"
+        )()
+        ke, be = _ConvParams(
+            (hk, hk, x.shape[-1], 1),
+            kinit,
+            nn.initializers.constant(cfg.error_bias_init),
             name="error_head",
-        )(x)
-        heads = _resize(jnp.concatenate([d, err], -1).astype(jnp.float32), (h, w))
-        d, err = heads[..., 0], heads[..., 1]
+        )()
+        heads = jax.lax.conv_general_dilated(
+            x,
+            jnp.concatenate([kd, ke], -1).astype(dtype),
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        ) + jnp.concatenate([bd, be]).astype(dtype)
+        # Each head resized on its own (B, h', w') plane: its gathers then move contiguous rows
+        # and fuse into their one consumer.
+        heads = heads.astype(jnp.float32)
+        d, err = resize_bilinear(heads[..., 0], (h, w)), resize_bilinear(heads[..., 1], (h, w))
         if cfg.detail_residual:
             d = s + d
         p = jax.nn.sigmoid(err)

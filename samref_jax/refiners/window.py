@@ -150,6 +150,17 @@ def _lerp_axis(x: Array, pos: Array, axis: int) -> Array:
     return a + (b - a) * t
 
 
+def _lerp_matrix(pos: Array, n: int) -> Array:
+    """(len(pos), n) matrix of :func:`_lerp_axis`'s weights: row k has ``1 - t`` at ``i0`` and
+    ``t`` at ``i1`` (a sum of 1 at ``i0`` when ``t == 0``), so ``M @ x`` interpolates ``x``."""
+    p = jnp.clip(pos, 0.0, n - 1.0)
+    i0 = jnp.clip(jnp.floor(p).astype(jnp.int32), 0, max(n - 2, 0))
+    i1 = jnp.minimum(i0 + 1, n - 1)
+    t = (p - i0.astype(p.dtype)).astype(jnp.float32)[:, None]
+    k = jnp.arange(n, dtype=jnp.int32)[None, :]
+    return jnp.where(k == i0[:, None], 1.0 - t, 0.0) + jnp.where(k == i1[:, None], t, 0.0)
+
+
 def crop_patch(
     x: Array,
     window: Array,
@@ -218,8 +229,17 @@ def paste_patch(full: Array, patch: Array, window: Array, add: bool = False) -> 
     bh = jnp.maximum(window[3] - window[1], 1e-6)
     v = (jnp.arange(h, dtype=jnp.float32) + 0.5 - window[1]) * (ph / bh) - 0.5
     u = (jnp.arange(w, dtype=jnp.float32) + 0.5 - window[0]) * (pw / bw) - 0.5
-    # Columns first, on the small patch; the rows' gather then moves contiguous rows.
-    vals = _lerp_axis(_lerp_axis(patch, u, 1), v, 0)
+    # Columns first, as a product with the (W, P) interpolation matrix: a dot's output is
+    # materialised, whereas a gather fused into the frame-sized loop below made XLA recompute
+    # the patch's producers (refiner heads, crops) for every frame pixel (17 ms instead of
+    # about 3 ms per 1024 frame on CPU). The rows' gather then moves contiguous rows.
+    cols = jnp.einsum(
+        "ju,pu...->pj...",
+        _lerp_matrix(u, pw),
+        patch.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    vals = _lerp_axis(cols, v, 0)
     if add:
         vals = full.astype(jnp.float32) + vals
     mask = inside_window(window, h, w).reshape((h, w) + (1,) * (full.ndim - 2))

@@ -18,8 +18,12 @@ Dtype = Any
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as `torch.nn.GELU()`."""
-    return jax.nn.gelu(x, approximate=False)
+    """Exact (erf) GELU with torch's formula, `x * 0.5 * (1 + erf(x / sqrt(2)))`.
+
+    Same function as `jax.nn.gelu(x, approximate=False)` (which uses `erfc`), but XLA:CPU runs
+    `erf` about 3x faster than `erfc`, and this is the expression `torch.nn.GELU()` evaluates.
+    """
+    return x * 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
 def layer_norm(eps: float, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
