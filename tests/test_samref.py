@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from samref_jax.checkpoint import CheckpointError, save_model_checkpoint
-from samref_jax.model.config import samref_model_config
+from samref_jax.model.config import sam_config_from, samref_model_config
 from samref_jax.model.io import load_samref, save_samref
 from samref_jax.model.predictor import SamRefPredictor
 from samref_jax.model.samref import ClickInputs, SamRef, init_samref_params
@@ -156,6 +156,24 @@ def test_twenty_clicks_trace_step_once(setup):
             x = x._replace(prev_low_res=out.low_res, prev_logits=out.final_logits)
         out = step(params, x)
     jax.block_until_ready(out)
+
+
+def test_first_click_inputs_are_not_weakly_typed(setup):
+    # A weakly typed leaf (e.g. a Python-float fill) would retrace the step on click 2, when
+    # the fed-back outputs arrive with strong types.
+    cfg, params = setup
+    model = SamRef(ml_collections.FrozenConfigDict(cfg))
+    x = ClickInputs.first_click(sam_config_from(cfg), int(cfg.max_clicks))
+    assert not any(leaf.weak_type for leaf in jax.tree_util.tree_leaves(x))
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(p, x):
+        return model.apply({"params": p}, x, "full", method=SamRef.click)
+
+    out = step(params, x)
+    x = x._replace(prev_low_res=out.low_res, prev_logits=out.final_logits)
+    jax.block_until_ready(step(params, x._replace(has_prev=jnp.asarray([True]))))
 
 
 def test_bf16_close_to_fp32(setup):
