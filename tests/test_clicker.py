@@ -13,6 +13,7 @@ from samref_jax.data import read_folder_dataset
 from samref_jax.interaction.clicker import (
     ClickState,
     has_error,
+    max_sq_edt_bound,
     next_click,
     next_click_jax,
     squared_edt,
@@ -145,6 +146,42 @@ def test_random_cases_match_brute_force():
             brute = _brute_sq_edt(region)
             np.testing.assert_array_equal(np.asarray(edt(region)), brute)
             np.testing.assert_array_equal(squared_edt(region), brute)
+
+
+def test_skipping_the_second_transform_gives_the_same_click():
+    # next_click skips one region's EDT when a bounding-box bound on its maximum already decides
+    # the sign; compare with always transforming both, on shapes that take every branch.
+    def both_transforms(gt, pred, clicked):
+        dt_fn = squared_edt(gt & ~pred) * ~clicked
+        dt_fp = squared_edt(~gt & pred) * ~clicked
+        positive = bool(dt_fn.max() > dt_fp.max())
+        dt = dt_fn if positive else dt_fp
+        y, x = np.unravel_index(int(np.argmax(dt)), dt.shape)
+        return int(y), int(x), positive
+
+    rng = np.random.default_rng(1)
+    branches = set()
+    for trial in range(300):
+        h, w = rng.integers(5, 60, size=2)
+        scale = int(rng.integers(1, 8))
+        gt = ndimage.uniform_filter(rng.random((h, w)), scale) > rng.uniform(0.3, 0.7)
+        pred = ndimage.uniform_filter(rng.random((h, w)), scale) > rng.uniform(0.3, 0.7)
+        clicked = rng.random((h, w)) < rng.choice([0.0, 0.05, 0.5])
+        for region in (gt, pred, gt & ~pred):
+            assert squared_edt(region).max(initial=0) <= max_sq_edt_bound(region)
+        fn_first = max_sq_edt_bound(gt & ~pred) >= max_sq_edt_bound(~gt & pred)
+        expected = both_transforms(gt, pred, clicked)
+        branches.add((fn_first, expected[2]))
+        assert next_click(gt, pred, clicked) == expected, trial
+    assert branches == {(True, True), (True, False), (False, True), (False, False)}
+
+
+def test_max_sq_edt_bound_is_tight_for_squares():
+    for side in range(1, 12):
+        sq = np.zeros((side + 4, side + 4), bool)
+        sq[2 : 2 + side, 2 : 2 + side] = True
+        assert squared_edt(sq).max() == max_sq_edt_bound(sq) or side % 2 == 0
+    assert max_sq_edt_bound(np.zeros((3, 3), bool)) == 0
 
 
 def test_canvas_padding_and_vmap_give_the_same_click(grabcut_dir):

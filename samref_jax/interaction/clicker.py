@@ -36,6 +36,7 @@ __all__ = [
     "ClickState",
     "error_masks",
     "has_error",
+    "max_sq_edt_bound",
     "next_click",
     "next_click_jax",
     "squared_edt",
@@ -118,12 +119,40 @@ def next_click(
     not_clicked = (
         np.ones(fn.shape, dtype=bool) if clicked is None else ~np.asarray(clicked, dtype=bool)
     )
-    dt_fn = squared_edt(fn) * not_clicked
-    dt_fp = squared_edt(fp) * not_clicked
+    # The region with the larger bound on its maximum first; the other region's transform is
+    # skipped when its bound already decides the comparison (the click is the same).
+    bound_fn, bound_fp = max_sq_edt_bound(fn), max_sq_edt_bound(fp)
+    if bound_fn >= bound_fp:
+        dt_fn = squared_edt(fn) * not_clicked
+        if bound_fp < dt_fn.max():  # then max(dt_fp) <= bound_fp < max(dt_fn): positive
+            return _first_max(dt_fn, True)
+        dt_fp = squared_edt(fp) * not_clicked
+    else:
+        dt_fp = squared_edt(fp) * not_clicked
+        if bound_fn <= dt_fp.max():  # then max(dt_fn) <= max(dt_fp): negative (ties too)
+            return _first_max(dt_fp, False)
+        dt_fn = squared_edt(fn) * not_clicked
     is_positive = bool(dt_fn.max() > dt_fp.max())
-    dt = dt_fn if is_positive else dt_fp
+    return _first_max(dt_fn if is_positive else dt_fp, is_positive)
+
+
+def _first_max(dt: np.ndarray, is_positive: bool) -> tuple[int, int, bool]:
     y, x = np.unravel_index(int(np.argmax(dt)), dt.shape)  # argmax: first max, row-major
     return int(y), int(x), is_positive
+
+
+def max_sq_edt_bound(region: np.ndarray) -> int:
+    """Upper bound on ``squared_edt(region).max()`` from the region's bounding box.
+
+    A pixel at squared distance ``D`` from the nearest ``False`` has ``ceil(sqrt(D)) - 1``
+    ``True`` pixels on each side along its row and column, so ``2 sqrt(D) - 1 <= min(h, w)``,
+    i.e. ``D <= ((min(h, w) + 1) / 2) ** 2``. 0 for an empty region.
+    """
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    if rows.size == 0:
+        return 0
+    side = min(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
+    return int((side + 1) ** 2 // 4)
 
 
 # ----------------------------------------------------------------------------------------------
