@@ -41,7 +41,7 @@ def main() -> None:
     f, s, d = sc.img_size, sc.image_embedding_size, sc.prompt_embed_dim
     rng = np.random.RandomState(0)
     n = int(cfg.max_clicks)
-    x = ClickInputs.first_click(sam_config_from(cfg), n)._replace(
+    x = ClickInputs.first_click(sc, n)._replace(
         embedding=jnp.asarray(rng.randn(1, s, s, d).astype(np.float32)),
         image=jnp.asarray(rng.randn(1, f, f, 3).astype(np.float32)),
         valid_hw=jnp.asarray([[768, 1024]], jnp.int32),

@@ -84,11 +84,22 @@ def squared_edt(region: np.ndarray) -> np.ndarray:
     (clamp the far pixel onto the ring), so the result is exact.
     """
     region = np.asarray(region, dtype=bool)
-    out = np.zeros(region.shape, dtype=np.int64)
+    return _squared_edt_in_box(region, _bbox(region))
+
+
+def _bbox(region: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(y0, y1, x0, x1)`` (end-exclusive) of the ``True`` pixels, or ``None`` if none."""
     rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
     if rows.size == 0:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _squared_edt_in_box(region: np.ndarray, box: tuple[int, int, int, int] | None) -> np.ndarray:
+    out = np.zeros(region.shape, dtype=np.int64)
+    if box is None:
         return out
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    y0, y1, x0, x1 = box
     padded = np.pad(region[y0:y1, x0:x1], 1)
     # Nearest-False indices give the squared distance exactly, in integers.
     idx = ndimage.distance_transform_edt(padded, return_distances=False, return_indices=True)
@@ -121,17 +132,18 @@ def next_click(
     )
     # The region with the larger bound on its maximum first; the other region's transform is
     # skipped when its bound already decides the comparison (the click is the same).
-    bound_fn, bound_fp = max_sq_edt_bound(fn), max_sq_edt_bound(fp)
+    box_fn, box_fp = _bbox(fn), _bbox(fp)
+    bound_fn, bound_fp = _box_bound(box_fn), _box_bound(box_fp)
     if bound_fn >= bound_fp:
-        dt_fn = squared_edt(fn) * not_clicked
+        dt_fn = _squared_edt_in_box(fn, box_fn) * not_clicked
         if bound_fp < dt_fn.max():  # then max(dt_fp) <= bound_fp < max(dt_fn): positive
             return _first_max(dt_fn, True)
-        dt_fp = squared_edt(fp) * not_clicked
+        dt_fp = _squared_edt_in_box(fp, box_fp) * not_clicked
     else:
-        dt_fp = squared_edt(fp) * not_clicked
+        dt_fp = _squared_edt_in_box(fp, box_fp) * not_clicked
         if bound_fn <= dt_fp.max():  # then max(dt_fn) <= max(dt_fp): negative (ties too)
             return _first_max(dt_fp, False)
-        dt_fn = squared_edt(fn) * not_clicked
+        dt_fn = _squared_edt_in_box(fn, box_fn) * not_clicked
     is_positive = bool(dt_fn.max() > dt_fp.max())
     return _first_max(dt_fn if is_positive else dt_fp, is_positive)
 
@@ -148,11 +160,14 @@ def max_sq_edt_bound(region: np.ndarray) -> int:
     ``True`` pixels on each side along its row and column, so ``2 sqrt(D) - 1 <= min(h, w)``,
     i.e. ``D <= ((min(h, w) + 1) / 2) ** 2``. 0 for an empty region.
     """
-    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
-    if rows.size == 0:
+    return _box_bound(_bbox(np.asarray(region, dtype=bool)))
+
+
+def _box_bound(box: tuple[int, int, int, int] | None) -> int:
+    if box is None:
         return 0
-    side = min(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
-    return int((side + 1) ** 2 // 4)
+    side = min(box[1] - box[0], box[3] - box[2])
+    return (side + 1) ** 2 // 4
 
 
 # ----------------------------------------------------------------------------------------------

@@ -160,20 +160,14 @@ class DepthwiseConv(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         kernel = kernel.astype(self.dtype)
-        xp = _pad_same(x.astype(self.dtype), k)
+        lo = (k - 1) // 2
         h, w = x.shape[1], x.shape[2]
+        xp = jnp.pad(x.astype(self.dtype), ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
         out = jnp.zeros(x.shape, self.dtype) + bias.astype(self.dtype)
         for dy in range(k):
             for dx in range(k):
                 out = out + xp[:, dy : dy + h, dx : dx + w, :] * kernel[dy, dx, 0]
         return out
-
-
-def _pad_same(x: Array, k: int) -> Array:
-    """Zero-pads the two spatial axes of (B, H, W, ...) for a stride-1 SAME k x k window."""
-    lo = (k - 1) // 2
-    pad = ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo)) + ((0, 0),) * (x.ndim - 3)
-    return jnp.pad(x, pad)
 
 
 class PointwiseConv(nn.Module):

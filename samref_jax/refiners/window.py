@@ -135,13 +135,18 @@ def select_window(
     return jnp.stack([x0, y0, x0 + bw, y0 + bh]).astype(jnp.float32)
 
 
-def _lerp_axis(x: Array, pos: Array, axis: int) -> Array:
-    """Linear interpolation of ``x`` along ``axis`` at float pixel-index positions ``pos``."""
-    n = x.shape[axis]
+def _lerp_weights(pos: Array, n: int) -> tuple[Array, Array, Array]:
+    """Neighbour indices ``i0``, ``i1`` and weight ``t`` of float pixel-index positions in an
+    ``n``-long axis (positions clamped into the axis)."""
     p = jnp.clip(pos, 0.0, n - 1.0)
     i0 = jnp.clip(jnp.floor(p).astype(jnp.int32), 0, max(n - 2, 0))
     i1 = jnp.minimum(i0 + 1, n - 1)
-    t = (p - i0.astype(p.dtype)).astype(jnp.float32)
+    return i0, i1, (p - i0.astype(p.dtype)).astype(jnp.float32)
+
+
+def _lerp_axis(x: Array, pos: Array, axis: int) -> Array:
+    """Linear interpolation of ``x`` along ``axis`` at float pixel-index positions ``pos``."""
+    i0, i1, t = _lerp_weights(pos, x.shape[axis])
     shape = [1] * x.ndim
     shape[axis] = pos.shape[0]
     t = t.reshape(shape)
@@ -153,11 +158,8 @@ def _lerp_axis(x: Array, pos: Array, axis: int) -> Array:
 def _lerp_matrix(pos: Array, n: int) -> Array:
     """(len(pos), n) matrix of :func:`_lerp_axis`'s weights: row k has ``1 - t`` at ``i0`` and
     ``t`` at ``i1`` (a sum of 1 at ``i0`` when ``t == 0``), so ``M @ x`` interpolates ``x``."""
-    p = jnp.clip(pos, 0.0, n - 1.0)
-    i0 = jnp.clip(jnp.floor(p).astype(jnp.int32), 0, max(n - 2, 0))
-    i1 = jnp.minimum(i0 + 1, n - 1)
-    t = (p - i0.astype(p.dtype)).astype(jnp.float32)[:, None]
-    k = jnp.arange(n, dtype=jnp.int32)[None, :]
+    i0, i1, t = _lerp_weights(pos, n)
+    k, t = jnp.arange(n, dtype=jnp.int32)[None, :], t[:, None]
     return jnp.where(k == i0[:, None], 1.0 - t, 0.0) + jnp.where(k == i1[:, None], t, 0.0)
 
 
