@@ -55,7 +55,8 @@ def test_twenty_clicks_trace_once_per_bucket(predictor):
 
 
 def test_padding_does_not_change_results(predictor):
-    """The same prompt padded to 4 or to 64 slots gives identical outputs."""
+    """The same prompt padded to 4 or to 64 slots (and with the cached or a freshly computed
+    positional encoding) gives identical outputs."""
     kw = dict(point_coords=np.array([[30, 40], [60, 10]]), point_labels=np.array([1, 0]))
     a = predictor.predict(**kw)
     c, lab = predictor.encode_prompts(kw["point_coords"], kw["point_labels"], None)
@@ -71,6 +72,7 @@ def test_padding_does_not_change_results(predictor):
         lab,
         np.zeros((1, 32, 32), np.float32),
         np.zeros(1, bool),
+        None,  # the positional encoding computed inside the call ...
     )
     masks64, _ = pred_mod._decode(
         m.module,
@@ -80,6 +82,7 @@ def test_padding_does_not_change_results(predictor):
         l64,
         np.zeros((1, 32, 32), np.float32),
         np.zeros(1, bool),
+        predictor._image_pe,  # ... or the one the predictor cached: the same numbers
     )
     np.testing.assert_allclose(np.asarray(masks4), np.asarray(masks64), atol=1e-5)
     np.testing.assert_allclose(np.asarray(masks4)[0, 1:], a[2], atol=1e-6)

@@ -80,8 +80,11 @@ class SamRefPredictor:
     ) -> None:
         self.config = ml_collections.FrozenConfigDict(config)
         self.sam_config = sam_config_from(config)
-        self.params = params
         self.model = SamRef(self.config, dtype)
+        self._pe_fn = jax.jit(
+            lambda params: self.model.apply({"params": params}, method=SamRef.dense_pe)
+        )
+        self.params = params
         self.set_mode(mode)
         model = self.model
 
@@ -101,6 +104,16 @@ class SamRefPredictor:
         name (`tiny`, `tiny-sam`)."""
         params, config, _ = load_samref(name_or_path)
         return cls(params, config, mode=mode, dtype=dtype)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self._params
+
+    @params.setter
+    def params(self, params: dict[str, Any]) -> None:
+        self._params = params
+        # SAM's dense positional encoding depends on the parameters only: computed once here.
+        self._image_pe = self._pe_fn(params)
 
     # ----------------------------------------------------------------------------- state
     def set_mode(self, mode: str) -> None:
@@ -200,6 +213,7 @@ class SamRefPredictor:
             else jnp.full((1, f, f), float(self.config.first_prev_logit), jnp.float32),
             valid_hw=jnp.asarray([self.input_size], jnp.int32),
             radius=jnp.asarray([float(self.config.click_radius) * scale], jnp.float32),
+            image_pe=self._image_pe,
         )
         step = self._step_fn(self.mode)
         low_res, final, maps, window, score = step(self.params, inputs)

@@ -43,6 +43,9 @@ class ClickInputs(NamedTuple):
     prev_logits: (B, F, F) previous final logits (a negative constant before the first click).
     valid_hw: (B, 2) int32 unpadded image size in the frame.
     radius: (B,) float32 click-disk radius in frame pixels.
+    image_pe: optional (1, S, S, D) SAM dense positional encoding (``SamRef.dense_pe``); it
+        depends on the parameters only, so an interactive caller computes it once. None: the
+        step computes it (training, where the prompt encoder may train).
     """
 
     embedding: Array
@@ -55,6 +58,7 @@ class ClickInputs(NamedTuple):
     prev_logits: Array
     valid_hw: Array
     radius: Array
+    image_pe: Array | None = None
 
     @classmethod
     def first_click(cls, sam_cfg: Any, max_clicks: int, batch: int = 1) -> ClickInputs:
@@ -120,13 +124,17 @@ class SamRef(nn.Module):
         """(B, F, F, 3) preprocessed -> (B, S, S, D)."""
         return self.sam.embed_image(images)
 
+    def dense_pe(self) -> Array:
+        """(1, S, S, D) SAM's dense positional encoding, for ``ClickInputs.image_pe``."""
+        return self.sam.dense_pe()
+
     def click(self, x: ClickInputs, mode: str = "full") -> ClickOutputs:
         """One interaction round. `mode` is static: "sam", "global" or "full"."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         b = x.coords.shape[0]
         masks, iou = self.sam.predict_masks(
-            x.embedding, x.coords, x.labels, x.prev_low_res, x.has_prev
+            x.embedding, x.coords, x.labels, x.prev_low_res, x.has_prev, x.image_pe
         )
         # Click 1: SAM's best multimask output by predicted IoU; later: the single-mask token.
         best_multi = 1 + jnp.argmax(iou[:, 1:], axis=-1)

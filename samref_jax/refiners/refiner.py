@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from samref_jax.sam.common import gelu, resize_bilinear
+from samref_jax.sam.common import gelu, resize_bilinear, resize_matrix
 
 Array = jax.Array
 
@@ -297,10 +297,17 @@ class DiffRefiner(nn.Module):
             "SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         ) + jnp.concatenate([bd, be]).astype(dtype)
-        # Each head resized on its own (B, h', w') plane: its gathers then move contiguous rows
-        # and fuse into their one consumer.
-        heads = heads.astype(jnp.float32)
-        d, err = resize_bilinear(heads[..., 0], (h, w)), resize_bilinear(heads[..., 1], (h, w))
+        # Columns first, as a product with the (w, w') resize matrix, one (B, h', w) plane per
+        # head: a dot's output is materialised, so the row gathers that follow move contiguous
+        # rows and fuse into the blend. (Two gathers in one fusion made XLA:CPU recompute the
+        # column pass for every frame pixel: 7.3 ms instead of about 1.5 ms at 1024.)
+        cols = jnp.einsum(
+            "bhuk,wu->kbhw",
+            heads.astype(jnp.float32),
+            jnp.asarray(resize_matrix(heads.shape[2], w)),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        d, err = resize_bilinear(cols[0], (h, w)), resize_bilinear(cols[1], (h, w))
         if cfg.detail_residual:
             d = s + d
         p = jax.nn.sigmoid(err)

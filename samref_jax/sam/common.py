@@ -77,10 +77,14 @@ class MLP(nn.Module):
 class ConvTranspose2x2(nn.Module):
     """`torch.nn.ConvTranspose2d(in, out, kernel_size=2, stride=2)` in NHWC.
 
-    With kernel 2 and stride 2 the output blocks do not overlap, so the layer is one einsum:
+    With kernel 2 and stride 2 the output blocks do not overlap:
     `out[2i+a, 2j+b, o] = sum_c x[i, j, c] * kernel[a, b, c, o] + bias[o]`. The kernel is the
     torch weight (in, out, kh, kw) transposed to (kh, kw, in, out); no spatial flip is needed in
     this form. x: (B, H, W, C) -> (B, 2H, 2W, features).
+
+    One matrix product per output row parity ``a``: its (B, H, W, 2 * features) result already
+    is output row ``2i + a`` in memory, so no transpose of the (B, 2H, 2W, features) output is
+    needed (a single einsum to "nhawbo" made XLA:CPU transpose it: 8 vs 5 ms at SAM's sizes).
     """
 
     features: int
@@ -94,8 +98,12 @@ class ConvTranspose2x2(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x = x.astype(self.dtype)
-        y = jnp.einsum("nhwc,abco->nhawbo", x, kernel.astype(self.dtype))
-        y = y.reshape(n, 2 * h, 2 * w, self.features)
+        kernel = kernel.astype(self.dtype)
+        rows = [
+            jnp.einsum("nhwc,bco->nhwbo", x, kernel[a]).reshape(n, h, 2 * w, self.features)
+            for a in range(2)
+        ]
+        y = jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, self.features)
         return y + bias.astype(self.dtype)
 
 
@@ -108,6 +116,21 @@ def _linear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray
     i1 = np.minimum(i0 + 1, in_size - 1)
     w1 = (src - i0).astype(np.float32)
     return i0, i1, w1
+
+
+def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float32 matrix of the weights :func:`resize_bilinear` uses along one
+    axis: ``M @ v`` resizes a vector ``v`` like torch's bilinear ``interpolate``.
+
+    >>> resize_matrix(2, 4) @ np.array([0.0, 1.0], np.float32)
+    array([0.  , 0.25, 0.75, 1.  ], dtype=float32)
+    """
+    i0, i1, w1 = _linear_weights(in_size, out_size)
+    m = np.zeros((out_size, in_size), np.float32)
+    rows = np.arange(out_size)
+    np.add.at(m, (rows, i0), np.float32(1) - w1)
+    np.add.at(m, (rows, i1), w1)
+    return m
 
 
 def resize_bilinear(

@@ -75,7 +75,12 @@ class MaskDecoder(nn.Module):
             ],
             axis=1,
         )  # (B, 4, C/8)
-        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, x)
+        # (B, HW, C) @ (B, C, 4), then a transpose of the small result: as an einsum straight to
+        # (B, 4, H, W) XLA:CPU fuses the GELU above into a multiply-reduce and evaluates it once
+        # per mask (4.7 vs 1.9 ms at 256x256x32).
+        h4, w4 = x.shape[1], x.shape[2]
+        masks = jnp.matmul(x.reshape(b, h4 * w4, -1), hyper_in.transpose(0, 2, 1))
+        masks = masks.transpose(0, 2, 1).reshape(b, num_masks, h4, w4)
         iou_pred = MLP(
             cfg.iou_head_hidden_dim,
             num_masks,

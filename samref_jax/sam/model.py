@@ -4,8 +4,11 @@ Parameters are a plain pytree `{"image_encoder": ..., "prompt_encoder": ..., "ma
 ...}`. Two entry points, used through `Sam.apply(..., method=...)`:
 
   * `embed_image(images)`: (B, 1024, 1024, 3) preprocessed -> (B, 64, 64, 256).
-  * `predict_masks(embeddings, coords, labels, mask_input, has_mask)`: all four mask tokens,
-    (B, 4, 256, 256) low-res logits and (B, 4) IoU predictions.
+  * `predict_masks(embeddings, coords, labels, mask_input, has_mask, image_pe=None)`: all four
+    mask tokens, (B, 4, 256, 256) low-res logits and (B, 4) IoU predictions.
+  * `dense_pe()`: the (1, 64, 64, 256) positional encoding of the embedding grid. It depends
+    on the parameters only, so an interactive caller computes it once and passes it as
+    `image_pe` (the same numbers; saves two 64x64x128 sin/cos maps per prompt).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -60,16 +63,23 @@ class Sam(nn.Module):
         labels: jax.Array,
         mask_input: jax.Array | None = None,
         has_mask: jax.Array | None = None,
+        image_pe: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Prompt encoder + mask decoder.
 
         image_embeddings (B, S, S, D); coords (B, N, 2) (x, y) frame pixels; labels (B, N) int32
-        in {-1, 0, 1, 2, 3}; mask_input (B, 4S, 4S) logits used where has_mask (B,) is true.
+        in {-1, 0, 1, 2, 3}; mask_input (B, 4S, 4S) logits used where has_mask (B,) is true;
+        image_pe (1, S, S, D) from :meth:`dense_pe` (None: computed here).
         Returns low-res logits (B, 4, 4S, 4S) and IoU predictions (B, 4), token 0 first.
         """
         sparse, tmask, dense = self.prompt_encoder(coords, labels, mask_input, has_mask)
-        image_pe = self.prompt_encoder.get_dense_pe()
+        if image_pe is None:
+            image_pe = self.prompt_encoder.get_dense_pe()
         return self.mask_decoder(image_embeddings, image_pe, sparse, tmask, dense)
+
+    def dense_pe(self) -> jax.Array:
+        """(1, S, S, D) positional encoding of the embedding grid (parameters only)."""
+        return self.prompt_encoder.get_dense_pe()
 
 
 def init_sam_params(config: SamConfig, rng: jax.Array) -> dict:

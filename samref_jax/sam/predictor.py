@@ -97,7 +97,12 @@ def _embed(module: Sam, params, images):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _decode(module: Sam, params, embedding, coords, labels, mask_input, has_mask):
+def _dense_pe(module: Sam, params):
+    return module.apply({"params": params}, method=Sam.dense_pe)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _decode(module: Sam, params, embedding, coords, labels, mask_input, has_mask, image_pe):
     return module.apply(
         {"params": params},
         embedding,
@@ -105,6 +110,7 @@ def _decode(module: Sam, params, embedding, coords, labels, mask_input, has_mask
         labels,
         mask_input,
         has_mask,
+        image_pe,
         method=Sam.predict_masks,
     )
 
@@ -119,6 +125,8 @@ class SamPredictor:
 
     def __init__(self, sam_model: SamModel) -> None:
         self.model = sam_model
+        # The decoder's positional encoding depends on the parameters only: computed once.
+        self._image_pe = _dense_pe(sam_model.module, sam_model.params)
         self.reset_image()
 
     @property
@@ -215,6 +223,7 @@ class SamPredictor:
             jnp.asarray(labels),
             jnp.asarray(m),
             jnp.asarray(has_mask),
+            self._image_pe,
         )
         masks, iou = select_masks(masks, iou, multimask_output)
         full = _postprocess(masks, self.input_size, self.original_size, self.config)
