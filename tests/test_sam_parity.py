@@ -58,9 +58,13 @@ def test_every_parameter_is_randomised(pair):
         assert not np.all(v == 0) and not np.all(v == 1), name
 
 
+@pytest.mark.parametrize("query_rows", [0, 2], ids=["all_queries", "query_blocks"])
 @pytest.mark.parametrize("jit", [False, True])
-def test_image_encoder(pair, jit):
+def test_image_encoder(pair, jit, query_rows):
+    """Global attention all at once, and as a loop over blocks of 2 query rows."""
     cfg, ts, params = pair
+    grid = cfg.image_embedding_size
+    cfg = cfg.replace(global_attn_query_block=query_rows * grid)
     x = np.random.RandomState(0).randn(2, cfg.img_size, cfg.img_size, 3).astype(np.float32)
     with torch.no_grad():
         ref = ts.image_encoder(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()

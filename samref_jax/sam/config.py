@@ -36,6 +36,10 @@ class SamConfig:
     mask_in_chans: int = 16
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    # Global attention in blocks of this many queries (a loop; the same numbers): -1 = auto
+    # (128 on the CPU backend, where the whole (heads, HW, HW) score matrix is memory-bound,
+    # all at once elsewhere), 0 = all at once.
+    global_attn_query_block: int = -1
 
     @property
     def image_embedding_size(self) -> int:

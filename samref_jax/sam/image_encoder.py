@@ -66,6 +66,9 @@ class Attention(nn.Module):
     num_heads: int
     input_size: tuple[int, int]  # (H, W) of the token grid this block attends over.
     dtype: Dtype = jnp.float32
+    # Queries per step of a loop over query rows (0: all at once). Each query's softmax row is
+    # the same either way; the loop keeps the score block in cache on CPU.
+    query_block: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -82,18 +85,33 @@ class Attention(nn.Module):
         qkv = qkv.reshape(b, h * w, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, heads, HW, hd)
 
-        attn = jnp.einsum("bnqc,bnkc->bnqk", q * scale, k)
         rh = rel_pos_h.astype(self.dtype)[relative_position_index(h, h)]  # (h, h, hd)
         rw = rel_pos_w.astype(self.dtype)[relative_position_index(w, w)]  # (w, w, hd)
-        r_q = q.reshape(b, self.num_heads, h, w, head_dim)
-        rel_h = jnp.einsum("bnhwc,hkc->bnhwk", r_q, rh)
-        rel_w = jnp.einsum("bnhwc,wkc->bnhwk", r_q, rw)
-        attn = attn.reshape(b, self.num_heads, h, w, h, w)
-        attn = attn + rel_h[..., :, None] + rel_w[..., None, :]
-        attn = attn.reshape(b, self.num_heads, h * w, h * w)
-        attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
 
-        out = jnp.einsum("bnqk,bnkc->bnqc", attn, v)
+        def attend(q_rows: jax.Array, rh_rows: jax.Array) -> jax.Array:
+            """Queries of r whole grid rows: q_rows (B, n, r*w, hd), rh_rows (r, h, hd)."""
+            r = rh_rows.shape[0]
+            attn = jnp.einsum("bnqc,bnkc->bnqk", q_rows * scale, k)
+            r_q = q_rows.reshape(b, self.num_heads, r, w, head_dim)
+            rel_h = jnp.einsum("bnhwc,hkc->bnhwk", r_q, rh_rows)
+            rel_w = jnp.einsum("bnhwc,wkc->bnhwk", r_q, rw)
+            attn = attn.reshape(b, self.num_heads, r, w, h, w)
+            attn = attn + rel_h[..., :, None] + rel_w[..., None, :]
+            attn = attn.reshape(b, self.num_heads, r * w, h * w)
+            attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
+            return jnp.einsum("bnqk,bnkc->bnqc", attn, v)
+
+        rows = max(1, self.query_block // w)
+        if self.query_block <= 0 or rows >= h or h % rows:
+            out = attend(q, rh)
+        else:
+            blocks = h // rows
+            q_blocks = q.reshape(b, self.num_heads, blocks, rows * w, head_dim)
+            out = jax.lax.map(
+                lambda a: attend(*a),
+                (q_blocks.transpose(2, 0, 1, 3, 4), rh.reshape(blocks, rows, h, head_dim)),
+            )  # (blocks, B, n, rows*w, hd)
+            out = out.transpose(1, 2, 0, 3, 4)
         out = out.reshape(b, self.num_heads, h, w, head_dim).transpose(0, 2, 3, 1, 4)
         out = out.reshape(b, h, w, dim)
         return nn.Dense(dim, dtype=self.dtype, name="proj")(out)
@@ -107,6 +125,7 @@ class Block(nn.Module):
     window_size: int
     input_size: tuple[int, int]
     dtype: Dtype = jnp.float32
+    query_block: int = 0  # global attention only: see Attention.query_block
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -118,7 +137,8 @@ class Block(nn.Module):
             size = (self.window_size, self.window_size)
         else:
             size = self.input_size
-        x = Attention(self.num_heads, size, self.dtype, name="attn")(x)
+        block = self.query_block if self.window_size == 0 else 0
+        x = Attention(self.num_heads, size, self.dtype, block, name="attn")(x)
         if self.window_size > 0:
             x = window_unpartition(x, self.window_size, pad_hw, (h, w))
         x = shortcut + x
@@ -152,6 +172,9 @@ class ImageEncoderViT(nn.Module):
             "pos_embed", nn.initializers.zeros, (1, grid, grid, cfg.encoder_embed_dim), jnp.float32
         )
         x = x + pos_embed.astype(self.dtype)
+        query_block = cfg.global_attn_query_block
+        if query_block < 0:
+            query_block = 128 if jax.default_backend() == "cpu" else 0
         for i in range(cfg.encoder_depth):
             is_global = i in cfg.encoder_global_attn_indexes
             x = Block(
@@ -160,6 +183,7 @@ class ImageEncoderViT(nn.Module):
                 window_size=0 if is_global else cfg.window_size,
                 input_size=(grid, grid),
                 dtype=self.dtype,
+                query_block=query_block,
                 name=f"blocks_{i}",
             )(x)
         # Neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (no conv biases).
