@@ -80,19 +80,18 @@ class SamRefPredictor:
     ) -> None:
         self.config = ml_collections.FrozenConfigDict(config)
         self.sam_config = sam_config_from(config)
-        self.model = SamRef(self.config, dtype)
-        self._pe_fn = jax.jit(
-            lambda params: self.model.apply({"params": params}, method=SamRef.dense_pe)
-        )
-        self.params = params
-        self.set_mode(mode)
-        model = self.model
+        self.model = model = SamRef(self.config, dtype)
 
         @jax.jit
         def embed(params, images):
             return model.apply({"params": params}, images, method=SamRef.embed_image)
 
         self._embed = embed
+        self._pe_fn = jax.jit(
+            lambda params: model.apply({"params": params}, method=SamRef.dense_pe)
+        )
+        self.params = params
+        self.set_mode(mode)
         self._steps: dict[str, Any] = {}
         self.reset_image()
 
