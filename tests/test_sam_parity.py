@@ -188,3 +188,48 @@ def test_batched_prompts_match_one_by_one(pair):
             {"params": params}, emb, coords[i : i + 1], labels[i : i + 1], method=Sam.predict_masks
         )
         _assert_close(batched[i : i + 1], single, tol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["project", "fold_keys", "fold_queries"])
+@pytest.mark.parametrize("nq,nk", [(7, 96), (96, 7)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_orders(order, nq, nk, masked):
+    """Each evaluation order of the decoder's `Attention` equals the official module (keys
+    removed by the mask equal the official call without them), with and without jit."""
+    from segment_anything.modeling.transformer import Attention as TorchAttention
+
+    from samref_jax.sam.transformer import Attention, attention_order
+
+    dim, heads, rate = 64, 4, 2
+    torch.manual_seed(3)
+    ref = TorchAttention(dim, heads, downsample_rate=rate)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.3)
+    params = {
+        name: {
+            "kernel": jnp.asarray(getattr(ref, name).weight.detach().numpy().T),
+            "bias": jnp.asarray(getattr(ref, name).bias.detach().numpy()),
+        }
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj")
+    }
+    rng = np.random.RandomState(nq + nk)
+    q, k, v = (rng.randn(1, n, dim).astype(np.float32) for n in (nq, nk, nk))
+    keep = np.ones((1, nk), bool)
+    if masked:
+        keep[0, rng.choice(nk, 3, replace=False)] = False
+    with torch.no_grad():
+        want = ref(*(torch.from_numpy(x[:, keep[0]] if x is not q else x) for x in (q, k, v)))
+
+    def fn(p, q, k, v, mask):
+        return Attention(heads, rate, order=order).apply({"params": p}, q, k, v, mask)
+
+    args = (params, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(keep))
+    # The folded orders multiply the weights together first: a few float32 ulps of the output
+    # (outputs here are ~10-15 in size), not a looser comparison.
+    tol = 2e-6 * float(np.abs(want.numpy()).max())
+    for f in (fn, jax.jit(fn)):
+        _assert_close(f(*args), want.numpy(), tol=tol)
+    assert attention_order(7, 4096, 256, 128, 8) == "fold_keys"
+    assert attention_order(4096, 7, 256, 128, 8) == "fold_queries"
+    assert attention_order(26, 4096, 256, 128, 8) == "project"

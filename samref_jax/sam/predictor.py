@@ -32,7 +32,7 @@ from samref_jax.sam.transforms import (
     resize_longest_side,
 )
 
-PROMPT_BUCKETS = (4, 8, 16, 32, 64, 128)
+PROMPT_BUCKETS = (2, 4, 8, 16, 32, 64, 128)
 
 
 def prompt_bucket(n: int) -> int:

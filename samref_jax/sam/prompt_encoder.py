@@ -140,5 +140,22 @@ class PromptEncoder(nn.Module):
         else:
             if has_mask is None:
                 has_mask = jnp.ones((b,), bool)
-            dense = jnp.where(has_mask[:, None, None, None], self.embed_masks(mask_input), no_mask)
+
+            def with_masks(mdl: PromptEncoder, masks: jax.Array, no_mask: jax.Array) -> jax.Array:
+                dense = jnp.where(has_mask[:, None, None, None], mdl.embed_masks(masks), no_mask)
+                return dense.astype(no_mask.dtype)
+
+            if self.is_initializing():
+                dense = with_masks(self, mask_input, no_mask)
+            else:
+                # The mask convolutions run only when some row has a mask (under vmap both
+                # branches run and the result is selected).
+                dense = nn.cond(
+                    jnp.any(has_mask),
+                    with_masks,
+                    lambda mdl, masks, no_mask: no_mask,
+                    self,
+                    mask_input,
+                    no_mask,
+                )
         return sparse, token_mask(labels), dense.astype(self.dtype)

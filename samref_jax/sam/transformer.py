@@ -15,15 +15,57 @@ from samref_jax.sam.common import Dtype, MLPBlock, layer_norm
 _DECODER_EPS = 1e-5  # torch.nn.LayerNorm default, used by the two-way transformer.
 
 
+class Linear(nn.Module):
+    """The parameters of one `nn.Dense` layer (same names, shapes and initialisers), returned
+    instead of applied, so that `Attention` can multiply them in the cheaper order.
+
+    () -> (kernel (in, out), bias (out,)).
+    """
+
+    features_in: int
+    features_out: int
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (self.features_in, self.features_out)
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features_out,))
+        return kernel, bias
+
+
+def attention_order(nq: int, nk: int, dim: int, internal: int, num_heads: int) -> str:
+    """The cheapest of three exact evaluation orders of `Attention` for these static sizes.
+
+    "project": project q, k and v, attend, project out (the official order).
+    "fold_keys": fold `k_proj` into the queries and `v_proj` after the weighted sum, so the
+      Nk keys are never projected (a few prompt tokens attending to 64x64 image tokens).
+    "fold_queries": fold `q_proj` into the keys and `out_proj` into the values, so the Nq
+      queries are never projected (64x64 image tokens attending to a few prompt tokens).
+    All three give the same numbers up to float32 re-association (~1e-7 relative).
+    """
+    per_pair = nq * nk
+    cost = {
+        "project": (nq + 2 * nk) * dim * internal + 2 * per_pair * internal + nq * internal * dim,
+        "fold_keys": 2 * nq * internal * dim + 2 * num_heads * per_pair * dim + nq * internal * dim,
+        "fold_queries": 2 * nk * internal * dim + 2 * num_heads * per_pair * dim,
+    }
+    return min(cost, key=cost.__getitem__)
+
+
 class Attention(nn.Module):
     """Multi-head attention with q/k/v projected to `dim // downsample_rate` channels.
 
     q (B, Nq, D), k (B, Nk, D), v (B, Nk, D), key_mask (B, Nk) bool or None -> (B, Nq, D).
+
+    The evaluation order is chosen from the static shapes by `attention_order` (or forced with
+    `order`); parameters and results do not depend on it.
     """
 
     num_heads: int
     downsample_rate: int = 1
     dtype: Dtype = jnp.float32
+    order: str = "auto"
 
     @nn.compact
     def __call__(
@@ -31,25 +73,63 @@ class Attention(nn.Module):
     ) -> jax.Array:
         dim = q.shape[-1]
         internal = dim // self.downsample_rate
-        head = internal // self.num_heads
-        q = nn.Dense(internal, dtype=self.dtype, name="q_proj")(q)
-        k = nn.Dense(internal, dtype=self.dtype, name="k_proj")(k)
-        v = nn.Dense(internal, dtype=self.dtype, name="v_proj")(v)
+        nh = self.num_heads
+        head = internal // nh
+        b, nq, _ = q.shape
+        nk = k.shape[1]
+        dt = self.dtype
+        wq, bq = (x.astype(dt) for x in Linear(dim, internal, name="q_proj")())
+        wk, bk = (x.astype(dt) for x in Linear(dim, internal, name="k_proj")())
+        wv, bv = (x.astype(dt) for x in Linear(dim, internal, name="v_proj")())
+        wo, bo = (x.astype(dt) for x in Linear(internal, dim, name="out_proj")())
+        q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
+        scale = jnp.sqrt(jnp.asarray(head, dt))
+        order = self.order
+        if order == "auto":
+            order = attention_order(nq, nk, dim, internal, nh)
 
-        def split(x: jax.Array) -> jax.Array:
-            b, n, _ = x.shape
-            return x.reshape(b, n, self.num_heads, head).transpose(0, 2, 1, 3)
+        def softmax(logits: jax.Array) -> jax.Array:  # (B, H, Nq, Nk), keys last
+            logits = logits.astype(jnp.float32)
+            if key_mask is not None:
+                logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
+            return jax.nn.softmax(logits, axis=-1).astype(dt)
 
-        q, k, v = split(q), split(k), split(v)
-        attn = jnp.einsum("bhqc,bhkc->bhqk", q, k) / jnp.sqrt(jnp.asarray(head, self.dtype))
-        attn = attn.astype(jnp.float32)
-        if key_mask is not None:
-            attn = jnp.where(key_mask[:, None, None, :], attn, -jnp.inf)
-        attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bhkc->bhqc", attn, v)
-        b, _, n, _ = out.shape
-        out = out.transpose(0, 2, 1, 3).reshape(b, n, internal)
-        return nn.Dense(dim, dtype=self.dtype, name="out_proj")(out)
+        wq_h, wk_h, wv_h = (w.reshape(dim, nh, head) for w in (wq, wk, wv))
+        wo_h = wo.reshape(nh, head, dim)
+        if order == "project":
+            qh = (q @ wq + bq).reshape(b, nq, nh, head)
+            kh = (k @ wk + bk).reshape(b, nk, nh, head)
+            vh = (v @ wv + bv).reshape(b, nk, nh, head)
+            attn = softmax(jnp.einsum("bqhc,bkhc->bhqk", qh, kh) / scale)
+            out = jnp.einsum("bhqk,bkhc->bqhc", attn, vh).reshape(b, nq, internal)
+            return out @ wo + bo
+        if order == "fold_keys":
+            qh = (q @ wq + bq).reshape(b, nq, nh, head)
+            # q_h . (k W_k,h + b_k,h) = (q_h W_k,h^T) . k + q_h . b_k,h
+            qk = jnp.einsum("bqhc,dhc->bdhq", qh, wk_h)
+            # Keys stay in their (Nk, D) layout: logits are (B, Nk, H, Nq), softmax over axis 1.
+            logits = jnp.einsum("bkd,bdhq->bkhq", k, qk)
+            logits = logits + jnp.einsum("bqhc,hc->bhq", qh, bk.reshape(nh, head))[:, None]
+            logits = logits.astype(jnp.float32) / scale
+            if key_mask is not None:
+                logits = jnp.where(key_mask[:, :, None, None], logits, -jnp.inf)
+            attn = jax.nn.softmax(logits, axis=1).astype(dt)
+            # sum_k a_k (v_k W_v,h + b_v,h) = (sum_k a_k v_k) W_v,h + b_v,h  (sum_k a_k = 1)
+            av = jnp.einsum("bkhq,bkd->bhqd", attn, v)
+            out = jnp.einsum("bhqd,dhc->bqhc", av, wv_h) + bv.reshape(nh, head)
+            return out.reshape(b, nq, internal) @ wo + bo
+        if order == "fold_queries":
+            kh = (k @ wk + bk).reshape(b, nk, nh, head)
+            vh = (v @ wv + bv).reshape(b, nk, nh, head)
+            # (q W_q,h + b_q,h) . k_h = q . (W_q,h k_h) + b_q,h . k_h
+            wqk = jnp.einsum("dhc,bkhc->bdhk", wq_h, kh)
+            logits = jnp.einsum("bqd,bdhk->bhqk", q, wqk)
+            logits = logits + jnp.einsum("hc,bkhc->bhk", bq.reshape(nh, head), kh)[:, :, None]
+            attn = softmax(logits / scale)
+            # sum_h (a_h v_h) W_o,h = sum_h a_h (v_h W_o,h)
+            vo = jnp.einsum("bkhc,hcd->bhkd", vh, wo_h)
+            return jnp.einsum("bhqk,bhkd->bqd", attn, vo) + bo
+        raise ValueError(f"unknown attention order {order!r}")
 
 
 class TwoWayAttentionBlock(nn.Module):
