@@ -4,8 +4,9 @@
 
 Times the image-encoder forward (fp32, 1024x1024) and one prompt-encoder + mask-decoder call
 on a cached embedding (one point, multimask, official `SamPredictor.predict` vs ours, which
-includes postprocessing to the original size in both). Prints a markdown table with the
-JAX/torch wall-time ratio (lower is better for JAX). Needs the `test` extra (torch).
+includes postprocessing to the original size in both), plus one fp32 GEMM of the encoder's
+MLP shape as a reference for the matmul speed each side reaches. Prints a markdown table with
+the JAX/torch wall-time ratio (lower is better for JAX). Needs the `test` extra (torch).
 
 With ``--torch-device cuda`` (JAX then runs on its default backend, a GPU when one is present)
 the torch side runs on the GPU with TF32 off, and the table adds the largest embedding
@@ -86,6 +87,25 @@ def main() -> None:
     d_torch, _ = median_time(lambda: (official.predict(**pt), sync()), args.decoder_runs, warmup=2)
     d_jax, _ = median_time(lambda: ours.predict(**pt), args.decoder_runs, warmup=2)
 
+    # The encoder's MLP matmul shape (tokens x width @ width x 4*width): the GEMM speed both
+    # sides reach bounds the encoder ratio, since ~3/4 of its FLOPs are such dense layers.
+    cfg = sam_config(args.model_type)
+    m, k, n = cfg.image_embedding_size**2, cfg.encoder_embed_dim, 4 * cfg.encoder_embed_dim
+    a, b = rng.randn(m, k).astype(np.float32), rng.randn(k, n).astype(np.float32)
+    at, bt = torch.from_numpy(a).to(dev), torch.from_numpy(b).to(dev)
+    aj, bj = jnp.asarray(a), jnp.asarray(b)
+    gemm = jax.jit(jnp.matmul)
+
+    def torch_gemm():
+        with torch.no_grad():
+            out = at @ bt
+        sync()
+        return out
+
+    g_torch, _ = median_time(torch_gemm, args.decoder_runs, warmup=2)
+    g_jax, _ = median_time(lambda: gemm(aj, bj).block_until_ready(), args.decoder_runs, warmup=2)
+    gflop = 2 * m * k * n / 1e9
+
     rows = [
         [
             f"{args.model_type} image encoder fp32 (1x{f}x{f})"
@@ -99,6 +119,12 @@ def main() -> None:
             f"{d_torch * 1e3:.1f} ms",
             f"{d_jax * 1e3:.1f} ms",
             f"{d_jax / d_torch:.2f}",
+        ],
+        [
+            f"reference: one fp32 GEMM {m}x{k} @ {k}x{n} (GFLOP/s in brackets)",
+            f"{g_torch * 1e3:.1f} ms ({gflop / g_torch:.0f})",
+            f"{g_jax * 1e3:.1f} ms ({gflop / g_jax:.0f})",
+            f"{g_jax / g_torch:.2f}",
         ],
     ]
     if cuda or args.parity:

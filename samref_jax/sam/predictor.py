@@ -10,7 +10,7 @@ Example:
 Shapes: masks (C, H, W) bool (or float logits with `return_logits`), scores (C,), low-res
 logits (C, 256, 256), C = 3 with `multimask_output` else 1. Coordinates are (x, y) in the
 original image. The encoder is compiled once per model; the prompt path once per padded prompt
-size (4, 8, 16, ... slots), so successive clicks do not recompile.
+size (2, 4, 8, ... slots), so successive clicks do not recompile.
 """
 
 from __future__ import annotations
@@ -115,9 +115,13 @@ def _decode(module: Sam, params, embedding, coords, labels, mask_input, has_mask
     )
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _postprocess(low_res, input_hw, original_hw, config):
-    return postprocess_masks(low_res, input_hw, original_hw, config)
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _finish(masks, iou, multimask_output, input_hw, original_hw, config, return_logits):
+    """Output slice, postprocessing to the original size and thresholding, in one call
+    (compiled once per image size)."""
+    masks, iou = select_masks(masks, iou, multimask_output)
+    full = postprocess_masks(masks, input_hw, original_hw, config)[0]
+    return (full if return_logits else full > 0.0), iou[0], masks[0]
 
 
 class SamPredictor:
@@ -225,9 +229,14 @@ class SamPredictor:
             jnp.asarray(has_mask),
             self._image_pe,
         )
-        masks, iou = select_masks(masks, iou, multimask_output)
-        full = _postprocess(masks, self.input_size, self.original_size, self.config)
-        full = np.asarray(full[0])
-        if not return_logits:
-            full = full > 0.0
-        return full, np.asarray(iou[0]), np.asarray(masks[0])
+        out = _finish(
+            masks,
+            iou,
+            bool(multimask_output),
+            self.input_size,
+            self.original_size,
+            self.config,
+            bool(return_logits),
+        )
+        full, scores, low_res = (np.asarray(x) for x in out)
+        return full, scores, low_res
