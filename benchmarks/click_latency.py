@@ -3,8 +3,8 @@
     python benchmarks/click_latency.py [--clicks 20] [--model-type vit_b]
 
 For `sam`, `global` and `full`: median wall time of one jitted click step (prompt encoder, mask
-decoder, upscaling, refiners; embedding and SAM's dense positional encoding cached, as in
-`SamRefPredictor`; random weights), the modes interleaved click
+decoder, upscaling, refiners; embedding, SAM's dense positional encoding and GlobalDiff's
+per-image inputs cached, as in `SamRefPredictor`; random weights), the modes interleaved click
 by click so that each sees the same machine conditions. Also the JAX SAM decoder
 against the official torch decoder on the same embedding (same process), and each refiner's
 parameter count and FLOPs per click from XLA's cost analysis. Prints markdown tables.
@@ -42,7 +42,8 @@ def main() -> None:
     f, s, d = sc.img_size, sc.image_embedding_size, sc.prompt_embed_dim
     rng = np.random.RandomState(0)
     n = int(cfg.max_clicks)
-    # As SamRefPredictor does: SAM's dense positional encoding computed once, not per click.
+    # As SamRefPredictor does: SAM's dense positional encoding computed once, not per click,
+    # and GlobalDiff's per-image inputs once per image.
     image_pe = jax.jit(lambda p: model.apply({"params": p}, method=SamRef.dense_pe))(params)
     x = ClickInputs.first_click(sc, n)._replace(
         image_pe=image_pe,
@@ -51,6 +52,12 @@ def main() -> None:
         valid_hw=jnp.asarray([[768, 1024]], jnp.int32),
         radius=jnp.full((1,), 8.0),
     )
+    context_fn = jax.jit(
+        lambda p, i, e: model.apply({"params": p}, i, e, method=SamRef.global_context)
+    )
+    x = x._replace(global_context=context_fn(params, x.image, x.embedding))
+    ca = context_fn.lower(params, x.image, x.embedding).compile().cost_analysis()
+    context_flops = float((ca[0] if isinstance(ca, list) else ca).get("flops", float("nan")))
     coords = rng.uniform(100, 700, (n, 2)).astype(np.float32)
     labels = (rng.rand(n) > 0.3).astype(np.int32)
     labels[0] = 1
@@ -118,6 +125,10 @@ def main() -> None:
         ]
     )
     print(table(["part", "parameters", "GFLOPs/click"], ref_rows))
+    print(
+        "GlobalDiff per-image inputs (once per image, not per click):",
+        f"{context_flops / 1e9:.3f} GFLOPs",
+    )
 
     if not args.no_torch:
         import torch

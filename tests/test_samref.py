@@ -86,6 +86,32 @@ def test_untrained_refiners_return_sam(setup):
     np.testing.assert_array_equal(np.asarray(sam.low_res), np.asarray(full.low_res))
 
 
+@pytest.mark.parametrize("mode", ["global", "full"])
+def test_cached_global_context_gives_identical_outputs(setup, mode):
+    """GlobalDiff's per-image inputs computed once (as SamRefPredictor does) give the very same
+    outputs as the step computing them, with and without jit; the params tree is unchanged."""
+    cfg, params = setup
+    params = jax.tree_util.tree_map(
+        lambda a: a + 0.05 * jax.random.normal(KEY, a.shape, a.dtype), params
+    )
+    model, x = _inputs(cfg, params, n_clicks=3)
+    context_fn = lambda p, i, e: model.apply({"params": p}, i, e, method=SamRef.global_context)
+    fn = lambda p, x: model.apply({"params": p}, x, mode, method=SamRef.click)
+    for f, cf in ((fn, context_fn), (jax.jit(fn), jax.jit(context_fn))):
+        context = cf(params, x.image, x.embedding)
+        chex.assert_shape(context.image, (2, 128, 128, 3))
+        chex.assert_shape(context.embedding[..., 0], (2, 64, 64))
+        want, got = f(params, x), f(params, x._replace(global_context=context))
+        for a, b in zip(
+            jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got), strict=True
+        ):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Another image's context gives another result: the step really reads it.
+    other = context_fn(params, x.image[::-1], x.embedding[::-1])
+    moved = fn(params, x._replace(global_context=other)).global_logits
+    assert not np.array_equal(np.asarray(moved), np.asarray(want.global_logits))
+
+
 def test_first_click_picks_best_multimask(setup):
     cfg, params = setup
     model, x = _inputs(cfg, params, n_clicks=1)
@@ -242,6 +268,18 @@ def test_predictor_session(ckpt):
     assert 0 <= x0 <= 40 <= x1 <= 80 and 0 <= y0 <= 30 <= y1 <= 60
     b = p.click(10, 10, positive=False)
     assert len(p.clicks) == 2 and p.clicks[1] == (10.0, 10.0, False)
+    # New parameters: the image is re-embedded and GlobalDiff's cached inputs follow (the
+    # same result as a fresh predictor); the clicks are kept.
+    old_params = p.params
+    p.params = jax.tree_util.tree_map(lambda v: v * 1.5, old_params)
+    assert len(p.clicks) == 2
+    fresh = SamRefPredictor(p.params, p.config, mode="full")
+    fresh.set_image(img)
+    history = p._history
+    p.reset()
+    np.testing.assert_array_equal(p.click(40, 30).logits, fresh.click(40, 30).logits)
+    p.params = old_params
+    p._history = history
     back = p.undo()
     np.testing.assert_array_equal(back.mask, a.mask)
     for x, y in [(-1, 5), (80, 5), (5, 60), (float("nan"), 1)]:

@@ -90,10 +90,15 @@ class SamRefPredictor:
         self._pe_fn = jax.jit(
             lambda params: model.apply({"params": params}, method=SamRef.dense_pe)
         )
+        self._context_fn = jax.jit(
+            lambda params, image, emb: model.apply(
+                {"params": params}, image, emb, method=SamRef.global_context
+            )
+        )
+        self.reset_image()
         self.params = params
         self.set_mode(mode)
         self._steps: dict[str, Any] = {}
-        self.reset_image()
 
     @classmethod
     def from_checkpoint(
@@ -110,9 +115,19 @@ class SamRefPredictor:
 
     @params.setter
     def params(self, params: dict[str, Any]) -> None:
+        """New parameters; a current image is re-embedded with them (its clicks are kept)."""
         self._params = params
         # SAM's dense positional encoding depends on the parameters only: computed once here.
         self._image_pe = self._pe_fn(params)
+        if self.frame_image is not None:
+            self._embed_frame()
+
+    def _embed_frame(self) -> None:
+        """The per-image work, once per image: SAM's embedding and GlobalDiff's inputs."""
+        self.embedding = self._embed(self._params, self.frame_image)
+        self._global_context = self._context_fn(self._params, self.frame_image, self.embedding)
+        # Wait for them: the embedding is the expensive step, and callers time set_image.
+        jax.block_until_ready((self.embedding, self._global_context))
 
     # ----------------------------------------------------------------------------- state
     def set_mode(self, mode: str) -> None:
@@ -124,6 +139,7 @@ class SamRefPredictor:
     def reset_image(self) -> None:
         self.embedding = None
         self.frame_image = None
+        self._global_context = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
         self._history: list[_State] = []
@@ -135,8 +151,7 @@ class SamRefPredictor:
         resized = resize_longest_side(image, f)
         x = normalize_and_pad(resized, self.sam_config)
         self.frame_image = jnp.asarray(x)
-        # Wait for it: the embedding is the expensive step, and callers time set_image.
-        self.embedding = jax.block_until_ready(self._embed(self.params, self.frame_image))
+        self._embed_frame()
         self.original_size = (int(image.shape[0]), int(image.shape[1]))
         self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
         self.reset()
@@ -213,6 +228,7 @@ class SamRefPredictor:
             valid_hw=jnp.asarray([self.input_size], jnp.int32),
             radius=jnp.asarray([float(self.config.click_radius) * scale], jnp.float32),
             image_pe=self._image_pe,
+            global_context=self._global_context,
         )
         step = self._step_fn(self.mode)
         low_res, final, maps, window, score = step(self.params, inputs)

@@ -25,6 +25,7 @@ import ml_collections
 
 from samref_jax.model.config import MODES, sam_config_from
 from samref_jax.refiners.modules import GlobalDiff, PatchDiff
+from samref_jax.refiners.refiner import RefinerContext
 from samref_jax.sam.model import Sam
 from samref_jax.sam.transforms import upscale_to_frame
 
@@ -46,6 +47,10 @@ class ClickInputs(NamedTuple):
     image_pe: optional (1, S, S, D) SAM dense positional encoding (``SamRef.dense_pe``); it
         depends on the parameters only, so an interactive caller computes it once. None: the
         step computes it (training, where the prompt encoder may train).
+    global_context: optional GlobalDiff :class:`RefinerContext` of this image
+        (``SamRef.global_context``: the image at GlobalDiff's working size and the projected
+        embedding), computed once per image by an interactive caller. None: the step computes
+        it (training, where the projection trains).
     """
 
     embedding: Array
@@ -59,6 +64,7 @@ class ClickInputs(NamedTuple):
     valid_hw: Array
     radius: Array
     image_pe: Array | None = None
+    global_context: RefinerContext | None = None
 
     @classmethod
     def first_click(cls, sam_cfg: Any, max_clicks: int, batch: int = 1) -> ClickInputs:
@@ -128,6 +134,12 @@ class SamRef(nn.Module):
         """(1, S, S, D) SAM's dense positional encoding, for ``ClickInputs.image_pe``."""
         return self.sam.dense_pe()
 
+    def global_context(self, image: Array, embedding: Array) -> RefinerContext:
+        """GlobalDiff's per-image inputs, for ``ClickInputs.global_context``: image (B, F, F, 3)
+        preprocessed, embedding (B, S, S, D) -> RefinerContext (the same numbers the step
+        computes when it is not given)."""
+        return self.global_diff(image, None, None, None, embedding, None, context_only=True)
+
     def click(self, x: ClickInputs, mode: str = "full") -> ClickOutputs:
         """One interaction round. `mode` is static: "sam", "global" or "full"."""
         if mode not in MODES:
@@ -149,7 +161,9 @@ class SamRef(nn.Module):
             return ClickOutputs(
                 low_res, sam_logits, sam_logits, sam_logits, score, window, zeros, None
             )
-        g = self.global_diff(x.image, x.coords, x.labels, sam_logits, x.embedding, x.radius)
+        g = self.global_diff(
+            x.image, x.coords, x.labels, sam_logits, x.embedding, x.radius, x.global_context
+        )
         if mode == "global":
             return ClickOutputs(
                 low_res, sam_logits, g.logits, g.logits, score, window, g.error_logits, None

@@ -9,7 +9,12 @@ from samref_jax.refiners.modules import (
     default_patch_diff_config,
     default_refiners_config,
 )
-from samref_jax.refiners.refiner import DiffRefiner, RefinerOutput, default_refiner_config
+from samref_jax.refiners.refiner import (
+    DiffRefiner,
+    RefinerContext,
+    RefinerOutput,
+    default_refiner_config,
+)
 from samref_jax.refiners.window import (
     clicks_to_patch,
     crop_patch,
@@ -27,6 +32,7 @@ __all__ = [
     "GlobalDiff",
     "PatchDiff",
     "PatchDiffOutput",
+    "RefinerContext",
     "RefinerOutput",
     "batch_disk_maps",
     "clicks_to_patch",

@@ -10,7 +10,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from samref_jax.refiners.clicks import batch_disk_maps, scale_clicks
-from samref_jax.refiners.refiner import DiffRefiner, RefinerOutput, default_refiner_config
+from samref_jax.refiners.refiner import (
+    DiffRefiner,
+    RefinerContext,
+    RefinerOutput,
+    default_refiner_config,
+)
 from samref_jax.refiners.window import (
     clicks_to_patch,
     crop_patches,
@@ -83,13 +88,15 @@ class GlobalDiff(nn.Module):
     @nn.compact
     def __call__(
         self,
-        image: Array,
-        coords: Array,
-        labels: Array,
-        coarse_logits: Array,
-        embedding: Array,
-        radius: Array,
-    ) -> RefinerOutput:
+        image: Array | None,
+        coords: Array | None,
+        labels: Array | None,
+        coarse_logits: Array | None,
+        embedding: Array | None,
+        radius: Array | None,
+        context: RefinerContext | None = None,
+        context_only: bool = False,
+    ) -> RefinerOutput | RefinerContext:
         """Refine SAM's coarse logits over the whole frame.
 
         Args:
@@ -98,14 +105,20 @@ class GlobalDiff(nn.Module):
           coarse_logits: (B, H, W) SAM logits S upsampled to the frame.
           embedding: (B, h, w, E) SAM image embedding (e.g. 64x64x256).
           radius: (B,) or scalar click-disk radius in frame pixels.
+          context: this image's :class:`RefinerContext` (None: computed here; same numbers).
+          context_only: return the RefinerContext of ``image`` and ``embedding`` (the other
+            arguments may be None): the per-image part, computed once per image.
 
         Returns:
-          RefinerOutput of (B, H, W) float32 maps; ``logits`` is G.
+          RefinerOutput of (B, H, W) float32 maps; ``logits`` is G (or the RefinerContext).
         """
+        refiner = DiffRefiner(self.cfg, name="refiner")
+        if context_only:
+            return refiner(image, None, None, embedding, context_only=True)
         b, h, w = coarse_logits.shape
         radius = jnp.broadcast_to(jnp.asarray(radius, jnp.float32), (b,))
         disks = _draw_disks(coords, labels, radius, (h, w), _work_hw(self.cfg, (h, w)))
-        return DiffRefiner(self.cfg, name="refiner")(image, disks, coarse_logits, embedding)
+        return refiner(image, disks, coarse_logits, embedding, context=context)
 
 
 class PatchDiff(nn.Module):

@@ -38,6 +38,20 @@ class RefinerOutput(NamedTuple):
     error_logits: Array
 
 
+class RefinerContext(NamedTuple):
+    """What a refiner computes from the image and its embedding alone (no clicks, no logits):
+    the same for every click on one image, so an interactive caller computes it once
+    (``DiffRefiner(..., context_only=True)``) and passes it back with ``context=``.
+
+    image: (B, h', w', 3) float32, the normalised image resized to the working size.
+    embedding: (B, hs, ws, C) the image embedding projected by ``embed_proj`` and resized to
+      the stem's grid, in the compute dtype.
+    """
+
+    image: Array
+    embedding: Array
+
+
 def default_refiner_config() -> ml_collections.ConfigDict:
     """Default DiffRefiner config (GlobalDiff uses it as is)."""
     return ml_collections.ConfigDict(
@@ -223,39 +237,59 @@ class DiffRefiner(nn.Module):
 
     @nn.compact
     def __call__(
-        self, image: Array, disks: Array, coarse_logits: Array, embedding: Array
-    ) -> RefinerOutput:
+        self,
+        image: Array | None,
+        disks: Array | None,
+        coarse_logits: Array | None,
+        embedding: Array | None,
+        context: RefinerContext | None = None,
+        context_only: bool = False,
+    ) -> RefinerOutput | RefinerContext:
         """Refine coarse logits.
 
         Args:
-          image: (B, H, W, 3) normalised image.
+          image: (B, H, W, 3) normalised image (unused when ``context`` is given).
           disks: (B, h', w', 2) click disk maps (positive, negative); any size, resized to the
             working size if needed (draw them at the working size to avoid that).
           coarse_logits: (B, H, W) coarse logits S (e.g. SAM's, upsampled to the frame).
-          embedding: (B, h, w, E) image embedding of any size (e.g. SAM's 64x64x256).
+          embedding: (B, h, w, E) image embedding of any size (e.g. SAM's 64x64x256; unused
+            when ``context`` is given).
+          context: the :class:`RefinerContext` of this image and these parameters, or None to
+            compute it here (the same numbers).
+          context_only: return the :class:`RefinerContext` of ``image`` and ``embedding``
+            (``disks`` and ``coarse_logits`` may be None).
 
         Returns:
-          RefinerOutput, each (B, H, W) float32.
+          RefinerOutput, each (B, H, W) float32 (or the RefinerContext with ``context_only``).
         """
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         act = _act(cfg.act)
-        b, h, w = coarse_logits.shape
+        h, w = (image if context_only else coarse_logits).shape[1:3]
         work = (h, w) if self.work_size is None else (self.work_size, self.work_size)
+        k = cfg.stem_kernel
+        pad = (k - 1) // 2
+        stem_hw = tuple((n + 2 * pad - k) // 2 + 1 for n in work)
+        if context is None:
+            e = PointwiseConv(cfg.width, dtype, name="embed_proj")(embedding.astype(dtype))
+            context = RefinerContext(
+                image=_resize(image.astype(jnp.float32), work, cfg.antialias),
+                embedding=_resize(e, stem_hw).astype(dtype),
+            )
+        if context_only:
+            return context
         s = coarse_logits.astype(jnp.float32)
 
         s_in = jnp.tanh(s / cfg.coarse_input_scale)[..., None]
         x = jnp.concatenate(
             [
-                _resize(image.astype(jnp.float32), work, cfg.antialias),
+                context.image,
                 _resize(disks.astype(jnp.float32), work, cfg.antialias),
                 _resize(s_in, work, cfg.antialias),
             ],
             axis=-1,
         ).astype(dtype)
 
-        k = cfg.stem_kernel
-        pad = (k - 1) // 2
         x = nn.Conv(
             cfg.width,
             (k, k),
@@ -268,8 +302,9 @@ class DiffRefiner(nn.Module):
         for i in range(cfg.blocks_before):
             x = SepBlock(cfg, dtype, name=f"block_{i}")(x)
 
-        e = PointwiseConv(cfg.width, dtype, name="embed_proj")(embedding.astype(dtype))
-        x = x + _resize(e, x.shape[1:3]).astype(dtype)
+        if tuple(x.shape[1:3]) != stem_hw:  # static shapes; a config error, not data
+            raise ValueError(f"stem grid {x.shape[1:3]} != expected {stem_hw}")
+        x = x + context.embedding
         for i in range(cfg.blocks_after):
             x = SepBlock(cfg, dtype, name=f"block_{cfg.blocks_before + i}")(x)
 
