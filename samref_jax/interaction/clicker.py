@@ -97,16 +97,39 @@ def _bbox(region: np.ndarray) -> tuple[int, int, int, int] | None:
 
 def _squared_edt_in_box(region: np.ndarray, box: tuple[int, int, int, int] | None) -> np.ndarray:
     out = np.zeros(region.shape, dtype=np.int64)
-    if box is None:
-        return out
+    if box is not None:
+        y0, y1, x0, x1 = box
+        out[y0:y1, x0:x1] = _box_sq_edt(region, box)
+    return out
+
+
+def _box_sq_edt(region: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Squared EDT (``int64[y1 - y0, x1 - x0]``) of ``region`` inside ``box``, exact as above."""
     y0, y1, x0, x1 = box
     padded = np.pad(region[y0:y1, x0:x1], 1)
     # Nearest-False indices give the squared distance exactly, in integers.
-    idx = ndimage.distance_transform_edt(padded, return_distances=False, return_indices=True)
-    yy, xx = np.indices(padded.shape)
-    sq = (idx[0] - yy) ** 2 + (idx[1] - xx) ** 2
-    out[y0:y1, x0:x1] = sq[1:-1, 1:-1]
-    return out
+    iy, ix = ndimage.distance_transform_edt(padded, return_distances=False, return_indices=True)
+    dy = (iy[1:-1, 1:-1] - np.arange(1, y1 - y0 + 1)[:, None]).astype(np.int64)
+    dx = (ix[1:-1, 1:-1] - np.arange(1, x1 - x0 + 1)[None, :]).astype(np.int64)
+    return dy * dy + dx * dx
+
+
+def _masked_max(
+    region: np.ndarray, box: tuple[int, int, int, int] | None, not_clicked: np.ndarray
+) -> tuple[int, tuple[int, int]]:
+    """``(max, (y, x) of its first pixel in row-major order)`` of ``squared_edt * not_clicked``.
+
+    Only the box is transformed and searched: row-major order inside a box is the image's
+    row-major order restricted to it, and every pixel outside holds 0. A zero maximum is first
+    held at ``(0, 0)``.
+    """
+    if box is None:
+        return 0, (0, 0)
+    y0, y1, x0, x1 = box
+    dt = _box_sq_edt(region, box) * not_clicked[y0:y1, x0:x1]
+    y, x = divmod(int(np.argmax(dt)), x1 - x0)  # argmax: first maximum, row-major
+    best = int(dt[y, x])
+    return best, ((y0 + y, x0 + x) if best > 0 else (0, 0))
 
 
 def next_click(
@@ -135,22 +158,16 @@ def next_click(
     box_fn, box_fp = _bbox(fn), _bbox(fp)
     bound_fn, bound_fp = _box_bound(box_fn), _box_bound(box_fp)
     if bound_fn >= bound_fp:
-        dt_fn = _squared_edt_in_box(fn, box_fn) * not_clicked
-        if bound_fp < dt_fn.max():  # then max(dt_fp) <= bound_fp < max(dt_fn): positive
-            return _first_max(dt_fn, True)
-        dt_fp = _squared_edt_in_box(fp, box_fp) * not_clicked
+        max_fn, at_fn = _masked_max(fn, box_fn, not_clicked)
+        if bound_fp < max_fn:  # then max(dt_fp) <= bound_fp < max(dt_fn): positive
+            return (*at_fn, True)
+        max_fp, at_fp = _masked_max(fp, box_fp, not_clicked)
     else:
-        dt_fp = _squared_edt_in_box(fp, box_fp) * not_clicked
-        if bound_fn <= dt_fp.max():  # then max(dt_fn) <= max(dt_fp): negative (ties too)
-            return _first_max(dt_fp, False)
-        dt_fn = _squared_edt_in_box(fn, box_fn) * not_clicked
-    is_positive = bool(dt_fn.max() > dt_fp.max())
-    return _first_max(dt_fn if is_positive else dt_fp, is_positive)
-
-
-def _first_max(dt: np.ndarray, is_positive: bool) -> tuple[int, int, bool]:
-    y, x = np.unravel_index(int(np.argmax(dt)), dt.shape)  # argmax: first max, row-major
-    return int(y), int(x), is_positive
+        max_fp, at_fp = _masked_max(fp, box_fp, not_clicked)
+        if bound_fn <= max_fp:  # then max(dt_fn) <= max(dt_fp): negative (ties too)
+            return (*at_fp, False)
+        max_fn, at_fn = _masked_max(fn, box_fn, not_clicked)
+    return (*at_fn, True) if max_fn > max_fp else (*at_fp, False)
 
 
 def max_sq_edt_bound(region: np.ndarray) -> int:
