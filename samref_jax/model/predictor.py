@@ -1,12 +1,18 @@
 """`SamRefPredictor`: click-by-click SAM-REF on one image.
 
 Example:
+  >>> import numpy as np
   >>> from samref_jax import SamRefPredictor
-  >>> p = SamRefPredictor.from_checkpoint("tiny", mode="full")   # doctest: +SKIP
-  >>> p.set_image(image)              # HxWx3 uint8 RGB; the embedding is computed once
-  >>> out = p.click(120, 80)          # out.mask (H, W) bool, out.window (x0, y0, x1, y1)
-  >>> out = p.click(60, 40, positive=False)
-  >>> p.undo(); p.reset()
+  >>> p = SamRefPredictor.from_checkpoint("tiny", mode="full")  # the bundled model
+  >>> p.set_image(np.zeros((96, 128, 3), np.uint8))  # HxWx3 uint8 RGB; embedded once
+  >>> out = p.click(60, 40)           # x, y in original pixels; positive by default
+  >>> out.mask.shape, out.mask.dtype, len(out.window)  # window: (x0, y0, x1, y1)
+  ((96, 128), dtype('bool'), 4)
+  >>> out = p.click(20, 70, positive=False)
+  >>> [positive for _, _, positive in p.clicks]
+  [True, False]
+  >>> _ = p.undo(); p.reset(); p.clicks
+  []
 
 Every click runs one jit-compiled step with `max_clicks` padded click slots, so clicking never
 recompiles. Coordinates are (x, y) pixels of the original image.

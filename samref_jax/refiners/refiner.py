@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from samref_jax.sam.common import gelu, resize_bilinear, resize_matrix
+from samref_jax.sam.common import KernelAndBias, gelu, resize_bilinear, resize_matrix
 
 Array = jax.Array
 
@@ -140,20 +140,6 @@ def _resize(x: Array, hw: tuple[int, int], antialias: bool = False) -> Array:
         return resize_bilinear(x, (int(hw[0]), int(hw[1])), axes=(1, 2))
     shape = (x.shape[0], hw[0], hw[1], x.shape[3])
     return jax.image.resize(x, shape, method="bilinear", antialias=antialias)
-
-
-class _ConvParams(nn.Module):
-    """Only the parameters of an ``nn.Conv`` (``kernel`` of ``shape``, ``bias`` (out,)), so that
-    several convolutions can run as one while keeping their checkpoint names."""
-
-    shape: tuple[int, ...]
-    kernel_init: Any
-    bias_init: Any
-
-    @nn.compact
-    def __call__(self) -> tuple[Array, Array]:
-        kernel = self.param("kernel", self.kernel_init, self.shape, jnp.float32)
-        return kernel, self.param("bias", self.bias_init, self.shape[-1:], jnp.float32)
 
 
 class DepthwiseConv(nn.Module):
@@ -316,10 +302,10 @@ class DiffRefiner(nn.Module):
         else:
             kinit = nn.initializers.zeros
         # The two heads run as one 2-channel convolution (their parameters stay separate).
-        kd, bd = _ConvParams(
+        kd, bd = KernelAndBias(
             (hk, hk, x.shape[-1], 1), kinit, nn.initializers.zeros, name="detail_head"
         )()
-        ke, be = _ConvParams(
+        ke, be = KernelAndBias(
             (hk, hk, x.shape[-1], 1),
             kinit,
             nn.initializers.constant(cfg.error_bias_init),

@@ -2,7 +2,7 @@
 
 Example:
   >>> from samref_jax import load_sam
-  >>> sam = load_sam("checkpoints/vit_b")        # doctest: +SKIP  (written by convert_weights.py)
+  >>> sam = load_sam("checkpoints/vit_b")  # written by convert_weights.py  # doctest: +SKIP
   >>> sam.config.name                           # doctest: +SKIP
   'vit_b'
 """

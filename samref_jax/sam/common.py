@@ -33,6 +33,28 @@ def layer_norm(eps: float, dtype: Dtype = jnp.float32, name: str | None = None) 
     )
 
 
+class KernelAndBias(nn.Module):
+    """The parameters of one ``nn.Dense`` or ``nn.Conv`` layer, returned instead of applied.
+
+    Same names (``kernel`` of ``shape``, ``bias`` of ``shape[-1:]``) and initialisers as the layer
+    it stands for, so checkpoints do not change, while the caller is free to multiply them in a
+    cheaper order or to run several layers as one. ``() -> (kernel, bias)``, float32.
+
+    >>> k, b = KernelAndBias((3, 4)).apply(KernelAndBias((3, 4)).init(jax.random.key(0)))
+    >>> k.shape, b.shape
+    ((3, 4), (4,))
+    """
+
+    shape: tuple[int, ...]
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", self.kernel_init, self.shape, jnp.float32)
+        return kernel, self.param("bias", self.bias_init, self.shape[-1:], jnp.float32)
+
+
 class MLPBlock(nn.Module):
     """Two linear layers with an activation in between: `lin2(act(lin1(x)))`.
 

@@ -14,7 +14,7 @@ Example:
   >>> import jax, jax.numpy as jnp
   >>> from samref_jax.sam import Sam, sam_config
   >>> model = Sam(sam_config("tiny"))
-  >>> params = model.init(jax.random.key(0))["params"]
+  >>> params = jax.jit(model.init)(jax.random.key(0))["params"]
   >>> emb = model.apply({"params": params}, jnp.zeros((1, 128, 128, 3)), method=Sam.embed_image)
   >>> emb.shape
   (1, 8, 8, 32)

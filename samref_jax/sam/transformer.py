@@ -10,28 +10,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from samref_jax.sam.common import Dtype, MLPBlock, layer_norm
+from samref_jax.sam.common import Dtype, KernelAndBias, MLPBlock, layer_norm
 
 _DECODER_EPS = 1e-5  # torch.nn.LayerNorm default, used by the two-way transformer.
-
-
-class Linear(nn.Module):
-    """The parameters of one `nn.Dense` layer (same names, shapes and initialisers), returned
-    instead of applied, so that `Attention` can multiply them in the cheaper order.
-
-    () -> (kernel (in, out), bias (out,)).
-    """
-
-    features_in: int
-    features_out: int
-
-    @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (self.features_in, self.features_out)
-        )
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features_out,))
-        return kernel, bias
 
 
 def attention_order(nq: int, nk: int, dim: int, internal: int, num_heads: int) -> str:
@@ -78,21 +59,24 @@ class Attention(nn.Module):
         b, nq, _ = q.shape
         nk = k.shape[1]
         dt = self.dtype
-        wq, bq = (x.astype(dt) for x in Linear(dim, internal, name="q_proj")())
-        wk, bk = (x.astype(dt) for x in Linear(dim, internal, name="k_proj")())
-        wv, bv = (x.astype(dt) for x in Linear(dim, internal, name="v_proj")())
-        wo, bo = (x.astype(dt) for x in Linear(internal, dim, name="out_proj")())
+        wq, bq = (x.astype(dt) for x in KernelAndBias((dim, internal), name="q_proj")())
+        wk, bk = (x.astype(dt) for x in KernelAndBias((dim, internal), name="k_proj")())
+        wv, bv = (x.astype(dt) for x in KernelAndBias((dim, internal), name="v_proj")())
+        wo, bo = (x.astype(dt) for x in KernelAndBias((internal, dim), name="out_proj")())
         q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
         scale = jnp.sqrt(jnp.asarray(head, dt))
         order = self.order
         if order == "auto":
             order = attention_order(nq, nk, dim, internal, nh)
 
-        def softmax(logits: jax.Array) -> jax.Array:  # (B, H, Nq, Nk), keys last
+        def softmax(logits: jax.Array, axis: int = -1) -> jax.Array:
+            """Softmax over the keys' `axis` of logits (B, ...), masked keys removed, in fp32."""
             logits = logits.astype(jnp.float32)
             if key_mask is not None:
-                logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
-            return jax.nn.softmax(logits, axis=-1).astype(dt)
+                axis %= logits.ndim
+                mask_shape = [b if i == 0 else nk if i == axis else 1 for i in range(logits.ndim)]
+                logits = jnp.where(key_mask.reshape(mask_shape), logits, -jnp.inf)
+            return jax.nn.softmax(logits, axis=axis).astype(dt)
 
         wq_h, wk_h, wv_h = (w.reshape(dim, nh, head) for w in (wq, wk, wv))
         wo_h = wo.reshape(nh, head, dim)
@@ -110,10 +94,7 @@ class Attention(nn.Module):
             # Keys stay in their (Nk, D) layout: logits are (B, Nk, H, Nq), softmax over axis 1.
             logits = jnp.einsum("bkd,bdhq->bkhq", k, qk)
             logits = logits + jnp.einsum("bqhc,hc->bhq", qh, bk.reshape(nh, head))[:, None]
-            logits = logits.astype(jnp.float32) / scale
-            if key_mask is not None:
-                logits = jnp.where(key_mask[:, :, None, None], logits, -jnp.inf)
-            attn = jax.nn.softmax(logits, axis=1).astype(dt)
+            attn = softmax(logits / scale, axis=1)
             # sum_k a_k (v_k W_v,h + b_v,h) = (sum_k a_k v_k) W_v,h + b_v,h  (sum_k a_k = 1)
             av = jnp.einsum("bkhq,bkd->bhqd", attn, v)
             out = jnp.einsum("bhqd,dhc->bqhc", av, wv_h) + bv.reshape(nh, head)
