@@ -209,18 +209,8 @@ def bench_clicks(model_cfg, params, clicks: int) -> list[list[str]]:
         jax.block_until_ready(compiled(params, x0))
         times, prev = [], None
         for k in range(1, clicks + 1):
-            c = np.zeros((1, n, 2), np.float32)
-            lab = np.full((1, n), -1, np.int32)
             kk = min(k, n)
-            c[0, :kk], lab[0, :kk] = coords[:kk], labels[:kk]
-            xi = x0._replace(
-                coords=jnp.asarray(c),
-                labels=jnp.asarray(lab),
-                num_clicks=jnp.asarray([kk], jnp.int32),
-                has_prev=jnp.asarray([k > 1]),
-            )
-            if prev is not None:
-                xi = xi._replace(prev_low_res=prev.low_res, prev_logits=prev.final_logits)
+            xi = x0.with_clicks(coords[:kk], labels[:kk], prev)
             t = time.perf_counter()
             prev = jax.block_until_ready(compiled(params, xi))
             times.append(time.perf_counter() - t)

@@ -63,18 +63,7 @@ def main() -> None:
     labels[0] = 1
 
     def inputs(k: int, prev):
-        c = np.zeros((1, n, 2), np.float32)
-        lab = np.full((1, n), -1, np.int32)
-        c[0, :k], lab[0, :k] = coords[:k], labels[:k]
-        y = x._replace(
-            coords=jnp.asarray(c),
-            labels=jnp.asarray(lab),
-            num_clicks=jnp.asarray([k], jnp.int32),
-            has_prev=jnp.asarray([k > 1]),
-        )
-        if prev is not None:
-            y = y._replace(prev_low_res=prev.low_res, prev_logits=prev.final_logits)
-        return y
+        return x.with_clicks(coords[:k], labels[:k], prev)
 
     # Modes are interleaved click by click (each with its own chain of previous outputs), so
     # that every mode sees the same machine conditions; the ratios are of medians.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import chex
@@ -168,20 +169,32 @@ def test_twenty_clicks_trace_step_once(setup):
         return model.apply({"params": p}, x, "full", method=SamRef.click)
 
     out = None
-    coords, labels = np.asarray(x.coords).copy(), np.asarray(x.labels).copy()
+    coords = [[5 + 5 * k, 100 - 4 * k] for k in range(1, 21)]
+    labels = [k % 2 for k in range(1, 21)]
     for k in range(1, 21):
-        coords[0, k - 1] = [5 + 5 * k, 100 - 4 * k]
-        labels[0, k - 1] = k % 2
-        x = x._replace(
-            coords=jnp.asarray(coords),
-            labels=jnp.asarray(labels),
-            num_clicks=jnp.asarray([k], jnp.int32),
-            has_prev=jnp.asarray([k > 1]),
-        )
-        if out is not None:
-            x = x._replace(prev_low_res=out.low_res, prev_logits=out.final_logits)
-        out = step(params, x)
+        out = step(params, x.with_clicks(coords[:k], labels[:k], out))
     jax.block_until_ready(out)
+
+
+def test_with_clicks_pads_and_feeds_back(setup):
+    cfg, _ = setup
+    sc = sam_config_from(cfg)
+    x = ClickInputs.first_click(sc, 6, batch=2)
+    y = x.with_clicks([[[1, 2], [3, 4]], [[5, 6], [7, 8]]], [[1, 0], [1, 1]])
+    np.testing.assert_array_equal(y.labels, [[1, 0, -1, -1, -1, -1], [1, 1, -1, -1, -1, -1]])
+    np.testing.assert_array_equal(y.coords[1, :3], [[5, 6], [7, 8], [0, 0]])
+    np.testing.assert_array_equal(y.num_clicks, [2, 2])
+    assert not y.has_prev.any() and y.prev_logits is x.prev_logits
+    prev = types.SimpleNamespace(low_res=x.prev_low_res + 1, final_logits=x.prev_logits + 2)
+    z = x.with_clicks(np.ones((2, 3, 2)), np.ones((2, 3)), prev)
+    assert z.has_prev.all() and z.prev_low_res is prev.low_res
+    assert z.prev_logits is prev.final_logits
+    # Same shapes and dtypes as the first-click inputs: a jitted step never retraces.
+    same = jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), x, z)
+    assert all(jax.tree.leaves(same))
+    for bad in ([], np.ones((7, 2))):
+        with pytest.raises(ValueError, match="clicks"):
+            ClickInputs.first_click(sc, 6).with_clicks(bad, np.ones(len(bad)))
 
 
 def test_first_click_inputs_are_not_weakly_typed(setup):

@@ -59,8 +59,8 @@ class ClickResult:
 class _State:
     coords: list[tuple[float, float]]
     labels: list[int]
-    low_res: Any
-    logits: Any
+    low_res: Any  # (1, 4S, 4S) SAM low-res logits, fed back as the next mask input
+    final_logits: Any  # (1, F, F) final frame logits, fed back as the next prev_logits
     result: ClickResult | None
 
 
@@ -130,6 +130,7 @@ class SamRefPredictor:
 
     def _embed_frame(self) -> None:
         """The per-image work, once per image: SAM's embedding and GlobalDiff's inputs."""
+        self._first_inputs = None
         self.embedding = self._embed(self._params, self.frame_image)
         self._global_context = self._context_fn(self._params, self.frame_image, self.embedding)
         # Wait for them: the embedding is the expensive step, and callers time set_image.
@@ -143,6 +144,7 @@ class SamRefPredictor:
         self.mode = mode
 
     def reset_image(self) -> None:
+        self._first_inputs: ClickInputs | None = None
         self.embedding = None
         self.frame_image = None
         self._global_context = None
@@ -198,6 +200,29 @@ class SamRefPredictor:
             self._steps[mode] = step
         return self._steps[mode]
 
+    def _first_click_inputs(self) -> ClickInputs:
+        """This image's step inputs before any click (built once per image and parameters)."""
+        if self._first_inputs is None:
+            n, f = int(self.config.max_clicks), self.sam_config.img_size
+            s = self.sam_config.low_res_mask_size
+            self._first_inputs = ClickInputs(
+                embedding=self.embedding,
+                image=self.frame_image,
+                coords=jnp.zeros((1, n, 2), jnp.float32),
+                labels=jnp.full((1, n), -1, jnp.int32),
+                num_clicks=jnp.ones((1,), jnp.int32),
+                prev_low_res=jnp.zeros((1, s, s), jnp.float32),
+                has_prev=jnp.zeros((1,), bool),
+                prev_logits=jnp.full((1, f, f), float(self.config.first_prev_logit), jnp.float32),
+                valid_hw=jnp.asarray([self.input_size], jnp.int32),
+                radius=jnp.asarray(
+                    [float(self.config.click_radius) * f / max(self.original_size)], jnp.float32
+                ),
+                image_pe=self._image_pe,
+                global_context=self._global_context,
+            )
+        return self._first_inputs
+
     def click(self, x: float, y: float, positive: bool = True) -> ClickResult:
         """Adds a click at (x, y) original pixels and returns the new masks."""
         if self.embedding is None:
@@ -214,27 +239,8 @@ class SamRefPredictor:
         if len(coords) > n_max:
             raise ValueError(f"at most {n_max} clicks per object (config max_clicks)")
         f = self.sam_config.img_size
-        s = self.sam_config.low_res_mask_size
-        scale = f / max(h, w)
-        c = np.zeros((1, n_max, 2), np.float32)
-        lab = np.full((1, n_max), -1, np.int32)
-        c[0, : len(coords)] = apply_coords(np.array(coords), (h, w), f).astype(np.float32)
-        lab[0, : len(labels)] = labels
-        inputs = ClickInputs(
-            embedding=self.embedding,
-            image=self.frame_image,
-            coords=jnp.asarray(c),
-            labels=jnp.asarray(lab),
-            num_clicks=jnp.asarray([len(coords)], jnp.int32),
-            prev_low_res=prev.low_res if prev else jnp.zeros((1, s, s), jnp.float32),
-            has_prev=jnp.asarray([prev is not None]),
-            prev_logits=prev.logits
-            if prev
-            else jnp.full((1, f, f), float(self.config.first_prev_logit), jnp.float32),
-            valid_hw=jnp.asarray([self.input_size], jnp.int32),
-            radius=jnp.asarray([float(self.config.click_radius) * scale], jnp.float32),
-            image_pe=self._image_pe,
-            global_context=self._global_context,
+        inputs = self._first_click_inputs().with_clicks(
+            apply_coords(np.array(coords), (h, w), f), labels, prev
         )
         step = self._step_fn(self.mode)
         low_res, final, maps, window, score = step(self.params, inputs)

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from samref_jax.model.config import MODES, sam_config_from
 from samref_jax.refiners.modules import GlobalDiff, PatchDiff
@@ -86,6 +87,41 @@ class ClickInputs(NamedTuple):
             valid_hw=jnp.full((b, 2), f, jnp.int32),
             radius=jnp.ones((b,), jnp.float32),
         )
+
+    def with_clicks(
+        self, coords: Any, labels: Any, prev: ClickOutputs | None = None
+    ) -> ClickInputs:
+        """These inputs with the first ``k`` clicks set and, if given, the previous step fed back.
+
+        Args:
+          coords: ``(B, k, 2)`` (or ``(k, 2)`` for B = 1) click ``(x, y)`` in frame pixels.
+          labels: ``(B, k)`` (or ``(k,)``) 1 positive, 0 negative; ``k <= N``.
+          prev: the previous step's outputs (anything with ``low_res`` and ``final_logits``):
+            they become ``prev_low_res`` / ``prev_logits`` and ``has_prev`` is set; ``None``
+            (first click) keeps this tuple's ``prev_*`` fields and clears ``has_prev``.
+
+        Returns:
+          Inputs with clicks padded to the N slots (label -1), ``num_clicks = k``. Shapes and
+          dtypes never change, so a jitted step does not retrace.
+        """
+        b, n = self.labels.shape
+        coords = np.asarray(coords, np.float32).reshape(b, -1, 2)
+        labels = np.asarray(labels, np.int32).reshape(b, -1)
+        k = coords.shape[1]
+        if labels.shape[1] != k or not 1 <= k <= n:
+            raise ValueError(f"need 1..{n} clicks, one label each; got {k} and {labels.shape[1]}")
+        c = np.zeros((b, n, 2), np.float32)
+        lab = np.full((b, n), -1, np.int32)
+        c[:, :k], lab[:, :k] = coords, labels
+        out = self._replace(
+            coords=jnp.asarray(c),
+            labels=jnp.asarray(lab),
+            num_clicks=jnp.full((b,), k, jnp.int32),
+            has_prev=jnp.full((b,), prev is not None),
+        )
+        if prev is not None:
+            out = out._replace(prev_low_res=prev.low_res, prev_logits=prev.final_logits)
+        return out
 
 
 class ClickOutputs(NamedTuple):
