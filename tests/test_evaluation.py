@@ -224,6 +224,34 @@ def test_limit_early_stop_and_shared_embedding_modes(tmp_path):
         evaluate(EmptyPredictor(), samples, 2, modes=["sam", "full"])
 
 
+def test_concurrent_modes_give_the_sequential_results(grabcut5, tmp_path):
+    # The bundled tiny SAM-REF: modes run in their own sessions and threads after one shared
+    # set_image, with exactly the clicks and IoUs of running them one after the other.
+    from samref_jax.model.predictor import SamRefPredictor
+
+    p = SamRefPredictor.from_checkpoint("tiny")
+    embeds = []
+    set_image = p.set_image
+    p.set_image = lambda image: (embeds.append(1), set_image(image))[1]
+    runs = {}
+    for name, together in (("seq", False), ("par", True)):
+        res = evaluate(
+            p, grabcut5, 4, tmp_path / name, limit=2, modes=["sam", "full"],
+            concurrent_modes=together, progress=False,
+        )  # fmt: skip
+        assert all(r["metadata"]["concurrent_modes"] is together for r in res.values())
+        runs[name] = {m: load_records(tmp_path / name / m / "samples.jsonl") for m in res}
+    assert len(embeds) == 4  # one per image and run, shared by both modes
+    assert p.mode == "full" and not p.clicks  # the sessions were forks
+    for mode in ("sam", "full"):
+        seq, par = runs["seq"][mode], runs["par"][mode]
+        assert seq.keys() == par.keys() and len(seq) == 2
+        for sid in seq:
+            assert par[sid]["ious"] == seq[sid]["ious"]
+            assert par[sid]["clicks"] == seq[sid]["clicks"]
+            assert par[sid]["concurrent_modes"] and "concurrent_modes" not in seq[sid]
+
+
 def test_compare_merges_runs(tmp_path):
     samples = _synthetic(3)
     paths, labels = [], []

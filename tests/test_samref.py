@@ -299,6 +299,12 @@ def test_predictor_session(ckpt):
         with pytest.raises(ValueError, match="outside the image"):
             p.click(x, y)
     assert len(p.clicks) == 1
+    # A fork: same image and embedding, its own clicks and mode; the original is untouched.
+    q = p.fork("sam")
+    assert q.embedding is p.embedding and q.mode == "sam" and p.mode == "full"
+    assert q.click(20, 20).window is None and len(q.clicks) == 2 and len(p.clicks) == 1
+    q.reset()
+    assert len(p.clicks) == 1
     p.reset()
     assert p.clicks == []
     p.set_mode("sam")

@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         "SamRefPredictor.from_checkpoint",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--sequential-modes",
+        action="store_true",
+        help="run several modes one after the other (isolated per-click times) instead of "
+        "at the same time",
+    )
     return p
 
 
@@ -160,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metadata=metadata,
         num_overlays=args.overlays,
         progress=not args.no_progress,
+        concurrent_modes=not args.sequential_modes,
     )
     runs = result if len(modes) > 1 else {modes[0]: result}
     for mode, metrics in runs.items():

@@ -6,6 +6,7 @@ The predictor API (``samref_jax.model.predictor.SamRefPredictor`` implements it)
     out = p.click(x, y, positive)    # out.mask: bool[H, W] (an array or {"mask": ...} works too)
     p.reset()                        # clears clicks, keeps the embedding
     p.set_mode(mode)                 # optional, only for evaluate(..., modes=[...])
+    q = p.fork(mode)                 # optional: a session on the same image (concurrent modes)
 
 For every sample: ``set_image`` once, then up to ``max_clicks`` rounds of host click simulator
 (:func:`samref_jax.interaction.clicker.next_click` on ``gt == 1`` with ``gt == -1`` ignored) ->
@@ -18,9 +19,13 @@ Outputs under ``output_dir`` (or ``output_dir/<mode>`` per mode):
 - ``masks/``: final predicted mask of every sample (1-bit PNG), for the overlays after a resume.
 - ``metrics.json``, ``metrics.md``, ``miou_curve.png``, ``overlays/worst_*.png``.
 
+Several modes run at the same time by default when the predictor has ``fork(mode)`` (see
+``evaluate(concurrent_modes=...)``); the records and metrics say so (``concurrent_modes``).
+
 Timing: ``seconds_per_click`` covers ``click`` plus fetching its mask to the host (not the click
-simulator); ``seconds_per_image_embedding`` covers ``set_image``. The first sample a process
-evaluates is a warm-up (jit compilation) and is left out of both unless it is the only one.
+simulator); with concurrent modes it includes waiting for the other modes' work.
+``seconds_per_image_embedding`` covers ``set_image``. The first sample a process evaluates is a
+warm-up (jit compilation) and is left out of both unless it is the only one.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import platform
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +307,7 @@ def evaluate(
     metadata: Mapping | None = None,
     num_overlays: int = 6,
     progress: bool = True,
+    concurrent_modes: bool = True,
 ) -> dict:
     """Evaluate ``predictor`` on ``samples`` with the RITM NoC protocol.
 
@@ -318,6 +325,11 @@ def evaluate(
       metadata: extra run metadata for ``metrics.json`` (dataset, checkpoint, label ...).
       num_overlays: how many worst samples get an overlay PNG.
       progress: show a tqdm progress bar with ETA.
+      concurrent_modes: with several modes and a predictor that has ``fork(mode)``, run the
+        modes' click loops at the same time, one thread and session each, after one shared
+        ``set_image``: the same clicks and IoUs, and one mode's host work (click simulator,
+        IoU) overlaps the other's device step. Per-click times then include waiting for the
+        other mode; ``False`` runs the modes one after the other (isolated per-click times).
 
     Returns:
       The ``metrics.json`` dict, or ``{mode: metrics}`` when ``modes`` is given.
@@ -342,6 +354,9 @@ def evaluate(
     known_ids = getattr(samples, "ids", None)
     ids: list[str] = []
     first = True
+    concurrent = bool(concurrent_modes and len(mode_list) > 1 and hasattr(predictor, "fork"))
+    metadata["concurrent_modes"] = concurrent
+    pool = ThreadPoolExecutor(len(mode_list), "samref-eval") if concurrent else None
     bar = tqdm(
         range(n),
         desc=str(metadata.get("dataset", "eval")),
@@ -366,16 +381,34 @@ def evaluate(
             if sample is None:
                 sample = samples[index]
             image, gt = np.asarray(sample["image"]), np.asarray(sample["gt"])
-            embed_seconds = None
-            for j, m in enumerate(todo):
-                if m is not None:
-                    predictor.set_mode(m)
-                rec, mask = run_sample(predictor, image, gt, max_clicks, stop_iou, embed=j == 0)
-                if j == 0:
-                    embed_seconds = rec["set_image_seconds"]
-                else:
-                    rec["set_image_seconds"] = embed_seconds
+            together = pool is not None and len(todo) > 1
+            if together:
+                # One embedding, then every mode's click loop in its own session and thread.
+                t0 = time.perf_counter()
+                predictor.set_image(image)
+                embed_seconds = time.perf_counter() - t0
+                futures = [
+                    pool.submit(
+                        run_sample, predictor.fork(m), image, gt, max_clicks, stop_iou, False
+                    )
+                    for m in todo
+                ]
+                done = [f.result() for f in futures]
+            else:
+                done = []
+                for j, m in enumerate(todo):
+                    if m is not None:
+                        predictor.set_mode(m)
+                    done.append(
+                        run_sample(predictor, image, gt, max_clicks, stop_iou, embed=j == 0)
+                    )
+                embed_seconds = done[0][0]["set_image_seconds"]
+            for j, (m, (rec, mask)) in enumerate(zip(todo, done, strict=True)):
+                rec["set_image_seconds"] = embed_seconds
+                if j > 0:
                     rec["shared_embedding"] = True
+                if together:
+                    rec["concurrent_modes"] = True
                 rec = {"id": sid, "index": index, "max_clicks": max_clicks, "warmup": first, **rec}
                 runs[m].add(rec, mask)
             first = False
@@ -390,6 +423,8 @@ def evaluate(
             )
     finally:
         bar.close()
+        if pool is not None:
+            pool.shutdown()
         for r in runs.values():
             r.close()
     elapsed = time.perf_counter() - start

@@ -20,6 +20,7 @@ recompiles. Coordinates are (x, y) pixels of the original image.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -142,6 +143,19 @@ class SamRefPredictor:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
+
+    def fork(self, mode: str | None = None) -> SamRefPredictor:
+        """Another click session on the same image: shares the embedding, the cached per-image
+        inputs, the parameters and the compiled steps; has its own clicks and mode.
+
+        Sessions are independent, so several can click at the same time from different threads
+        (the evaluator runs its modes this way: one session's host work overlaps another's
+        device step). A new image or new parameters on one session do not reach the others.
+        """
+        other = copy.copy(self)
+        other._history = list(self._history)
+        other.set_mode(self.mode if mode is None else mode)
+        return other
 
     def reset_image(self) -> None:
         self._first_inputs: ClickInputs | None = None
