@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,22 @@ def test_segment_grabcut(tiny_checkpoint, jax_cache_env, grabcut_image, tmp_path
     for colour in (viz.POSITIVE_COLOR, viz.NEGATIVE_COLOR, viz.WINDOW_COLOR):
         assert np.all(ov == colour, axis=-1).any(), f"{colour} not drawn"
     assert "PatchDiff window (" in r.stderr
+
+
+def test_readme_first_command(jax_cache_env, tmp_path):
+    # The README's command 1, as written, after its install step: the bundled model on the
+    # bundled example image (only the output folder moves to tmp).
+    readme = (REPO / "README.md").read_text()
+    (line,) = [ln for ln in readme.splitlines() if "&& samref segment " in ln]
+    args = shlex.split(line.split("&& samref segment ", 1)[1])
+    out = args.index("--out")
+    args[out + 1] = str(tmp_path / "quickstart")
+    r = _run(["segment", *args], env_extra=jax_cache_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    image = Image.open(REPO / args[0])
+    for name in ("mask.png", "overlay.png"):
+        assert Image.open(tmp_path / "quickstart" / name).size == image.size
+    assert np.asarray(Image.open(tmp_path / "quickstart" / "mask.png")).any()
 
 
 # ---------------------------------------------------------------------------------- viz

@@ -255,6 +255,6 @@ def test_bundled_checkpoints_segment_grabcut(name, mode, grabcut_dir):
     image, gt = np.asarray(sample["image"]), np.asarray(sample["gt"])
     rec, mask = run_sample(pred, image, gt, max_clicks=3)
     assert mask.shape == gt.shape and mask.any()
-    # The shipped models are weak (36 CPU-minutes from scratch, runs/README_results.md):
+    # The shipped models are weak (36 CPU-minutes from scratch; README, Interactive segmentation):
     # this image reaches IoU 0.48 (tiny) / 0.51 (tiny-sam) after 3 clicks.
     assert max(rec["ious"]) > 0.4, rec["ious"]
