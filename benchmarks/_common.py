@@ -34,13 +34,26 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(out)
 
 
+def host_setup(default_malloc: bool = False) -> bool:
+    """The process settings our predictors use (samref_jax.host.tune_malloc), applied up front
+    so that both sides of a comparison run under them; `default_malloc` keeps glibc's."""
+    if default_malloc:
+        os.environ["SAMREF_DEFAULT_MALLOC"] = "1"
+    from samref_jax.host import tune_malloc
+
+    return tune_malloc()
+
+
 def machine_line() -> str:
     import jax
+
+    from samref_jax.host import tune_malloc
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
         f"backend={jax.default_backend()} devices={jax.device_count()} "
-        f"cpus={os.cpu_count()} load1={load:.2f} jax={jax.__version__}"
+        f"cpus={os.cpu_count()} load1={load:.2f} jax={jax.__version__} "
+        f"malloc={'tuned' if tune_malloc() else 'default'}"
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from _common import machine_line, median_time, table
+from _common import host_setup, machine_line, median_time, table
 
 
 def main() -> None:
@@ -23,7 +23,13 @@ def main() -> None:
     ap.add_argument("--clicks", type=int, default=20)
     ap.add_argument("--model-type", default="vit_b")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch decoder comparison")
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's malloc settings (default: samref_jax.host.tune_malloc, for both sides)",
+    )
     args = ap.parse_args()
+    host_setup(args.default_malloc)
 
     import time
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from _common import machine_line, median_time, official_sam, table
+from _common import host_setup, machine_line, median_time, official_sam, table
 
 
 def main() -> None:
@@ -33,7 +33,13 @@ def main() -> None:
     ap.add_argument(
         "--parity", action="store_true", help="add embedding differences (always on with cuda)"
     )
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's malloc settings (default: samref_jax.host.tune_malloc, for both sides)",
+    )
     args = ap.parse_args()
+    host_setup(args.default_malloc)
 
     import jax
     import jax.numpy as jnp

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from samref_jax.host import tune_malloc
 from samref_jax.model.config import MODES, sam_config_from
 from samref_jax.model.io import load_samref
 from samref_jax.model.samref import ClickInputs, ClickOutputs, SamRef
@@ -85,6 +86,7 @@ class SamRefPredictor:
         mode: str = "full",
         dtype: Any = jnp.float32,
     ) -> None:
+        tune_malloc()  # XLA:CPU's scratch blocks from the heap, not fresh pages (host.py)
         self.config = ml_collections.FrozenConfigDict(config)
         self.sam_config = sam_config_from(config)
         self.model = model = SamRef(self.config, dtype)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from samref_jax.host import tune_malloc
 from samref_jax.sam.build import SamModel
 from samref_jax.sam.config import SamConfig
 from samref_jax.sam.mask_decoder import select_masks
@@ -128,6 +129,7 @@ class SamPredictor:
     """Same semantics and shapes as `segment_anything.SamPredictor` (single prompt set)."""
 
     def __init__(self, sam_model: SamModel) -> None:
+        tune_malloc()  # XLA:CPU's scratch blocks from the heap, not fresh pages (host.py)
         self.model = sam_model
         # The decoder's positional encoding depends on the parameters only: computed once.
         self._image_pe = _dense_pe(sam_model.module, sam_model.params)

@@ -152,8 +152,10 @@ def train(
     call resumes (tests use it to simulate an interruption). ``kill_after_step`` SIGKILLs the
     process right after the checkpoint of that step is written (tests: a crash).
     """
+    from samref_jax.host import tune_malloc
     from samref_jax.training.distributed import barrier
 
+    tune_malloc()  # XLA:CPU's scratch blocks from the heap, not fresh pages (host.py)
     t_start = time.time()
     workdir = Path(workdir)
     main = jax.process_index() == 0  # logs, eval, plots and export come from process 0
