@@ -83,6 +83,27 @@ class DiskPredictor:
         return SimpleNamespace(mask=self.mask.copy(), logits=None)
 
 
+class PrefetchDiskPredictor(DiskPredictor):
+    """DiskPredictor with the optional `prepare_image` (the evaluator then embeds ahead)."""
+
+    def __init__(self, radius: int = 40, fail_after: int | None = None) -> None:
+        super().__init__(radius, fail_after)
+        self.prepared = 0
+
+    def prepare_image(self, image):
+        if self.fail_after is not None and self.prepared >= self.fail_after:
+            raise RuntimeError("simulated crash")
+        self.prepared += 1
+        return ("prepared", image)
+
+    def set_image(self, image):  # an image, or what prepare_image returned
+        if not isinstance(image, tuple):
+            image = self.prepare_image(image)
+        self.images += 1
+        self.shape = image[1].shape[:2]
+        self.reset()
+
+
 def _oracle_for(samples) -> OraclePredictor:
     gts = {}
     for s in samples:
@@ -180,6 +201,17 @@ def test_end_to_end_outputs_and_resume(grabcut5, tmp_path):
         assert m[key] == fresh[key], key
     assert m["num_samples"] == 5 and m["complete"]
 
+    # With prefetch the crash surfaces in the background embedding of sample 3, raised when
+    # the loop reaches it: the 2 samples before are written, and the run resumes from there.
+    pre = tmp_path / "prefetch"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate(PrefetchDiskPredictor(fail_after=2), grabcut5, 20, pre, progress=False)
+    assert len(load_records(pre / "samples.jsonl")) == 2
+    again = PrefetchDiskPredictor()
+    m_pre = evaluate(again, grabcut5, 20, pre, metadata=meta, progress=False)
+    assert again.prepared == again.images == 3 and m_pre["metadata"]["prefetch"]
+    assert m_pre["mIoU@k"] == fresh["mIoU@k"] and not fresh["metadata"]["prefetch"]
+
     # Every output exists and has the promised content.
     on_disk = json.loads((out / "metrics.json").read_text())
     for key in ("NoC@85", "NoC@90", "NoC@95", "NoF@85", "NoF@90", "NoF@95", "5-mIoU"):
@@ -224,32 +256,42 @@ def test_limit_early_stop_and_shared_embedding_modes(tmp_path):
         evaluate(EmptyPredictor(), samples, 2, modes=["sam", "full"])
 
 
-def test_concurrent_modes_give_the_sequential_results(grabcut5, tmp_path):
+def test_concurrent_modes_and_prefetch_give_the_sequential_results(grabcut5, tmp_path):
     # The bundled tiny SAM-REF: modes run in their own sessions and threads after one shared
-    # set_image, with exactly the clicks and IoUs of running them one after the other.
-    from samref_jax.model.predictor import SamRefPredictor
+    # embedding, and the next image is embedded in the background while the current one is
+    # clicked, with exactly the clicks and IoUs of doing everything one after the other.
+    from samref_jax.model.predictor import PreparedImage, SamRefPredictor
 
     p = SamRefPredictor.from_checkpoint("tiny")
-    embeds = []
-    set_image = p.set_image
-    p.set_image = lambda image: (embeds.append(1), set_image(image))[1]
+    prepared, given = [], []
+    prepare, set_image = p.prepare_image, p.set_image
+    p.prepare_image = lambda image: (prepared.append(1), prepare(image))[1]
+    p.set_image = lambda image: (given.append(type(image)), set_image(image))[1]
     runs = {}
-    for name, together in (("seq", False), ("par", True)):
+    for name, together, ahead in (("seq", False, False), ("par", True, False), ("pre", True, True)):
         res = evaluate(
-            p, grabcut5, 4, tmp_path / name, limit=2, modes=["sam", "full"],
-            concurrent_modes=together, progress=False,
+            p, grabcut5, 4, tmp_path / name, limit=3, modes=["sam", "full"],
+            concurrent_modes=together, prefetch=ahead, progress=False,
         )  # fmt: skip
-        assert all(r["metadata"]["concurrent_modes"] is together for r in res.values())
+        for r in res.values():
+            assert r["metadata"]["concurrent_modes"] is together
+            assert r["metadata"]["prefetch"] is ahead
+            assert (r["timing"]["embedding_wait_total_s"] is not None) is ahead
         runs[name] = {m: load_records(tmp_path / name / m / "samples.jsonl") for m in res}
-    assert len(embeds) == 4  # one per image and run, shared by both modes
+    assert len(prepared) == 9  # one embedding per image and run, shared by both modes
+    assert given == [np.ndarray] * 6 + [PreparedImage] * 3
     assert p.mode == "full" and not p.clicks  # the sessions were forks
     for mode in ("sam", "full"):
-        seq, par = runs["seq"][mode], runs["par"][mode]
-        assert seq.keys() == par.keys() and len(seq) == 2
-        for sid in seq:
-            assert par[sid]["ious"] == seq[sid]["ious"]
-            assert par[sid]["clicks"] == seq[sid]["clicks"]
-            assert par[sid]["concurrent_modes"] and "concurrent_modes" not in seq[sid]
+        seq = runs["seq"][mode]
+        assert len(seq) == 3
+        for name in ("par", "pre"):
+            other = runs[name][mode]
+            assert seq.keys() == other.keys()
+            for sid in seq:
+                assert other[sid]["ious"] == seq[sid]["ious"]
+                assert other[sid]["clicks"] == seq[sid]["clicks"]
+                assert other[sid]["concurrent_modes"] and "concurrent_modes" not in seq[sid]
+                assert ("embedding_wait_s" in other[sid]) is (name == "pre")
 
 
 def test_compare_merges_runs(tmp_path):
@@ -274,7 +316,7 @@ def test_compare_merges_runs(tmp_path):
 def test_cli_evaluate_and_compare(grabcut_dir, tmp_path, monkeypatch, capsys):
     created = []
 
-    class FakeSamRefPredictor(DiskPredictor):
+    class FakeSamRefPredictor(PrefetchDiskPredictor):
         @classmethod
         def from_checkpoint(cls, path, mode="full"):
             created.append((path, mode))
@@ -305,7 +347,9 @@ def test_cli_evaluate_and_compare(grabcut_dir, tmp_path, monkeypatch, capsys):
     assert created == [("ckpt", "sam")]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_samples"] == 2 and metrics["metadata"]["dataset"] == "GrabCut"
-    assert metrics["metadata"]["mode"] == "sam"
+    assert metrics["metadata"]["mode"] == "sam" and metrics["metadata"]["prefetch"]
+    assert main([*argv[:-5], "--output", str(tmp_path / "seq"), "--no-prefetch", *argv[-3:]]) == 0
+    assert not json.loads((tmp_path / "seq" / "metrics.json").read_text())["metadata"]["prefetch"]
     assert "| sam | GrabCut |" in capsys.readouterr().out
     assert (
         main(

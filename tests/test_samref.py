@@ -302,6 +302,7 @@ def test_predictor_session(ckpt):
     # A fork: same image and embedding, its own clicks and mode; the original is untouched.
     q = p.fork("sam")
     assert q.embedding is p.embedding and q.mode == "sam" and p.mode == "full"
+    assert q._first_click_inputs() is p._first_click_inputs()  # built once per image
     assert q.click(20, 20).window is None and len(q.clicks) == 2 and len(p.clicks) == 1
     q.reset()
     assert len(p.clicks) == 1
@@ -319,3 +320,33 @@ def test_predictor_session(ckpt):
         warnings.simplefilter("error")
         with pytest.raises(ValueError):
             p.set_image(np.zeros((5, 5, 2), np.uint8))
+
+
+def test_predictor_prepare_image(ckpt):
+    # prepare_image computes the next image's per-image work without touching the session;
+    # set_image takes its result and gives what set_image(image) gives.
+    p = SamRefPredictor.from_checkpoint(ckpt, mode="full")
+    rng = np.random.RandomState(0)
+    img = rng.randint(0, 255, (60, 80, 3), dtype=np.uint8)
+    img2 = rng.randint(0, 255, (70, 50, 3), dtype=np.uint8)
+    p.set_image(img)
+    a = p.click(40, 30)
+    nxt = p.prepare_image(img2)
+    assert nxt.original_size == (70, 50) and p.original_size == (60, 80) and len(p.clicks) == 1
+    p.reset()
+    np.testing.assert_array_equal(p.click(40, 30).logits, a.logits)  # the session is untouched
+    p.set_image(nxt)
+    assert p.clicks == [] and p.embedding is nxt.embedding
+    fresh = SamRefPredictor(p.params, p.config, mode="full")
+    fresh.set_image(img2)
+    np.testing.assert_array_equal(p.click(20, 30).logits, fresh.click(20, 30).logits)
+    # Prepared before new parameters were set: set_image recomputes it with the new ones.
+    old = p.prepare_image(img)
+    p.params = jax.tree_util.tree_map(lambda v: v * 1.5, p.params)
+    p.set_image(old)
+    assert p.embedding is not old.embedding
+    fresh = SamRefPredictor(p.params, p.config, mode="full")
+    fresh.set_image(img)
+    np.testing.assert_array_equal(p.click(40, 30).logits, fresh.click(40, 30).logits)
+    with pytest.raises(ValueError):
+        p.prepare_image(np.zeros((5, 5, 2), np.uint8))

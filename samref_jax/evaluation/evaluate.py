@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run several modes one after the other (isolated per-click times) instead of "
         "at the same time",
     )
+    p.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="embed each image, then click it, in turn (default: the next image is embedded "
+        "in the background while the current one is clicked)",
+    )
     return p
 
 
@@ -167,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_overlays=args.overlays,
         progress=not args.no_progress,
         concurrent_modes=not args.sequential_modes,
+        prefetch=not args.no_prefetch,
     )
     runs = result if len(modes) > 1 else {modes[0]: result}
     for mode, metrics in runs.items():

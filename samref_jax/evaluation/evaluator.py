@@ -7,6 +7,8 @@ The predictor API (``samref_jax.model.predictor.SamRefPredictor`` implements it)
     p.reset()                        # clears clicks, keeps the embedding
     p.set_mode(mode)                 # optional, only for evaluate(..., modes=[...])
     q = p.fork(mode)                 # optional: a session on the same image (concurrent modes)
+    e = p.prepare_image(image)       # optional: the embedding without changing the session;
+    p.set_image(e)                   #   then set_image takes it (next image embedded ahead)
 
 For every sample: ``set_image`` once, then up to ``max_clicks`` rounds of host click simulator
 (:func:`samref_jax.interaction.clicker.next_click` on ``gt == 1`` with ``gt == -1`` ignored) ->
@@ -21,11 +23,16 @@ Outputs under ``output_dir`` (or ``output_dir/<mode>`` per mode):
 
 Several modes run at the same time by default when the predictor has ``fork(mode)`` (see
 ``evaluate(concurrent_modes=...)``); the records and metrics say so (``concurrent_modes``).
+With ``prepare_image`` the next image is embedded in a background thread while the current
+one is clicked (``evaluate(prefetch=...)``; metadata ``prefetch``). Neither changes a click
+or an IoU.
 
 Timing: ``seconds_per_click`` covers ``click`` plus fetching its mask to the host (not the click
 simulator); with concurrent modes it includes waiting for the other modes' work.
-``seconds_per_image_embedding`` covers ``set_image``. The first sample a process evaluates is a
-warm-up (jit compilation) and is left out of both unless it is the only one.
+``seconds_per_image_embedding`` covers ``set_image`` (with prefetch: ``prepare_image`` in the
+background thread, slowed by the clicks it overlaps; ``embedding_wait_s`` is how long the loop
+then waited for it). The first sample a process evaluates is a warm-up (jit compilation) and is
+left out of both unless it is the only one.
 """
 
 from __future__ import annotations
@@ -203,11 +210,13 @@ def _timing(records: Sequence[dict]) -> dict:
     clicks = [s for r in warm for s in r["click_seconds"]]
     embeds = [r["set_image_seconds"] for r in warm if r.get("set_image_seconds") is not None]
     all_embed = [r["set_image_seconds"] or 0.0 for r in records]
+    waits = [r["embedding_wait_s"] for r in records if r.get("embedding_wait_s") is not None]
     return {
         "seconds_per_click": _stats(clicks),
         "seconds_per_image_embedding": float(np.mean(embeds)) if embeds else None,
         "timing": {
             "embedding_total_s": float(np.sum(all_embed)),
+            "embedding_wait_total_s": float(np.sum(waits)) if waits else None,
             "click_total_s": float(sum(sum(r["click_seconds"]) for r in records)),
             "clicker_total_s": float(sum(r.get("clicker_seconds", 0.0) for r in records)),
             "num_clicks": int(sum(len(r["click_seconds"]) for r in records)),
@@ -308,6 +317,7 @@ def evaluate(
     num_overlays: int = 6,
     progress: bool = True,
     concurrent_modes: bool = True,
+    prefetch: bool = True,
 ) -> dict:
     """Evaluate ``predictor`` on ``samples`` with the RITM NoC protocol.
 
@@ -330,6 +340,9 @@ def evaluate(
         ``set_image``: the same clicks and IoUs, and one mode's host work (click simulator,
         IoU) overlaps the other's device step. Per-click times then include waiting for the
         other mode; ``False`` runs the modes one after the other (isolated per-click times).
+      prefetch: with a predictor that has ``prepare_image``, embed the next image in a
+        background thread while the current one is clicked (the same clicks and IoUs; both
+        slow down a little, the whole run much less). ``False``: embed, then click, in turn.
 
     Returns:
       The ``metrics.json`` dict, or ``{mode: metrics}`` when ``modes`` is given.
@@ -353,19 +366,22 @@ def evaluate(
     }
     known_ids = getattr(samples, "ids", None)
     ids: list[str] = []
-    first = True
     concurrent = bool(concurrent_modes and len(mode_list) > 1 and hasattr(predictor, "fork"))
-    metadata["concurrent_modes"] = concurrent
+    prefetch = bool(prefetch and hasattr(predictor, "prepare_image"))
+    metadata.update(concurrent_modes=concurrent, prefetch=prefetch)
     pool = ThreadPoolExecutor(len(mode_list), "samref-eval") if concurrent else None
+    embedder = ThreadPoolExecutor(1, "samref-embed") if prefetch else None
     bar = tqdm(
-        range(n),
+        total=n,
         desc=str(metadata.get("dataset", "eval")),
         disable=not progress,
         unit="img",
         dynamic_ncols=True,
     )
-    try:
-        for index in bar:
+
+    def pending() -> Iterable[tuple[int, str, Mapping, list]]:
+        """(index, id, sample, modes to run) of the samples with work left, in order."""
+        for index in range(n):
             sample = None
             if known_ids is not None:
                 sid = _as_str(known_ids[index])
@@ -377,16 +393,42 @@ def evaluate(
             ids.append(sid)
             todo = [m for m in mode_list if sid not in runs[m].records]
             if not todo:
+                bar.update(1)
                 continue
-            if sample is None:
-                sample = samples[index]
+            yield index, sid, samples[index] if sample is None else sample, todo
+
+    def embed(image: np.ndarray) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        prepared = predictor.prepare_image(image)
+        return prepared, time.perf_counter() - t0
+
+    try:
+        work = iter(pending())
+        item = next(work, None)
+        ahead = None  # the background embedding of `item`'s image
+        first = True
+        while item is not None:
+            index, sid, sample, todo = item
             image, gt = np.asarray(sample["image"]), np.asarray(sample["gt"])
-            together = pool is not None and len(todo) > 1
-            if together:
-                # One embedding, then every mode's click loop in its own session and thread.
-                t0 = time.perf_counter()
+            t0 = time.perf_counter()
+            if ahead is not None:
+                prepared, embed_seconds = ahead.result()
+                predictor.set_image(prepared)
+            elif prefetch:
+                prepared, embed_seconds = embed(image)
+                predictor.set_image(prepared)
+            else:
                 predictor.set_image(image)
                 embed_seconds = time.perf_counter() - t0
+            wait_seconds = time.perf_counter() - t0
+            item = next(work, None)
+            ahead = None
+            if embedder is not None and item is not None:
+                # The next image's embedding runs while this image is clicked.
+                ahead = embedder.submit(embed, np.asarray(item[2]["image"]))
+            together = pool is not None and len(todo) > 1
+            if together:
+                # Every mode's click loop in its own session and thread, on one embedding.
                 futures = [
                     pool.submit(
                         run_sample, predictor.fork(m), image, gt, max_clicks, stop_iou, False
@@ -396,15 +438,14 @@ def evaluate(
                 done = [f.result() for f in futures]
             else:
                 done = []
-                for j, m in enumerate(todo):
+                for m in todo:
                     if m is not None:
                         predictor.set_mode(m)
-                    done.append(
-                        run_sample(predictor, image, gt, max_clicks, stop_iou, embed=j == 0)
-                    )
-                embed_seconds = done[0][0]["set_image_seconds"]
+                    done.append(run_sample(predictor, image, gt, max_clicks, stop_iou, False))
             for j, (m, (rec, mask)) in enumerate(zip(todo, done, strict=True)):
                 rec["set_image_seconds"] = embed_seconds
+                if prefetch:
+                    rec["embedding_wait_s"] = wait_seconds
                 if j > 0:
                     rec["shared_embedding"] = True
                 if together:
@@ -412,6 +453,7 @@ def evaluate(
                 rec = {"id": sid, "index": index, "max_clicks": max_clicks, "warmup": first, **rec}
                 runs[m].add(rec, mask)
             first = False
+            bar.update(1)
             curves = [
                 runs[mode_list[0]].records[i]["ious"]
                 for i in ids
@@ -423,6 +465,8 @@ def evaluate(
             )
     finally:
         bar.close()
+        if embedder is not None:
+            embedder.shutdown(wait=False, cancel_futures=True)
         if pool is not None:
             pool.shutdown()
         for r in runs.values():

@@ -16,6 +16,13 @@ Example:
 
 Every click runs one jit-compiled step with `max_clicks` padded click slots, so clicking never
 recompiles. Coordinates are (x, y) pixels of the original image.
+
+The per-image work can run ahead of the clicks: ``prepare_image`` computes an image's embedding
+without touching the session (from any thread), and ``set_image`` accepts its result:
+
+  >>> nxt = p.prepare_image(np.zeros((64, 64, 3), np.uint8))  # e.g. in a background thread
+  >>> p.set_image(nxt); p.click(10, 10).mask.shape
+  (64, 64)
 """
 
 from __future__ import annotations
@@ -64,6 +71,23 @@ class _State:
     low_res: Any  # (1, 4S, 4S) SAM low-res logits, fed back as the next mask input
     final_logits: Any  # (1, F, F) final frame logits, fed back as the next prev_logits
     result: ClickResult | None
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedImage:
+    """One image's per-click-independent work, from `SamRefPredictor.prepare_image`.
+
+    frame_image: (1, F, F, 3) normalised, padded frame; embedding: (1, S, S, C) SAM's image
+    embedding; global_context: GlobalDiff's per-image inputs; original_size / input_size:
+    (H, W) of the image and of its resized copy inside the frame; params: the parameters used.
+    """
+
+    frame_image: jax.Array
+    embedding: jax.Array
+    global_context: Any
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    params: Any
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -132,12 +156,26 @@ class SamRefPredictor:
             self._embed_frame()
 
     def _embed_frame(self) -> None:
-        """The per-image work, once per image: SAM's embedding and GlobalDiff's inputs."""
+        """Recomputes the current image's per-image work (new parameters); keeps the clicks."""
+        self._use(self._prepare_frame(self.frame_image, self.original_size, self.input_size))
+
+    def _prepare_frame(
+        self, frame: jax.Array, original_size: tuple[int, int], input_size: tuple[int, int]
+    ) -> PreparedImage:
+        params = self._params
+        embedding = self._embed(params, frame)
+        context = self._context_fn(params, frame, embedding)
+        # Wait for them: the embedding is the expensive step, and callers time this.
+        jax.block_until_ready((embedding, context))
+        return PreparedImage(frame, embedding, context, original_size, input_size, params)
+
+    def _use(self, prepared: PreparedImage) -> None:
         self._first_inputs = None
-        self.embedding = self._embed(self._params, self.frame_image)
-        self._global_context = self._context_fn(self._params, self.frame_image, self.embedding)
-        # Wait for them: the embedding is the expensive step, and callers time set_image.
-        jax.block_until_ready((self.embedding, self._global_context))
+        self.frame_image = prepared.frame_image
+        self.embedding = prepared.embedding
+        self._global_context = prepared.global_context
+        self.original_size = prepared.original_size
+        self.input_size = prepared.input_size
 
     # ----------------------------------------------------------------------------- state
     def set_mode(self, mode: str) -> None:
@@ -154,6 +192,8 @@ class SamRefPredictor:
         (the evaluator runs its modes this way: one session's host work overlaps another's
         device step). A new image or new parameters on one session do not reach the others.
         """
+        if self.embedding is not None:
+            self._first_click_inputs()  # built once here, shared by every fork of this image
         other = copy.copy(self)
         other._history = list(self._history)
         other.set_mode(self.mode if mode is None else mode)
@@ -168,16 +208,32 @@ class SamRefPredictor:
         self.input_size: tuple[int, int] | None = None
         self._history: list[_State] = []
 
-    def set_image(self, image: np.ndarray) -> None:
-        """HxWx3 uint8 RGB; grey, RGBA and 16-bit images are converted. Clears the clicks."""
+    def prepare_image(self, image: np.ndarray) -> PreparedImage:
+        """The per-image work for `image` (SAM's embedding, GlobalDiff's inputs), returned
+        instead of set: this session is untouched, so it may run in another thread while this
+        session clicks on its current image (the evaluator embeds the next image this way).
+
+        Args:
+          image: (H, W, 3) uint8 RGB; grey, RGBA and 16-bit images are converted.
+
+        Returns:
+          A `PreparedImage` for `set_image`.
+        """
         image = as_rgb_uint8(image)
         f = self.sam_config.img_size
         resized = resize_longest_side(image, f)
-        x = normalize_and_pad(resized, self.sam_config)
-        self.frame_image = jnp.asarray(x)
-        self._embed_frame()
-        self.original_size = (int(image.shape[0]), int(image.shape[1]))
-        self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
+        frame = jnp.asarray(normalize_and_pad(resized, self.sam_config))
+        original = (int(image.shape[0]), int(image.shape[1]))
+        return self._prepare_frame(frame, original, (int(resized.shape[0]), int(resized.shape[1])))
+
+    def set_image(self, image: np.ndarray | PreparedImage) -> None:
+        """HxWx3 uint8 RGB (grey, RGBA and 16-bit images are converted), or the result of
+        `prepare_image` (no work left to do). Clears the clicks."""
+        if not isinstance(image, PreparedImage):
+            image = self.prepare_image(image)
+        elif image.params is not self._params:  # prepared before new parameters were set
+            image = self._prepare_frame(image.frame_image, image.original_size, image.input_size)
+        self._use(image)
         self.reset()
 
     def reset(self) -> None:
