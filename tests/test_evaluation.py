@@ -279,7 +279,8 @@ def test_concurrent_modes_and_prefetch_give_the_sequential_results(grabcut5, tmp
             assert (r["timing"]["embedding_wait_total_s"] is not None) is ahead
         runs[name] = {m: load_records(tmp_path / name / m / "samples.jsonl") for m in res}
     assert len(prepared) == 9  # one embedding per image and run, shared by both modes
-    assert given == [np.ndarray] * 6 + [PreparedImage] * 3
+    # Prefetch: the first image is set directly, the next two arrive prepared in the background.
+    assert given == [np.ndarray] * 7 + [PreparedImage] * 2
     assert p.mode == "full" and not p.clicks  # the sessions were forks
     for mode in ("sam", "full"):
         seq = runs["seq"][mode]

@@ -342,7 +342,8 @@ def evaluate(
         other mode; ``False`` runs the modes one after the other (isolated per-click times).
       prefetch: with a predictor that has ``prepare_image``, embed the next image in a
         background thread while the current one is clicked (the same clicks and IoUs; both
-        slow down a little, the whole run much less). ``False``: embed, then click, in turn.
+        slow down, but the run's wall time drops while the clicks leave cores idle).
+        ``False``: embed, then click, in turn.
 
     Returns:
       The ``metrics.json`` dict, or ``{mode: metrics}`` when ``modes`` is given.
@@ -413,9 +414,6 @@ def evaluate(
             t0 = time.perf_counter()
             if ahead is not None:
                 prepared, embed_seconds = ahead.result()
-                predictor.set_image(prepared)
-            elif prefetch:
-                prepared, embed_seconds = embed(image)
                 predictor.set_image(prepared)
             else:
                 predictor.set_image(image)
