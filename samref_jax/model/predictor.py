@@ -79,7 +79,8 @@ class PreparedImage:
 
     frame_image: (1, F, F, 3) normalised, padded frame; embedding: (1, S, S, C) SAM's image
     embedding; global_context: GlobalDiff's per-image inputs; original_size / input_size:
-    (H, W) of the image and of its resized copy inside the frame; params: the parameters used.
+    (H, W) of the image and of its resized copy inside the frame; params: the parameters used;
+    decoder_layer0: the per-image part of SAM's decoder's first layer (``SamRef.decoder_layer0``).
     """
 
     frame_image: jax.Array
@@ -88,6 +89,7 @@ class PreparedImage:
     original_size: tuple[int, int]
     input_size: tuple[int, int]
     params: Any
+    decoder_layer0: Any = None
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -123,11 +125,15 @@ class SamRefPredictor:
         self._pe_fn = jax.jit(
             lambda params: model.apply({"params": params}, method=SamRef.dense_pe)
         )
-        self._context_fn = jax.jit(
-            lambda params, image, emb: model.apply(
-                {"params": params}, image, emb, method=SamRef.global_context
-            )
-        )
+
+        @jax.jit
+        def per_image(params, image, emb, image_pe):
+            # The rest of the per-image work: GlobalDiff's inputs and the decoder's first layer.
+            context = model.apply({"params": params}, image, emb, method=SamRef.global_context)
+            layer0 = model.apply({"params": params}, emb, image_pe, method=SamRef.decoder_layer0)
+            return context, layer0
+
+        self._per_image_fn = per_image
         self.reset_image()
         self.params = params
         self.set_mode(mode)
@@ -164,16 +170,17 @@ class SamRefPredictor:
     ) -> PreparedImage:
         params = self._params
         embedding = self._embed(params, frame)
-        context = self._context_fn(params, frame, embedding)
+        context, layer0 = self._per_image_fn(params, frame, embedding, self._image_pe)
         # Wait for them: the embedding is the expensive step, and callers time this.
-        jax.block_until_ready((embedding, context))
-        return PreparedImage(frame, embedding, context, original_size, input_size, params)
+        jax.block_until_ready((embedding, context, layer0))
+        return PreparedImage(frame, embedding, context, original_size, input_size, params, layer0)
 
     def _use(self, prepared: PreparedImage) -> None:
         self._first_inputs = None
         self.frame_image = prepared.frame_image
         self.embedding = prepared.embedding
         self._global_context = prepared.global_context
+        self._decoder_layer0 = prepared.decoder_layer0
         self.original_size = prepared.original_size
         self.input_size = prepared.input_size
 
@@ -204,6 +211,7 @@ class SamRefPredictor:
         self.embedding = None
         self.frame_image = None
         self._global_context = None
+        self._decoder_layer0 = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
         self._history: list[_State] = []
@@ -292,6 +300,7 @@ class SamRefPredictor:
                 ),
                 image_pe=self._image_pe,
                 global_context=self._global_context,
+                decoder_layer0=self._decoder_layer0,
             )
         return self._first_inputs
 

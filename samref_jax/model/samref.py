@@ -52,6 +52,9 @@ class ClickInputs(NamedTuple):
         (``SamRef.global_context``: the image at GlobalDiff's working size and the projected
         embedding), computed once per image by an interactive caller. None: the step computes
         it (training, where the projection trains).
+    decoder_layer0: optional per-image part of SAM's decoder's first layer
+        (``SamRef.decoder_layer0``, computed once per image): each click then skips three
+        image-sized products. None: the step computes them (training).
     """
 
     embedding: Array
@@ -66,6 +69,7 @@ class ClickInputs(NamedTuple):
     radius: Array
     image_pe: Array | None = None
     global_context: RefinerContext | None = None
+    decoder_layer0: dict[str, Array] | None = None
 
     @classmethod
     def first_click(cls, sam_cfg: Any, max_clicks: int, batch: int = 1) -> ClickInputs:
@@ -176,13 +180,24 @@ class SamRef(nn.Module):
         computes when it is not given)."""
         return self.global_diff(image, None, None, None, embedding, None, context_only=True)
 
+    def decoder_layer0(self, embedding: Array, image_pe: Array | None = None) -> dict[str, Array]:
+        """Per-image part of SAM's decoder's first layer, for ``ClickInputs.decoder_layer0``:
+        embedding (B, S, S, D) -> dict of (B, S*S, D / 2) (``Sam.layer0_projections``)."""
+        return self.sam.layer0_projections(embedding, image_pe)
+
     def click(self, x: ClickInputs, mode: str = "full") -> ClickOutputs:
         """One interaction round. `mode` is static: "sam", "global" or "full"."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         b = x.coords.shape[0]
         masks, iou = self.sam.predict_masks(
-            x.embedding, x.coords, x.labels, x.prev_low_res, x.has_prev, x.image_pe
+            x.embedding,
+            x.coords,
+            x.labels,
+            x.prev_low_res,
+            x.has_prev,
+            x.image_pe,
+            x.decoder_layer0,
         )
         # Click 1: SAM's best multimask output by predicted IoU; later: the single-mask token.
         best_multi = 1 + jnp.argmax(iou[:, 1:], axis=-1)

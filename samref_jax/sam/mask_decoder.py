@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 from samref_jax.sam.common import MLP, ConvTranspose2x2, Dtype, gelu, layer_norm
 from samref_jax.sam.config import SamConfig
-from samref_jax.sam.transformer import TwoWayTransformer
+from samref_jax.sam.prompt_encoder import DenseFactors
+from samref_jax.sam.transformer import Layer0Inputs, TwoWayTransformer, layer0_image_projections
 
 
 class MaskDecoder(nn.Module):
@@ -17,6 +18,9 @@ class MaskDecoder(nn.Module):
     image_embeddings (B, S, S, D), image_pe (1, S, S, D), sparse (B, N, D), token_mask (B, N),
     dense (B, S, S, D) -> masks (B, 4, 4S, 4S) logits and iou_pred (B, 4). Index 0 is the
     single-mask token; 1..3 are the multimask outputs (see `select_masks`).
+
+    With the image's `layer0_projections` (computed once per image) and `dense` as
+    `DenseFactors`, the first transformer layer skips its three per-image products.
     """
 
     config: SamConfig
@@ -29,7 +33,8 @@ class MaskDecoder(nn.Module):
         image_pe: jax.Array,
         sparse: jax.Array,
         token_mask: jax.Array | None,
-        dense: jax.Array,
+        dense: jax.Array | DenseFactors,
+        layer0_projections: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         dim = cfg.prompt_embed_dim
@@ -44,6 +49,15 @@ class MaskDecoder(nn.Module):
         if token_mask is not None:
             token_mask = jnp.concatenate([jnp.ones((b, 1 + num_masks), bool), token_mask], axis=1)
 
+        layer0 = None
+        if isinstance(dense, DenseFactors):
+            if layer0_projections is not None:
+                s = image_embeddings.shape[1]
+                feats = dense.features.reshape(b, s * s, -1)
+                layer0 = Layer0Inputs(layer0_projections, feats, dense.kernel, dense.bias)
+            dense = dense.dense()
+        elif layer0_projections is not None:
+            raise ValueError("layer0_projections need the dense prompt as DenseFactors")
         src = jnp.broadcast_to(image_embeddings, dense.shape) + dense
         hs, src = TwoWayTransformer(
             cfg.decoder_depth,
@@ -57,6 +71,7 @@ class MaskDecoder(nn.Module):
             image_pe.astype(self.dtype),
             tokens.astype(self.dtype),
             token_mask,
+            layer0,
         )
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + num_masks]
@@ -89,6 +104,14 @@ class MaskDecoder(nn.Module):
             name="iou_prediction_head",
         )(iou_token_out)
         return masks.astype(jnp.float32), iou_pred.astype(jnp.float32)
+
+    def layer0_projections(
+        self, image_embeddings: jax.Array, image_pe: jax.Array
+    ) -> dict[str, jax.Array]:
+        """The per-image part of the transformer's first layer (see `layer0_image_projections`):
+        image_embeddings (B, S, S, D), image_pe (1, S, S, D) -> dict of (B, S*S, D / 2)."""
+        params = self.variables["params"]["transformer"]
+        return layer0_image_projections(params, image_embeddings, image_pe, self.dtype)
 
 
 def select_masks(

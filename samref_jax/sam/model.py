@@ -64,18 +64,43 @@ class Sam(nn.Module):
         mask_input: jax.Array | None = None,
         has_mask: jax.Array | None = None,
         image_pe: jax.Array | None = None,
+        layer0_projections: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Prompt encoder + mask decoder.
 
         image_embeddings (B, S, S, D); coords (B, N, 2) (x, y) frame pixels; labels (B, N) int32
         in {-1, 0, 1, 2, 3}; mask_input (B, 4S, 4S) logits used where has_mask (B,) is true;
-        image_pe (1, S, S, D) from :meth:`dense_pe` (None: computed here).
+        image_pe (1, S, S, D) from :meth:`dense_pe` (None: computed here); layer0_projections
+        from :meth:`layer0_projections` for these embeddings (None: computed in the decoder).
         Returns low-res logits (B, 4, 4S, 4S) and IoU predictions (B, 4), token 0 first.
         """
-        sparse, tmask, dense = self.prompt_encoder(coords, labels, mask_input, has_mask)
+        factored = layer0_projections is not None
+        sparse, tmask, dense = self.prompt_encoder(
+            coords, labels, None if factored else mask_input, has_mask
+        )
         if image_pe is None:
             image_pe = self.prompt_encoder.get_dense_pe()
-        return self.mask_decoder(image_embeddings, image_pe, sparse, tmask, dense)
+        if factored:
+            b = coords.shape[0]
+            s = self.config.image_embedding_size
+            if mask_input is None:
+                mask_input = jnp.zeros((b, 4 * s, 4 * s), jnp.float32)
+                has_mask = jnp.zeros((b,), bool)
+            elif has_mask is None:
+                has_mask = jnp.ones((b,), bool)
+            dense = self.prompt_encoder.dense_factors(mask_input, has_mask)
+        return self.mask_decoder(
+            image_embeddings, image_pe, sparse, tmask, dense, layer0_projections
+        )
+
+    def layer0_projections(
+        self, image_embeddings: jax.Array, image_pe: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
+        """Per-image work of the decoder's first layer, for :meth:`predict_masks`: computed once
+        per image, it saves three (S*S, D) x (D, D / 2) products per prompt."""
+        if image_pe is None:
+            image_pe = self.prompt_encoder.get_dense_pe()
+        return self.mask_decoder.layer0_projections(image_embeddings, image_pe)
 
     def dense_pe(self) -> jax.Array:
         """(1, S, S, D) positional encoding of the embedding grid (parameters only)."""

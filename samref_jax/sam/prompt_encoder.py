@@ -15,6 +15,7 @@ official, unpadded result.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -24,6 +25,24 @@ from samref_jax.sam.common import Dtype, gelu, layer_norm
 from samref_jax.sam.config import SamConfig
 
 NUM_POINT_EMBEDDINGS = 4  # negative, positive, box top-left, box bottom-right
+
+
+class DenseFactors(NamedTuple):
+    """The dense prompt (B, S, S, D) as ``features @ kernel + bias[:, None, None]``.
+
+    features (B, S, S, C): the mask branch before its last 1x1 convolution (0 where a row has no
+    mask); kernel (C, D): that convolution; bias (B, D): its bias, or `no_mask_embed` where a
+    row has no mask. The decoder's first layer projects the C = 16 features instead of the D =
+    256 channels (see `samref_jax.sam.transformer.ProjectedInput`).
+    """
+
+    features: jax.Array
+    kernel: jax.Array
+    bias: jax.Array
+
+    def dense(self) -> jax.Array:
+        """(B, S, S, D) the dense prompt itself."""
+        return self.features @ self.kernel.astype(self.features.dtype) + self.bias[:, None, None]
 
 
 def token_mask(labels: jax.Array) -> jax.Array:
@@ -107,12 +126,37 @@ class PromptEncoder(nn.Module):
             out = out + jnp.where(lab == i, emb, 0.0)
         return out
 
-    def embed_masks(self, masks: jax.Array) -> jax.Array:
-        """masks (B, 4S, 4S) logits -> dense embedding (B, S, S, dim)."""
+    def mask_features(self, masks: jax.Array) -> jax.Array:
+        """masks (B, 4S, 4S) logits -> (B, S, S, C) features before the last 1x1 convolution."""
         x = masks[..., None].astype(self.dtype)
         x = gelu(self.mask_downscaling_1(self.mask_downscaling_0(x)))
-        x = gelu(self.mask_downscaling_4(self.mask_downscaling_3(x)))
-        return self.mask_downscaling_6(x)
+        return gelu(self.mask_downscaling_4(self.mask_downscaling_3(x)))
+
+    def embed_masks(self, masks: jax.Array) -> jax.Array:
+        """masks (B, 4S, 4S) logits -> dense embedding (B, S, S, dim)."""
+        return self.mask_downscaling_6(self.mask_features(masks))
+
+    def dense_factors(self, mask_input: jax.Array, has_mask: jax.Array) -> DenseFactors:
+        """The dense prompt as ``features @ kernel + bias`` (see `DenseFactors`).
+
+        mask_input (B, 4S, 4S) logits, used where has_mask (B,) is true; elsewhere the features
+        are 0 and the bias is `no_mask_embed`, so the product is exactly the broadcast.
+        """
+        b = mask_input.shape[0]
+        s, c = self.config.image_embedding_size, self.config.mask_in_chans
+        conv = self.mask_downscaling_6.variables["params"]
+        kernel = conv["kernel"].reshape(c, -1)
+        zeros = jnp.zeros((b, s, s, c), self.dtype)
+
+        def with_masks(mdl: PromptEncoder, masks: jax.Array, zeros: jax.Array) -> jax.Array:
+            feats = jnp.where(has_mask[:, None, None, None], mdl.mask_features(masks), 0)
+            return feats.astype(zeros.dtype)
+
+        features = nn.cond(
+            jnp.any(has_mask), with_masks, lambda mdl, m, z: z, self, mask_input, zeros
+        )
+        bias = jnp.where(has_mask[:, None], conv["bias"][None], self.no_mask_embed)
+        return DenseFactors(features, kernel, bias)
 
     def __call__(
         self,

@@ -6,6 +6,8 @@ from every softmax over tokens, so padded prompts give the unpadded result.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,79 @@ import jax.numpy as jnp
 from samref_jax.sam.common import Dtype, KernelAndBias, MLPBlock, layer_norm
 
 _DECODER_EPS = 1e-5  # torch.nn.LayerNorm default, used by the two-way transformer.
+
+
+class ProjectedInput(NamedTuple):
+    """An `Attention` input ``x = base + features @ kernel + bias`` whose ``base @ W`` is known.
+
+    projection: (B, N, I) ``base @ W`` (no bias) for the one projection ``W`` (D, I) this input
+    feeds; features: (B, N, R); kernel: (R, D); bias: (B, D). Projecting it costs ``N R I``
+    multiply-adds instead of ``N D I``: layer 0 of the decoder sees the image embedding (known
+    per image) plus the dense prompt, a 1x1 convolution of R = 16 mask features.
+    """
+
+    projection: jax.Array
+    features: jax.Array
+    kernel: jax.Array
+    bias: jax.Array
+
+
+class Layer0Inputs(NamedTuple):
+    """Layer 0's image side as known per image (`layer0_image_projections`) plus the dense
+    prompt's factors: features (B, S*S, R), kernel (R, D), bias (B, D)."""
+
+    projections: dict[str, jax.Array]
+    features: jax.Array
+    kernel: jax.Array
+    bias: jax.Array
+
+    def input(self, name: str) -> ProjectedInput:
+        return ProjectedInput(self.projections[name], self.features, self.kernel, self.bias)
+
+
+def _project(x: jax.Array | ProjectedInput, w: jax.Array, b: jax.Array) -> jax.Array:
+    """``x @ w + b`` for an array (B, N, D) or a `ProjectedInput`; (B, N, I)."""
+    if isinstance(x, ProjectedInput):
+        low_rank = x.features.astype(w.dtype) @ (x.kernel.astype(w.dtype) @ w)
+        return x.projection.astype(w.dtype) + low_rank + (x.bias.astype(w.dtype) @ w + b)[:, None]
+    return x @ w + b
+
+
+def _dims(x: jax.Array | ProjectedInput) -> tuple[int, int, int]:
+    """(B, N, D) of an `Attention` input."""
+    if isinstance(x, ProjectedInput):
+        b, n, _ = x.projection.shape
+        return b, n, x.kernel.shape[-1]
+    return x.shape
+
+
+# Layer 0's projections of the image tokens that depend on the image only (plus the dense
+# prompt, added through its factors): (attention, projection, whether the PE is added).
+_LAYER0_IMAGE_PROJECTIONS = {
+    "t2i_k": ("cross_attn_token_to_image", "k_proj", True),
+    "t2i_v": ("cross_attn_token_to_image", "v_proj", False),
+    "i2t_q": ("cross_attn_image_to_token", "q_proj", True),
+}
+
+
+def layer0_image_projections(
+    params: dict, image_embedding: jax.Array, image_pe: jax.Array, dtype: Dtype = jnp.float32
+) -> dict[str, jax.Array]:
+    """The per-image part of layer 0's image-token projections (no biases).
+
+    params: the `TwoWayTransformer`'s parameters; image_embedding (B, S, S, D); image_pe
+    (1, S, S, D) -> {"t2i_k", "t2i_v", "i2t_q"}: (B, S*S, I). Pass them (with the dense prompt
+    in factored form) as `TwoWayTransformer(..., layer0=...)`: every click of an image then
+    skips three (S*S, D) x (D, I) products. Same numbers up to float32 re-association.
+    """
+    b, h, w, d = image_embedding.shape
+    e = image_embedding.reshape(b, h * w, d).astype(dtype)
+    e_pe = e + image_pe.reshape(-1, h * w, d).astype(dtype)
+    out = {}
+    for name, (attn, proj, with_pe) in _LAYER0_IMAGE_PROJECTIONS.items():
+        kernel = params["layers_0"][attn][proj]["kernel"].astype(dtype)
+        out[name] = (e_pe if with_pe else e) @ kernel
+    return out
 
 
 def attention_order(nq: int, nk: int, dim: int, internal: int, num_heads: int) -> str:
@@ -50,23 +125,28 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None
+        self,
+        q: jax.Array | ProjectedInput,
+        k: jax.Array | ProjectedInput,
+        v: jax.Array | ProjectedInput,
+        key_mask: jax.Array | None = None,
     ) -> jax.Array:
-        dim = q.shape[-1]
+        b, nq, dim = _dims(q)
+        nk = _dims(k)[1]
         internal = dim // self.downsample_rate
         nh = self.num_heads
         head = internal // nh
-        b, nq, _ = q.shape
-        nk = k.shape[1]
         dt = self.dtype
         wq, bq = (x.astype(dt) for x in KernelAndBias((dim, internal), name="q_proj")())
         wk, bk = (x.astype(dt) for x in KernelAndBias((dim, internal), name="k_proj")())
         wv, bv = (x.astype(dt) for x in KernelAndBias((dim, internal), name="v_proj")())
         wo, bo = (x.astype(dt) for x in KernelAndBias((internal, dim), name="out_proj")())
-        q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
+        q, k, v = (x if isinstance(x, ProjectedInput) else x.astype(dt) for x in (q, k, v))
         scale = jnp.sqrt(jnp.asarray(head, dt))
         order = self.order
-        if order == "auto":
+        if any(isinstance(x, ProjectedInput) for x in (q, k, v)):
+            order = "project"  # the other orders fold a projection elsewhere
+        elif order == "auto":
             order = attention_order(nq, nk, dim, internal, nh)
 
         def softmax(logits: jax.Array, axis: int = -1) -> jax.Array:
@@ -78,14 +158,27 @@ class Attention(nn.Module):
                 logits = jnp.where(key_mask.reshape(mask_shape), logits, -jnp.inf)
             return jax.nn.softmax(logits, axis=axis).astype(dt)
 
+        def unnormalised_softmax(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+            """`(exp(logits - max), sum)` over the last axis, masked keys removed, in fp32."""
+            logits = logits.astype(jnp.float32)
+            if key_mask is not None:
+                mask_shape = [b] + [1] * (logits.ndim - 2) + [nk]
+                logits = jnp.where(key_mask.reshape(mask_shape), logits, -jnp.inf)
+            e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+            return e, jnp.sum(e, axis=-1, keepdims=True)
+
         wq_h, wk_h, wv_h = (w.reshape(dim, nh, head) for w in (wq, wk, wv))
         wo_h = wo.reshape(nh, head, dim)
         if order == "project":
-            qh = (q @ wq + bq).reshape(b, nq, nh, head)
-            kh = (k @ wk + bk).reshape(b, nk, nh, head)
-            vh = (v @ wv + bv).reshape(b, nk, nh, head)
-            attn = softmax(jnp.einsum("bqhc,bkhc->bhqk", qh, kh) / scale)
-            out = jnp.einsum("bhqk,bkhc->bqhc", attn, vh).reshape(b, nq, internal)
+            qh = _project(q, wq, bq).reshape(b, nq, nh, head)
+            kh = _project(k, wk, bk).reshape(b, nk, nh, head)
+            vh = _project(v, wv, bv).reshape(b, nk, nh, head)
+            # The softmax's normalisation after the product with v: one division per (query,
+            # channel) instead of per (query, key); the same function up to float32 rounding
+            # (as in the image encoder's attention).
+            e, denom = unnormalised_softmax(jnp.einsum("bqhc,bkhc->bhqk", qh, kh) / scale)
+            out = jnp.einsum("bhqk,bkhc->bqhc", e.astype(dt), vh).astype(jnp.float32)
+            out = (out / denom.transpose(0, 2, 1, 3)).astype(dt).reshape(b, nq, internal)
             return out @ wo + bo
         if order == "fold_keys":
             qh = (q @ wq + bq).reshape(b, nq, nh, head)
@@ -133,6 +226,7 @@ class TwoWayAttentionBlock(nn.Module):
         query_pe: jax.Array,
         key_pe: jax.Array,
         token_mask: jax.Array | None,
+        layer0: Layer0Inputs | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         self_attn = Attention(self.num_heads, 1, self.dtype, name="self_attn")
         if self.skip_first_layer_pe:
@@ -143,17 +237,20 @@ class TwoWayAttentionBlock(nn.Module):
         queries = layer_norm(_DECODER_EPS, self.dtype, name="norm1")(queries)
 
         q = queries + query_pe
-        k = keys + key_pe
+        if layer0 is None:
+            k, v = keys + key_pe, keys
+        else:  # the same inputs, their per-image part projected already
+            k, v = layer0.input("t2i_k"), layer0.input("t2i_v")
         queries = queries + Attention(
             self.num_heads, self.downsample_rate, self.dtype, name="cross_attn_token_to_image"
-        )(q, k, keys)
+        )(q, k, v)
         queries = layer_norm(_DECODER_EPS, self.dtype, name="norm2")(queries)
 
         queries = queries + MLPBlock(self.mlp_dim, "relu", self.dtype, name="mlp")(queries)
         queries = layer_norm(_DECODER_EPS, self.dtype, name="norm3")(queries)
 
         q = queries + query_pe
-        k = keys + key_pe
+        k = keys + key_pe if layer0 is None else layer0.input("i2t_q")
         keys = keys + Attention(
             self.num_heads, self.downsample_rate, self.dtype, name="cross_attn_image_to_token"
         )(k, q, queries, token_mask)
@@ -163,7 +260,11 @@ class TwoWayAttentionBlock(nn.Module):
 
 class TwoWayTransformer(nn.Module):
     """image (B, S, S, D), image_pe (B or 1, S, S, D), tokens (B, N, D), token_mask (B, N)
-    -> (queries (B, N, D), keys (B, S*S, D))."""
+    -> (queries (B, N, D), keys (B, S*S, D)).
+
+    `layer0` (optional): the image's per-image projections and the dense prompt's factors, for
+    layer 0 (`layer0_image_projections`); `image` must then be their sum (embedding + dense).
+    """
 
     depth: int
     num_heads: int
@@ -178,6 +279,7 @@ class TwoWayTransformer(nn.Module):
         image_pe: jax.Array,
         point_embedding: jax.Array,
         token_mask: jax.Array | None = None,
+        layer0: Layer0Inputs | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         b, h, w, d = image_embedding.shape
         keys = image_embedding.reshape(b, h * w, d)
@@ -191,7 +293,7 @@ class TwoWayTransformer(nn.Module):
                 skip_first_layer_pe=i == 0,
                 dtype=self.dtype,
                 name=f"layers_{i}",
-            )(queries, keys, point_embedding, key_pe, token_mask)
+            )(queries, keys, point_embedding, key_pe, token_mask, layer0 if i == 0 else None)
         q = queries + point_embedding
         k = keys + key_pe
         queries = queries + Attention(
