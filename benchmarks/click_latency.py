@@ -3,8 +3,9 @@
     python benchmarks/click_latency.py [--clicks 20] [--model-type vit_b]
 
 For `sam`, `global` and `full`: median wall time of one jitted click step (prompt encoder, mask
-decoder, upscaling, refiners; embedding, SAM's dense positional encoding and GlobalDiff's
-per-image inputs cached, as in `SamRefPredictor`; random weights), the modes interleaved click
+decoder, upscaling, refiners; embedding, SAM's dense positional encoding, GlobalDiff's
+per-image inputs and the decoder's per-image first-layer products cached, as in
+`SamRefPredictor`; random weights), the modes interleaved click
 by click so that each sees the same machine conditions. Also the JAX SAM decoder
 against the official torch decoder on the same embedding (same process), and each refiner's
 parameter count and FLOPs per click from XLA's cost analysis. Prints markdown tables.
@@ -62,6 +63,11 @@ def main() -> None:
         lambda p, i, e: model.apply({"params": p}, i, e, method=SamRef.global_context)
     )
     x = x._replace(global_context=context_fn(params, x.image, x.embedding))
+    # ... and the per-image part of SAM's decoder's first layer, once per image.
+    layer0_fn = jax.jit(
+        lambda p, e, pe: model.apply({"params": p}, e, pe, method=SamRef.decoder_layer0)
+    )
+    x = x._replace(decoder_layer0=layer0_fn(params, x.embedding, image_pe))
     ca = context_fn.lower(params, x.image, x.embedding).compile().cost_analysis()
     context_flops = float((ca[0] if isinstance(ca, list) else ca).get("flops", float("nan")))
     coords = rng.uniform(100, 700, (n, 2)).astype(np.float32)

@@ -156,9 +156,21 @@ def test_mask_decoder(pair, n_points, with_box, multimask):
                 multimask_output=multimask,
             )
 
-        def fn(p, emb, coords, labels, mask, has_mask):
-            masks, iou = Sam(cfg).apply(
-                {"params": p}, emb, coords, labels, mask, has_mask, method=Sam.predict_masks
+        def fn(p, emb, coords, labels, mask, has_mask, cached):
+            m = Sam(cfg)
+            # cached: the decoder's first layer with its per-image products computed once, as
+            # the interactive predictor runs it (dense prompt in factored form).
+            layer0 = m.apply({"params": p}, emb, method=Sam.layer0_projections) if cached else None
+            masks, iou = m.apply(
+                {"params": p},
+                emb,
+                coords,
+                labels,
+                mask,
+                has_mask,
+                None,
+                layer0,
+                method=Sam.predict_masks,
             )
             return select_masks(masks, iou, multimask)
 
@@ -170,10 +182,11 @@ def test_mask_decoder(pair, n_points, with_box, multimask):
             jnp.asarray(mask),
             jnp.asarray([with_mask]),
         )
-        for f in (fn, jax.jit(fn)):
-            masks, iou = f(*args)
-            _assert_close(masks, ref_masks.numpy(), tol=5e-5 if cfg.name == "small" else TOL)
-            _assert_close(iou, ref_iou.numpy())
+        for cached in (False, True):
+            for f in (fn, jax.jit(fn, static_argnums=6)):
+                masks, iou = f(*args, cached)
+                _assert_close(masks, ref_masks.numpy(), tol=5e-5 if cfg.name == "small" else TOL)
+                _assert_close(iou, ref_iou.numpy())
 
 
 def test_batched_prompts_match_one_by_one(pair):

@@ -113,6 +113,39 @@ def test_cached_global_context_gives_identical_outputs(setup, mode):
     assert not np.array_equal(np.asarray(moved), np.asarray(want.global_logits))
 
 
+@pytest.mark.parametrize("mode", ["sam", "full"])
+def test_cached_decoder_layer0_gives_the_same_outputs(setup, mode):
+    """SAM's decoder's first layer with its per-image products computed once (as the predictor
+    does; the dense prompt then enters in factored form) gives the step's outputs up to float32
+    re-association, with and without jit, for rows with and without a mask input."""
+    cfg, params = setup
+    params = jax.tree_util.tree_map(
+        lambda a: a + 0.05 * jax.random.normal(KEY, a.shape, a.dtype), params
+    )
+    model, x = _inputs(cfg, params, n_clicks=3)
+    x = x._replace(has_prev=jnp.asarray([True, False]))  # one row with a mask input, one without
+    pe = model.apply({"params": params}, method=SamRef.dense_pe)
+    x = x._replace(image_pe=pe)
+    layer0_fn = lambda p, e, pe: model.apply({"params": p}, e, pe, method=SamRef.decoder_layer0)
+    fn = lambda p, x: model.apply({"params": p}, x, mode, method=SamRef.click)
+    for f, lf in ((fn, layer0_fn), (jax.jit(fn), jax.jit(layer0_fn))):
+        layer0 = lf(params, x.embedding, pe)
+        assert sorted(layer0) == ["i2t_q", "t2i_k", "t2i_v"]
+        scfg = sam_config_from(cfg)
+        for a in layer0.values():
+            chex.assert_shape(a, (2, scfg.image_embedding_size**2, scfg.prompt_embed_dim // 2))
+        want, got = f(params, x), f(params, x._replace(decoder_layer0=layer0))
+        for a, b in ((want.low_res, got.low_res), (want.final_logits, got.final_logits)):
+            a, b = np.asarray(a), np.asarray(b)
+            assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+            assert ((a > 0) == (b > 0)).mean() >= 0.999
+        np.testing.assert_allclose(np.asarray(want.score), np.asarray(got.score), atol=1e-5)
+    # Another image's products give another result: the step really reads them.
+    other = layer0_fn(params, x.embedding[::-1], pe)
+    moved = fn(params, x._replace(decoder_layer0=other)).low_res
+    assert np.abs(np.asarray(moved) - np.asarray(want.low_res)).max() > 1e-3
+
+
 def test_first_click_picks_best_multimask(setup):
     cfg, params = setup
     model, x = _inputs(cfg, params, n_clicks=1)

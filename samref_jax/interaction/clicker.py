@@ -96,7 +96,7 @@ def _bbox(region: np.ndarray) -> tuple[int, int, int, int] | None:
 
 
 def _squared_edt_in_box(region: np.ndarray, box: tuple[int, int, int, int] | None) -> np.ndarray:
-    out = np.zeros(region.shape, dtype=np.int64)
+    out = np.zeros(region.shape, dtype=np.int64)  # int64: the documented type, any size
     if box is not None:
         y0, y1, x0, x1 = box
         out[y0:y1, x0:x1] = _box_sq_edt(region, box)
@@ -104,14 +104,24 @@ def _squared_edt_in_box(region: np.ndarray, box: tuple[int, int, int, int] | Non
 
 
 def _box_sq_edt(region: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Squared EDT (``int64[y1 - y0, x1 - x0]``) of ``region`` inside ``box``, exact as above."""
+    """Squared EDT (``int32`` or, past 2**31, ``int64[y1 - y0, x1 - x0]``) of ``region`` inside
+    ``box``, exact as above."""
     y0, y1, x0, x1 = box
     padded = np.pad(region[y0:y1, x0:x1], 1)
-    # Nearest-False indices give the squared distance exactly, in integers.
-    iy, ix = ndimage.distance_transform_edt(padded, return_distances=False, return_indices=True)
-    dy = (iy[1:-1, 1:-1] - np.arange(1, y1 - y0 + 1)[:, None]).astype(np.int64)
-    dx = (ix[1:-1, 1:-1] - np.arange(1, x1 - x0 + 1)[None, :]).astype(np.int64)
-    return dy * dy + dx * dx
+    # Nearest-False indices give the squared distance exactly, in integers: SciPy's int32
+    # index planes are turned into it in place (no int64 copies: next_click 12.2 -> 8.8 ms on a
+    # 321 x 481 GrabCut image against a blobby random prediction, one-off timing).
+    ft = ndimage.distance_transform_edt(padded, return_distances=False, return_indices=True)
+    h, w = padded.shape
+    if h * h + w * w >= 2**31:  # a distance squared could overflow int32
+        ft = ft.astype(np.int64)
+    iy, ix = ft[0], ft[1]
+    iy -= np.arange(h, dtype=ft.dtype)[:, None]
+    ix -= np.arange(w, dtype=ft.dtype)[None, :]
+    np.multiply(iy, iy, out=iy)
+    np.multiply(ix, ix, out=ix)
+    iy += ix
+    return iy[1:-1, 1:-1]
 
 
 def _masked_max(
@@ -126,7 +136,8 @@ def _masked_max(
     if box is None:
         return 0, (0, 0)
     y0, y1, x0, x1 = box
-    dt = _box_sq_edt(region, box) * not_clicked[y0:y1, x0:x1]
+    dt = _box_sq_edt(region, box)
+    dt *= not_clicked[y0:y1, x0:x1]
     y, x = divmod(int(np.argmax(dt)), x1 - x0)  # argmax: first maximum, row-major
     best = int(dt[y, x])
     return best, ((y0 + y, x0 + x) if best > 0 else (0, 0))
