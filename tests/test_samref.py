@@ -132,8 +132,9 @@ def test_cached_decoder_layer0_gives_the_same_outputs(setup, mode):
         layer0 = lf(params, x.embedding, pe)
         assert sorted(layer0) == ["i2t_q", "t2i_k", "t2i_v"]
         scfg = sam_config_from(cfg)
-        for a in layer0.values():
-            chex.assert_shape(a, (2, scfg.image_embedding_size**2, scfg.prompt_embed_dim // 2))
+        n, i = scfg.image_embedding_size**2, scfg.prompt_embed_dim // 2
+        chex.assert_shape(layer0["i2t_q"], (2, n, i))
+        chex.assert_shape([layer0["t2i_k"], layer0["t2i_v"]], (2, i, n))  # the layout read
         want, got = f(params, x), f(params, x._replace(decoder_layer0=layer0))
         for a, b in ((want.low_res, got.low_res), (want.final_logits, got.final_logits)):
             a, b = np.asarray(a), np.asarray(b)

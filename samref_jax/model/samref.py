@@ -182,7 +182,8 @@ class SamRef(nn.Module):
 
     def decoder_layer0(self, embedding: Array, image_pe: Array | None = None) -> dict[str, Array]:
         """Per-image part of SAM's decoder's first layer, for ``ClickInputs.decoder_layer0``:
-        embedding (B, S, S, D) -> dict of (B, S*S, D / 2) (``Sam.layer0_projections``)."""
+        embedding (B, S, S, D) -> dict of (B, S*S, D / 2) arrays, transposed for the token-to-image
+        keys and values (``Sam.layer0_projections``)."""
         return self.sam.layer0_projections(embedding, image_pe)
 
     def click(self, x: ClickInputs, mode: str = "full") -> ClickOutputs:

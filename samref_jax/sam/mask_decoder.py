@@ -109,7 +109,8 @@ class MaskDecoder(nn.Module):
         self, image_embeddings: jax.Array, image_pe: jax.Array
     ) -> dict[str, jax.Array]:
         """The per-image part of the transformer's first layer (see `layer0_image_projections`):
-        image_embeddings (B, S, S, D), image_pe (1, S, S, D) -> dict of (B, S*S, D / 2)."""
+        image_embeddings (B, S, S, D), image_pe (1, S, S, D) -> dict of (B, S*S, D / 2) or,
+        for the token-to-image keys and values, (B, D / 2, S*S)."""
         params = self.variables["params"]["transformer"]
         return layer0_image_projections(params, image_embeddings, image_pe, self.dtype)
 

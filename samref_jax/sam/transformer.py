@@ -21,15 +21,17 @@ class ProjectedInput(NamedTuple):
     """An `Attention` input ``x = base + features @ kernel + bias`` whose ``base @ W`` is known.
 
     projection: (B, N, I) ``base @ W`` (no bias) for the one projection ``W`` (D, I) this input
-    feeds; features: (B, N, R); kernel: (R, D); bias: (B, D). Projecting it costs ``N R I``
-    multiply-adds instead of ``N D I``: layer 0 of the decoder sees the image embedding (known
-    per image) plus the dense prompt, a 1x1 convolution of R = 16 mask features.
+    feeds, or (B, I, N) when ``transposed``; features: (B, N, R); kernel: (R, D); bias: (B, D).
+    Projecting it costs ``N R I`` multiply-adds instead of ``N D I``: layer 0 of the decoder
+    sees the image embedding (known per image) plus the dense prompt, a 1x1 convolution of
+    R = 16 mask features.
     """
 
     projection: jax.Array
     features: jax.Array
     kernel: jax.Array
     bias: jax.Array
+    transposed: bool = False
 
 
 class Layer0Inputs(NamedTuple):
@@ -42,21 +44,36 @@ class Layer0Inputs(NamedTuple):
     bias: jax.Array
 
     def input(self, name: str) -> ProjectedInput:
-        return ProjectedInput(self.projections[name], self.features, self.kernel, self.bias)
+        transposed = name in _TRANSPOSED
+        p = self.projections[name]
+        return ProjectedInput(p, self.features, self.kernel, self.bias, transposed)
 
 
 def _project(x: jax.Array | ProjectedInput, w: jax.Array, b: jax.Array) -> jax.Array:
     """``x @ w + b`` for an array (B, N, D) or a `ProjectedInput`; (B, N, I)."""
     if isinstance(x, ProjectedInput):
+        if x.transposed:
+            return _project_t(x, w, b).transpose(0, 2, 1)
         low_rank = x.features.astype(w.dtype) @ (x.kernel.astype(w.dtype) @ w)
         return x.projection.astype(w.dtype) + low_rank + (x.bias.astype(w.dtype) @ w + b)[:, None]
     return x @ w + b
 
 
+def _project_t(x: jax.Array | ProjectedInput, w: jax.Array, b: jax.Array) -> jax.Array:
+    """``(x @ w + b)`` transposed to (B, I, N), computed in that layout (no copy after)."""
+    if isinstance(x, ProjectedInput):
+        if not x.transposed:
+            return _project(x, w, b).transpose(0, 2, 1)
+        kw = x.kernel.astype(w.dtype) @ w  # (R, I)
+        low_rank = jnp.einsum("ri,bnr->bin", kw, x.features.astype(w.dtype))
+        return x.projection.astype(w.dtype) + low_rank + (x.bias.astype(w.dtype) @ w + b)[..., None]
+    return jnp.einsum("di,bnd->bin", w, x) + b[:, None]
+
+
 def _dims(x: jax.Array | ProjectedInput) -> tuple[int, int, int]:
     """(B, N, D) of an `Attention` input."""
     if isinstance(x, ProjectedInput):
-        b, n, _ = x.projection.shape
+        b, n = x.features.shape[:2]
         return b, n, x.kernel.shape[-1]
     return x.shape
 
@@ -68,6 +85,8 @@ _LAYER0_IMAGE_PROJECTIONS = {
     "t2i_v": ("cross_attn_token_to_image", "v_proj", False),
     "i2t_q": ("cross_attn_image_to_token", "q_proj", True),
 }
+# Kept in (B, I, S*S): the layout the token-to-image products read (see `Attention`).
+_TRANSPOSED = ("t2i_k", "t2i_v")
 
 
 def layer0_image_projections(
@@ -76,9 +95,10 @@ def layer0_image_projections(
     """The per-image part of layer 0's image-token projections (no biases).
 
     params: the `TwoWayTransformer`'s parameters; image_embedding (B, S, S, D); image_pe
-    (1, S, S, D) -> {"t2i_k", "t2i_v", "i2t_q"}: (B, S*S, I). Pass them (with the dense prompt
-    in factored form) as `TwoWayTransformer(..., layer0=...)`: every click of an image then
-    skips three (S*S, D) x (D, I) products. Same numbers up to float32 re-association.
+    (1, S, S, D) -> {"i2t_q": (B, S*S, I), "t2i_k", "t2i_v": (B, I, S*S)} (the token-to-image
+    keys and values in the layout their products read). Pass them (with the dense prompt in
+    factored form) as `TwoWayTransformer(..., layer0=...)`: every click of an image then skips
+    three (S*S, D) x (D, I) products. Same numbers up to float32 re-association.
     """
     b, h, w, d = image_embedding.shape
     e = image_embedding.reshape(b, h * w, d).astype(dtype)
@@ -86,7 +106,8 @@ def layer0_image_projections(
     out = {}
     for name, (attn, proj, with_pe) in _LAYER0_IMAGE_PROJECTIONS.items():
         kernel = params["layers_0"][attn][proj]["kernel"].astype(dtype)
-        out[name] = (e_pe if with_pe else e) @ kernel
+        x = e_pe if with_pe else e
+        out[name] = jnp.einsum("di,bnd->bin", kernel, x) if name in _TRANSPOSED else x @ kernel
     return out
 
 
@@ -171,13 +192,24 @@ class Attention(nn.Module):
         wo_h = wo.reshape(nh, head, dim)
         if order == "project":
             qh = _project(q, wq, bq).reshape(b, nq, nh, head)
-            kh = _project(k, wk, bk).reshape(b, nk, nh, head)
-            vh = _project(v, wv, bv).reshape(b, nk, nh, head)
+            if nk > nq:
+                # Many keys: project them straight into the per-head (B, H, C, Nk) layout the
+                # batched products read (a transposed product instead of a copy afterwards).
+                kh = _project_t(k, wk, bk).reshape(b, nh, head, nk)
+                logits = jnp.einsum("bqhc,bhck->bhqk", qh, kh)
+            else:
+                kh = _project(k, wk, bk).reshape(b, nk, nh, head)
+                logits = jnp.einsum("bqhc,bkhc->bhqk", qh, kh)
             # The softmax's normalisation after the product with v: one division per (query,
             # channel) instead of per (query, key); the same function up to float32 rounding
             # (as in the image encoder's attention).
-            e, denom = unnormalised_softmax(jnp.einsum("bqhc,bkhc->bhqk", qh, kh) / scale)
-            out = jnp.einsum("bhqk,bkhc->bqhc", e.astype(dt), vh).astype(jnp.float32)
+            e, denom = unnormalised_softmax(logits / scale)
+            if nk > nq:
+                vh = _project_t(v, wv, bv).reshape(b, nh, head, nk)
+                out = jnp.einsum("bhqk,bhck->bqhc", e.astype(dt), vh).astype(jnp.float32)
+            else:
+                vh = _project(v, wv, bv).reshape(b, nk, nh, head)
+                out = jnp.einsum("bhqk,bkhc->bqhc", e.astype(dt), vh).astype(jnp.float32)
             out = (out / denom.transpose(0, 2, 1, 3)).astype(dt).reshape(b, nq, internal)
             return out @ wo + bo
         if order == "fold_keys":
