@@ -170,21 +170,22 @@ class Attention(nn.Module):
         elif order == "auto":
             order = attention_order(nq, nk, dim, internal, nh)
 
+        def masked(logits: jax.Array, axis: int = -1) -> jax.Array:
+            """Logits (B, ...) in fp32 with masked keys (along `axis`) set to -inf."""
+            logits = logits.astype(jnp.float32)
+            if key_mask is None:
+                return logits
+            axis %= logits.ndim
+            mask_shape = [b if i == 0 else nk if i == axis else 1 for i in range(logits.ndim)]
+            return jnp.where(key_mask.reshape(mask_shape), logits, -jnp.inf)
+
         def softmax(logits: jax.Array, axis: int = -1) -> jax.Array:
             """Softmax over the keys' `axis` of logits (B, ...), masked keys removed, in fp32."""
-            logits = logits.astype(jnp.float32)
-            if key_mask is not None:
-                axis %= logits.ndim
-                mask_shape = [b if i == 0 else nk if i == axis else 1 for i in range(logits.ndim)]
-                logits = jnp.where(key_mask.reshape(mask_shape), logits, -jnp.inf)
-            return jax.nn.softmax(logits, axis=axis).astype(dt)
+            return jax.nn.softmax(masked(logits, axis), axis=axis).astype(dt)
 
         def unnormalised_softmax(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
             """`(exp(logits - max), sum)` over the last axis, masked keys removed, in fp32."""
-            logits = logits.astype(jnp.float32)
-            if key_mask is not None:
-                mask_shape = [b] + [1] * (logits.ndim - 2) + [nk]
-                logits = jnp.where(key_mask.reshape(mask_shape), logits, -jnp.inf)
+            logits = masked(logits)
             e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
             return e, jnp.sum(e, axis=-1, keepdims=True)
 
