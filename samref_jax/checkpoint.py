@@ -3,8 +3,8 @@
 The parameter tree is `{"sam": <SAM params>}` for converted SAM weights, and additionally
 `{"global_diff": ..., "patch_diff": ...}` for SAM-REF checkpoints. `metadata.json` records the
 model type, the SAM config, where the weights came from and (for SAM-REF) the refiner config.
-Orbax writes to a temporary directory and renames it when complete, so a killed write never
-leaves a checkpoint that loads half-written.
+Everything is written to a hidden sibling directory that is renamed into place when complete,
+so a killed write never leaves a half-written checkpoint and keeps the previous one intact.
 
 Example:
   >>> save_model_checkpoint("/tmp/ckpt", {"sam": params}, {"model_type": "tiny"})  # doctest: +SKIP
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,26 +32,100 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete or not ours. The message says which."""
 
 
+def _is_checkpoint(directory: Path) -> bool:
+    try:
+        return json.loads((directory / _META).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output_directory(directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raises `CheckpointError` unless `directory` may receive a checkpoint.
+
+    A missing or empty directory is fine; an existing checkpoint only with `overwrite`
+    (``--force`` on the command line); a file, or a non-empty directory that is not a
+    checkpoint, never (replacing it would delete files that are not ours).
+    """
+    directory = Path(directory).absolute()
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"output {str(directory)!r} exists and is not a directory")
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return directory
+    if not _is_checkpoint(directory):
+        raise CheckpointError(
+            f"output directory {str(directory)!r} is not empty and holds no samref-jax "
+            "checkpoint: refusing to replace it (choose a new or empty directory)"
+        )
+    if not overwrite:
+        raise CheckpointError(
+            f"output directory {str(directory)!r} already holds a checkpoint "
+            "(pass --force to replace it)"
+        )
+    return directory
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+def _move_into_place(staging: Path, directory: Path) -> None:
+    """Renames the finished `staging` directory to `directory`, replacing what is there."""
+    if not directory.exists() or (directory.is_dir() and not any(directory.iterdir())):
+        os.replace(staging, directory)  # atomic; replaces an empty directory
+        return
+    if _exchange(staging, directory):  # one atomic step: `staging` now holds the old one
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(directory, old)
+    os.replace(staging, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_model_checkpoint(
-    directory: str | os.PathLike, tree: dict[str, Any], metadata: dict[str, Any]
+    directory: str | os.PathLike,
+    tree: dict[str, Any],
+    metadata: dict[str, Any],
+    *,
+    overwrite: bool = True,
 ) -> Path:
-    """Writes `tree` (dict of param pytrees) and `metadata` to `directory`. Overwrites.
+    """Writes `tree` (dict of param pytrees) and `metadata` to `directory`.
+
+    Everything is written to a hidden sibling directory first, which is then renamed into
+    place: a kill during the save leaves the previous checkpoint (if any) intact. An existing
+    checkpoint is replaced only with `overwrite`; a non-empty directory that is not a
+    checkpoint is never replaced (`check_output_directory`).
 
     With several JAX processes every one of them must call this (orbax's save is collective).
     """
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = check_output_directory(directory, overwrite)
     tree = jax.tree_util.tree_map(np.asarray, tree)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f".{directory.name}.partial")
+    main = jax.process_index() == 0
+    if main and jax.process_count() == 1:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed save
+    staging.mkdir(exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(directory / _PARAMS, tree, force=True)
+    ckptr.save(staging / _PARAMS, tree, force=True)
     ckptr.wait_until_finished()
-    if jax.process_index() == 0:  # several processes: all save (orbax), process 0 writes this
+    if main:  # several processes: all save (orbax), process 0 writes this and renames
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
-        tmp = directory / (_META + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        os.replace(tmp, directory / _META)
+        (staging / _META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        _move_into_place(staging, directory)
     return directory
 
 

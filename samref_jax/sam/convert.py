@@ -15,6 +15,9 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import pickle
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -127,6 +130,7 @@ def convert_state_dict(
     shapes = expected_shapes(config)
     filled: dict[tuple[str, ...], np.ndarray] = {}
     unexpected: list[str] = []
+    nonfinite: list[str] = []
     for key, value in state_dict.items():
         path = _layer_norm_fix(flax_path(key), shapes)
         if path not in shapes:
@@ -137,6 +141,8 @@ def convert_state_dict(
                 f"two checkpoint tensors map to {'/'.join(path)} (one is {key!r})"
             )
         filled[path] = _to_flax(key, path, _as_numpy(value), shapes[path])
+        if not np.isfinite(filled[path]).all():
+            nonfinite.append(key)
     missing = sorted("/".join(p) for p in shapes if p not in filled)
     if unexpected or missing:
         msg = [f"state_dict does not match SAM {model_type}:"]
@@ -145,6 +151,11 @@ def convert_state_dict(
         if missing:
             msg.append(f"{len(missing)} missing parameter(s): {', '.join(missing[:8])}")
         raise ConversionError(" ".join(msg))
+    if nonfinite:
+        raise ConversionError(
+            f"{len(nonfinite)} tensor(s) hold NaN or Inf values (a damaged or diverged "
+            f"checkpoint): {', '.join(sorted(nonfinite)[:5])}"
+        )
     tree: dict[str, Any] = {}
     for path, arr in filled.items():
         node = tree
@@ -171,6 +182,21 @@ def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _refusal_reason(text: str) -> str:
+    """One line from torch's weights-only refusal, without its advice to disable the check."""
+    found = re.search(r"unsupported GLOBAL (\S+)", text) or re.search(
+        r"Unsupported global: GLOBAL (\S+)", text
+    )
+    if found:
+        what = f"it asks to call or build {found.group(1)!r}"
+    else:
+        what = "it holds pickle instructions other than plain tensors"
+    return (
+        f"{what}, which a weights-only load does not run (nothing was executed); an official "
+        "SAM checkpoint holds only tensors, so this file is not one or has been tampered with"
+    )
+
+
 def load_torch_state_dict(path: str | Path) -> dict[str, Any]:
     """Reads a `.pth` with `torch.load(weights_only=True)`: never runs pickled code."""
     path = Path(path)
@@ -185,9 +211,14 @@ def load_torch_state_dict(path: str | Path) -> dict[str, Any]:
             "reading .pth files needs PyTorch: pip install 'samref-jax[torch]'"
         ) from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: not for users
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        text = str(e)
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
+            raise ConversionError(f"{str(path)!r} was refused: {_refusal_reason(text)}") from None
+        first = (text.strip().splitlines() or [""])[0][:200]
         raise ConversionError(
             f"{str(path)!r} is not a readable PyTorch checkpoint (truncated, corrupt or another "
             f"format): {type(e).__name__}: {first}"
@@ -200,13 +231,16 @@ def load_torch_state_dict(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`convert_weights.py --checkpoint FILE.pth --output DIR [--model-type vit_b|vit_l|vit_h]`."""
+    """`convert_weights.py --checkpoint FILE.pth --output DIR [--model-type T] [--force]`.
+
+    A non-empty --output is refused unless it holds a checkpoint and --force is given; the new
+    checkpoint is written beside it and renamed into place (a kill keeps the old one)."""
     import argparse
     import sys
 
     from tqdm import tqdm
 
-    from samref_jax.checkpoint import save_model_checkpoint
+    from samref_jax.checkpoint import CheckpointError, check_output_directory, save_model_checkpoint
 
     parser = argparse.ArgumentParser(
         prog="convert_weights.py",
@@ -215,8 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="official sam_vit_*.pth file")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--model-type", choices=sorted(OFFICIAL_TYPES.values()), default=None)
+    parser.add_argument(
+        "--force", action="store_true", help="replace a checkpoint already in --output"
+    )
     args = parser.parse_args(argv)
     try:
+        check_output_directory(args.output, args.force)  # before the slow steps
         steps = tqdm(total=4, desc="convert", unit="step", disable=None)
         steps.set_postfix_str("sha256")
         digest = sha256_of(args.checkpoint) if Path(args.checkpoint).is_file() else ""
@@ -238,11 +276,15 @@ def main(argv: list[str] | None = None) -> int:
                 "source_sha256": digest,
                 "num_tensors": len(state_dict),
             },
+            overwrite=args.force,
         )
         steps.update()
         steps.close()
-    except ConversionError as e:
+    except (ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; --output was left as it was", file=sys.stderr)
         return 2
     print(f"wrote {model_type} checkpoint to {args.output}")
     return 0
