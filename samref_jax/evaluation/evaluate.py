@@ -10,6 +10,11 @@ Evaluate a checkpoint::
 (``--mode sam full``) share one image embedding per image (the predictor needs ``set_mode``)
 and write ``OUT/<mode>/``.
 
+Evaluate the classical OpenCV GrabCut peer (no checkpoint; ``pip install samref-jax[opencv]``;
+see :mod:`samref_jax.evaluation.grabcut`), a row ``opencv-grabcut`` in ``compare`` tables::
+
+    samref-eval --method opencv-grabcut --dataset GrabCut --data-dir PATH --output OUT
+
 Merge runs into one table and plot::
 
     samref-eval compare --output OUT [--labels sam full] RUN1/metrics.json RUN2/metrics.json
@@ -30,6 +35,7 @@ from samref_jax.evaluation.report import compare, write_metrics_markdown
 __all__ = ["build_parser", "compare", "evaluate", "load_samples", "main"]
 
 MODES = ("sam", "global", "full")
+METHODS = ("samref", "opencv-grabcut")
 
 
 def _resolve_root(dataset: str, data_dir: str | Path) -> Path:
@@ -80,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="NoC evaluation of SAM-REF (RITM protocol). "
         "Use 'samref-eval compare ...' to merge runs.",
     )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="samref",
+        help="samref (a checkpoint) or opencv-grabcut (classical peer: no checkpoint, no mode)",
+    )
     p.add_argument("--checkpoint", help="checkpoint directory")
     p.add_argument(
         "--dataset", default="GrabCut", help="GrabCut, Berkeley, DAVIS, COCO_MVal, SBD or PascalVOC"
@@ -124,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="embed each image, then click it, in turn (default: the next image is embedded "
         "in the background while the current one is clicked)",
     )
+    p.add_argument(
+        "--grabcut-radius",
+        type=int,
+        default=5,
+        help="opencv-grabcut: click disk radius in image pixels (default 5)",
+    )
+    p.add_argument(
+        "--grabcut-iterations",
+        type=int,
+        default=3,
+        help="opencv-grabcut: GrabCut iterations per click (default 3)",
+    )
     return p
 
 
@@ -146,9 +170,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(compare(args.metrics, args.labels, args.output), end="")
         return 0
     args = build_parser().parse_args(argv)
+    peer = None
+    if args.method == "opencv-grabcut":  # classical peer: no checkpoint, the mode is moot
+        from samref_jax.evaluation import grabcut
+
+        try:
+            peer = grabcut.GrabCutPredictor(args.grabcut_radius, args.grabcut_iterations)
+        except (ImportError, ValueError) as err:
+            print(f"samref-eval: {err}", file=sys.stderr)
+            return 2
     samples = load_samples(args.dataset, args.data_dir, args.split, args.tfds_dir)
-    modes = list(dict.fromkeys(args.mode))
-    predictor = _make_predictor(args.predictor_factory, args.checkpoint, modes[0])
+    modes = [args.method] if peer is not None else list(dict.fromkeys(args.mode))
+    if peer is not None:
+        predictor = peer
+    else:
+        predictor = _make_predictor(args.predictor_factory, args.checkpoint, modes[0])
     from samref_jax.data.folders import get_layout
 
     metadata = {
@@ -158,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": str(args.tfds_dir or args.data_dir),
         "limit": args.limit,
         "command": "samref-eval " + " ".join(argv),
+        **(peer.metadata() if peer is not None else {}),
     }
     if len(modes) == 1:
         metadata.update(mode=modes[0], label=args.label or modes[0])
