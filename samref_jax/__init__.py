@@ -15,6 +15,7 @@ _LAZY = {
     "SamPredictor": ("samref_jax.sam.predictor", "SamPredictor"),
     "SamRefPredictor": ("samref_jax.model.predictor", "SamRefPredictor"),
     "sam_config": ("samref_jax.sam.config", "sam_config"),
+    "read_image": ("samref_jax.data.decode", "read_image"),
 }
 
 __all__ = sorted(_LAZY)

@@ -137,3 +137,69 @@ def test_convert_reports_a_refused_pickle(tmp_path, capsys):
     line = _one_error_line(err, "was refused: it asks to call or build .*system")
     assert "nothing was executed" in line
     assert "weights_only" not in err and "truncated" not in err
+
+
+# ------------------------------------------------------------------------------ image reader
+def test_read_image_is_the_one_reader():
+    import samref_jax
+    from samref_jax import cli
+    from samref_jax.data import decode
+
+    assert samref_jax.read_image is decode.read_image
+    assert "read_image" in samref_jax.__all__
+    assert cli.read_image_or_fail.__code__.co_names.count("read_image")
+
+
+def test_read_image_applies_exif_orientation(tmp_path):
+    from PIL import Image
+
+    from samref_jax.data.decode import read_image
+
+    arr = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 high; a red left edge
+    arr[:, :4, 0] = 255
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[274] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "rotated.jpg"
+    im.save(path, exif=exif, quality=95)
+    out = read_image(path)
+    assert out.shape == (40, 20, 3)  # upright: 20 wide, 40 high
+    assert out[:4, :, 0].mean() > 200  # the red edge is now on top
+
+
+def test_read_image_scales_16_bit_and_float_like_the_array_api(tmp_path):
+    from PIL import Image
+
+    from samref_jax.data.decode import DataError, read_image
+    from samref_jax.sam.predictor import as_rgb_uint8
+
+    grey16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(grey16).save(path)
+    np.testing.assert_array_equal(read_image(path), as_rgb_uint8(grey16))
+    assert read_image(path)[0, 1, 0] == round(1000 / 257)  # not clipped to 255
+
+    flt = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    path = tmp_path / "float.tif"
+    Image.fromarray(flt, mode="F").save(path)
+    np.testing.assert_array_equal(read_image(path), as_rgb_uint8(flt))
+    Image.fromarray(flt * 7, mode="F").save(path)
+    with pytest.raises(DataError, match=r"float.tif: F image: float images must hold values"):
+        read_image(path)
+
+
+def test_too_small_image_says_the_short_side_rounds_to_zero(tmp_path, capsys):
+    from PIL import Image
+
+    from samref_jax import cli
+    from samref_jax.sam.transforms import check_frame_size
+
+    with pytest.raises(ValueError, match="500x1 pixels .*short side rounds to 0"):
+        check_frame_size(1, 500, 128)
+    check_frame_size(2, 500, 128)  # 2 * 128 / 500 = 0.51 rounds to 1: fine
+    path = tmp_path / "line.png"
+    Image.fromarray(np.full((1, 500, 3), 90, np.uint8)).save(path)
+    rc = cli.main(["segment", str(path), "--click", "10,0,+", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    _one_error_line(capsys.readouterr().err, "short side rounds to 0 pixels")
+    assert not (tmp_path / "o").exists()

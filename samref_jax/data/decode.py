@@ -11,8 +11,12 @@ mask rules follow RITM's loaders (SPEC s.4), which read masks with ``cv2.imread`
 - PascalVOC: ``SegmentationObject`` palette indices; each id is one instance and the boundary
   (index 255, or grey 220 when the PNG was saved as RGB, RITM's convention) is ignore.
 
-Images are decoded to ``uint8[H, W, 3]`` RGB (greyscale, palette, RGBA and CMYK converted; alpha
-dropped). EXIF orientation is not applied, so images stay aligned with their masks.
+Images are decoded to ``uint8[H, W, 3]`` RGB by :func:`read_image`, the one reader of the
+command line, the evaluator, the demo and ``samref_jax.read_image``: greyscale, palette, RGBA and
+CMYK converted (alpha dropped); 16-bit and float images scaled like the array API does
+(``samref_jax.sam.predictor.as_rgb_uint8``); EXIF orientation applied (as ``cv2.imread``, which
+RITM's loaders use, does; masks are read without it). No benchmark image carries an orientation
+tag.
 """
 
 from __future__ import annotations
@@ -55,8 +59,30 @@ def _open(path: str | Path) -> Image.Image:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to ``uint8[H, W, 3]`` RGB."""
+    """Decode an image file to ``uint8[H, W, 3]`` RGB, upright (EXIF orientation applied).
+
+    16-bit images are scaled by 1/257 and float images (values in [0, 1]) by 255, exactly as
+    the array API (``as_rgb_uint8``) scales such arrays; other values raise :class:`DataError`.
+    """
+    from PIL import ImageOps
+
     im = _open(path)
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception as e:  # a malformed EXIF block: say so rather than guess
+        raise DataError(f"cannot decode {path}: bad EXIF orientation data ({e})") from None
+    if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit integer or float samples
+        arr = np.asarray(im)
+        if arr.dtype.kind in "iu":
+            if arr.size and (arr.min() < 0 or arr.max() > 65535):
+                raise DataError(f"cannot decode {path}: {im.mode} image values outside 0..65535")
+            arr = arr.astype(np.uint16)
+        from samref_jax.sam.predictor import as_rgb_uint8
+
+        try:
+            return as_rgb_uint8(arr)
+        except ValueError as e:
+            raise DataError(f"cannot decode {path}: {im.mode} image: {e}") from None
     if im.mode != "RGB":
         im = im.convert("RGB")
     return np.asarray(im, dtype=np.uint8)

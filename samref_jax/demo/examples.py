@@ -131,7 +131,9 @@ def load_example(name_or_path: str | Path) -> tuple[np.ndarray, np.ndarray | Non
     p = Path(name_or_path)
     if not p.suffix:
         p = EXAMPLES_DIR / f"{p.name}.png"
-    image = np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8)
+    from samref_jax.data.decode import read_image
+
+    image = read_image(p)
     m = p.with_name(p.stem + "_mask.png")
     gt = None
     if m.is_file():

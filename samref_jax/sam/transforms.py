@@ -6,6 +6,8 @@ Device side (jittable): `preprocess`, `postprocess_masks`.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,10 +23,23 @@ def get_preprocess_shape(old_h: int, old_w: int, long_side: int) -> tuple[int, i
     return int(old_h * scale + 0.5), int(old_w * scale + 0.5)
 
 
+def check_frame_size(height: int, width: int, long_side: int) -> None:
+    """ValueError when an image's short side rounds to 0 pixels at the model's frame."""
+    h, w = get_preprocess_shape(height, width, long_side)
+    if min(h, w) < 1:
+        need = math.ceil(max(height, width) / (2.0 * long_side))
+        raise ValueError(
+            f"image of {width}x{height} pixels is too small for this model: scaled to its "
+            f"{long_side}-pixel frame, the short side rounds to 0 pixels (it needs at least "
+            f"{need} pixels at this long side)"
+        )
+
+
 def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
     """HxWx3 uint8 -> hxwx3 uint8 with PIL bilinear (what SAM's torchvision call does)."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 uint8 image, got {image.dtype} {image.shape}")
+    check_frame_size(image.shape[0], image.shape[1], long_side)
     h, w = get_preprocess_shape(image.shape[0], image.shape[1], long_side)
     return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
