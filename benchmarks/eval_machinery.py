@@ -9,8 +9,8 @@ GlobalDiff's per-image inputs, one image after the other, compiled beforehand); 
 evaluator's whole run (`samref_jax.evaluation.evaluate`: the modes' click loops, the host click
 simulator, IoU, records, reports) on a fresh predictor, so its compiles are in it as in
 `samref-eval`. Prints a table with the run's wall time over the encoder passes alone (the
-issue's target: <= 1.3 for 20 clicks of `sam` and `full`). Random weights are fine: this
-measures the machinery, not the NoC.
+target: <= 1.3 for 20 clicks of `sam` and `full`; docs/benchmarks.md). Random weights are
+fine: this measures the machinery, not the NoC.
 """
 
 from __future__ import annotations
@@ -78,13 +78,13 @@ def main() -> None:
     run_s = time.perf_counter() - t
     per_mode = res if len(args.modes) > 1 else {args.modes[0]: res}
     first = next(iter(per_mode.values()))
-    loop_s = first["metadata"]["session_wall_s"]
+    loop_s = first["metadata"]["loop_wall_s"]
     enc_total = float(sum(encoder))
     tm = first["timing"]
     rows = [
         [f"{n} encoder passes alone: total, median", f"{enc_total:.1f} s, "
          f"{statistics.median(encoder):.2f} s (first call with compile {compile_s:.1f} s)"],
-        ["evaluation loop, all modes (`session_wall_s`)", f"{loop_s:.1f} s"],
+        ["evaluation loop, all modes (`loop_wall_s`)", f"{loop_s:.1f} s"],
         ["`evaluate()` call (plus reports, plots, overlays)", f"{run_s:.1f} s"],
         ["encoder passes inside the loop (overlapped with clicks when prefetching)",
          f"{tm['embedding_total_s']:.1f} s"],

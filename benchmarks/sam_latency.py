@@ -11,8 +11,9 @@ the JAX/torch wall-time ratio (lower is better for JAX). Needs the `test` extra 
 With ``--torch-device cuda`` (JAX then runs on its default backend, a GPU when one is present)
 the torch side runs on the GPU with TF32 off, and the table adds the largest embedding
 difference between the two at JAX's default matmul precision (TF32 on NVIDIA) and at
-``"highest"`` (true float32; SPEC s.2). The timed JAX encoder runs at the default precision,
-so on NVIDIA GPUs its ratio compares TF32 (JAX) with true float32 (torch).
+``"highest"`` (true float32; docs/design.md, 'SAM numerics'). The timed JAX encoder runs at
+the default precision, so on NVIDIA GPUs its ratio compares TF32 (JAX) with true float32
+(torch).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ PatchDiff) or "sam" (the baseline: refiners off and frozen, SAM trained the same
 
 Commands that made the bundled checkpoints ``tiny`` and ``tiny-sam`` (same seed and wall-clock
 budget, ``train.max_minutes=36``; both ran at the same time on the 2-core machine, ~1 core
-each; results in ``runs/README_results.md``: ~1000 steps (full) and ~4000 steps (sam))::
+each; ~1000 steps (full) and ~4000 steps (sam); docs/training.md)::
 
     python -m train.main --config configs/tiny_cpu.py --workdir runs/tiny_full \\
         --config.mode=full --config.data.data_dir=runs/tfds \\

@@ -6,8 +6,8 @@ pages, which the kernel faults in and zeroes on first touch, and unmaps them aga
 one vit_b encoder pass took about 2.2 million page faults (8 GB of zeroed pages) on this
 project's CPU machine. With the mmap threshold at glibc's maximum (32 MiB) and freed memory kept
 in the heap (trim threshold 1 GiB), the same pass takes about 0.1 million faults and about 13 s
-instead of 17-20 s (README, speed section). Results are bit-identical; the cost is that memory
-freed by the process is kept for reuse instead of being returned to the OS at once.
+instead of 17-20 s (docs/design.md, 'Host malloc'). Results are bit-identical; the cost is that
+memory freed by the process is kept for reuse instead of being returned to the OS at once.
 
 >>> from samref_jax.host import tune_malloc
 >>> applied = tune_malloc()  # True on glibc (Linux) unless SAMREF_DEFAULT_MALLOC=1

@@ -318,10 +318,10 @@ def test_backend_embeds_once_per_image(tmp_path):
     mask = np.asarray(Image.open(path))
     assert mask.shape == (40, 50) and set(np.unique(mask)) <= {0, 255}
 
-    t = be.load(b)  # another session: its own embedding
+    t = be.load(b)  # another user: its own embedding
     be.click(t, 5, 5, True)
     assert fake.embeds == 2
-    be.click(s, 20, 20, True)  # back to the first session: re-embed and replay
+    be.click(s, 20, 20, True)  # back to the first user: re-embed and replay
     assert fake.embeds == 3 and len(s.clicks) == 2 and len(fake.hist) == 2
     be.reset(s)
     assert s.result is None and fake.hist == []

@@ -257,7 +257,7 @@ def test_limit_early_stop_and_shared_embedding_modes(tmp_path):
 
 
 def test_concurrent_modes_and_prefetch_give_the_sequential_results(grabcut5, tmp_path):
-    # The bundled tiny SAM-REF: modes run in their own sessions and threads after one shared
+    # The bundled tiny SAM-REF: modes run in their own forks and threads after one shared
     # embedding, and the next image is embedded in the background while the current one is
     # clicked, with exactly the clicks and IoUs of doing everything one after the other.
     from samref_jax.model.predictor import PreparedImage, SamRefPredictor
@@ -281,7 +281,7 @@ def test_concurrent_modes_and_prefetch_give_the_sequential_results(grabcut5, tmp
     assert len(prepared) == 9  # one embedding per image and run, shared by both modes
     # Prefetch: the first image is set directly, the next two arrive prepared in the background.
     assert given == [np.ndarray] * 7 + [PreparedImage] * 2
-    assert p.mode == "full" and not p.clicks  # the sessions were forks
+    assert p.mode == "full" and not p.clicks  # the modes ran on forks
     for mode in ("sam", "full"):
         seq = runs["seq"][mode]
         assert len(seq) == 3
@@ -329,7 +329,7 @@ def test_cli_evaluate_and_compare(grabcut_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "eval"
     argv = [
         "--checkpoint",
-        "ckpt",
+        "tiny",  # checked before loading: it must exist (the fake predictor stands in for it)
         "--dataset",
         "grabcut",
         "--data-dir",
@@ -345,7 +345,7 @@ def test_cli_evaluate_and_compare(grabcut_dir, tmp_path, monkeypatch, capsys):
         "--no-progress",
     ]
     assert main(argv) == 0
-    assert created == [("ckpt", "sam")]
+    assert created == [("tiny", "sam")]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_samples"] == 2 and metrics["metadata"]["dataset"] == "GrabCut"
     assert metrics["metadata"]["mode"] == "sam" and metrics["metadata"]["prefetch"]

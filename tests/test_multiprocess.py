@@ -1,6 +1,6 @@
-"""Multi-process training on one machine (issue 7, SPEC s.10): ``jax.distributed`` over
-localhost with gloo collectives, N processes x M CPU devices, started by
-``samref_jax.training.launch`` (``train/launch_local.py``) running the unchanged entry point
+"""Multi-process training on one machine (docs/design.md, 'Multi-process training'):
+``jax.distributed`` over localhost with gloo collectives, N processes x M CPU devices, started
+by ``samref_jax.training.launch`` (``train/launch_local.py``) running the unchanged entry point
 ``train.main``.
 
 Runs (the tiniest trainable config: ``sam`` mode, whose step compiles fastest -- the

@@ -302,7 +302,7 @@ def test_checkpoint_roundtrip_and_sam_only_warning(ckpt, setup, tmp_path):
         load_samref(tmp_path / "empty")
 
 
-def test_predictor_session(ckpt):
+def test_predictor_click_undo_reset(ckpt):
     p = SamRefPredictor.from_checkpoint(ckpt, mode="full")
     img = np.random.RandomState(0).randint(0, 255, (60, 80, 3), dtype=np.uint8)
     with pytest.raises(RuntimeError, match="set an image"):
@@ -357,7 +357,7 @@ def test_predictor_session(ckpt):
 
 
 def test_predictor_prepare_image(ckpt):
-    # prepare_image computes the next image's per-image work without touching the session;
+    # prepare_image computes the next image's per-image work without touching the current one;
     # set_image takes its result and gives what set_image(image) gives.
     p = SamRefPredictor.from_checkpoint(ckpt, mode="full")
     rng = np.random.RandomState(0)
@@ -368,7 +368,7 @@ def test_predictor_prepare_image(ckpt):
     nxt = p.prepare_image(img2)
     assert nxt.original_size == (70, 50) and p.original_size == (60, 80) and len(p.clicks) == 1
     p.reset()
-    np.testing.assert_array_equal(p.click(40, 30).logits, a.logits)  # the session is untouched
+    np.testing.assert_array_equal(p.click(40, 30).logits, a.logits)  # image untouched
     p.set_image(nxt)
     assert p.clicks == [] and p.embedding is nxt.embedding
     fresh = SamRefPredictor(p.params, p.config, mode="full")

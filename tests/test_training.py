@@ -1,4 +1,4 @@
-"""End-to-end training (issue 5): sharded step, overfit, gradients through rounds, frozen
+"""End-to-end training: sharded step, overfit, gradients through rounds, frozen
 subtrees, kill-and-resume, compile-once, pipeline determinism, bundled checkpoints.
 
 Compiles dominate the run time on this CPU, so the tests share compiled functions: one grad
@@ -255,6 +255,6 @@ def test_bundled_checkpoints_segment_grabcut(name, mode, grabcut_dir):
     image, gt = np.asarray(sample["image"]), np.asarray(sample["gt"])
     rec, mask = run_sample(pred, image, gt, max_clicks=3)
     assert mask.shape == gt.shape and mask.any()
-    # The shipped models are weak (36 CPU-minutes from scratch; README, Interactive segmentation):
+    # The shipped models are weak (CPU-trained from scratch; README, Results):
     # this image reaches IoU 0.48 (tiny) / 0.51 (tiny-sam) after 3 clicks.
     assert max(rec["ious"]) > 0.4, rec["ious"]

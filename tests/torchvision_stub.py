@@ -1,8 +1,9 @@
 """A stand-in for the few torchvision functions `segment_anything` imports.
 
-PyPI's torchvision does not load beside the local torch 2.13.0 CPU wheel (SPEC s.2), so tests
-install this module under the name `torchvision` before importing `segment_anything`. `resize`
-on a PIL image is PIL bilinear, exactly what torchvision does for PIL inputs.
+PyPI's torchvision does not load beside the local torch 2.13.0 CPU wheel (docs/design.md,
+'Testing against the official SAM'), so tests install this module under the name
+`torchvision` before importing `segment_anything`. `resize` on a PIL image is PIL bilinear,
+exactly what torchvision does for PIL inputs.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Decoding shared by the folder readers and the TFDS builders (Pillow only, no OpenCV).
 
 Ground truth is ``int8[H, W]``: ``1`` object, ``0`` background, ``-1`` ignore. The per-dataset
-mask rules follow RITM's loaders (SPEC s.4), which read masks with ``cv2.imread`` (BGR order):
+mask rules follow RITM's loaders (docs/design.md, 'Datasets'), which read masks with
+``cv2.imread`` (BGR order):
 
 - GrabCut, Berkeley: first cv2 channel (blue; the masks are greyscale so every channel is the
   same): ``128`` ignore, ``> 128`` object, else background.

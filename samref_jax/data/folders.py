@@ -1,7 +1,7 @@
 """Upstream folder layouts of the interactive-segmentation sets, and a direct reader.
 
 Every dataset is read from the layout its authors (and RITM) ship, so users can point at their
-downloads (SPEC s.4):
+downloads (docs/design.md, 'Datasets'):
 
 | set | layout |
 |---|---|

@@ -1,8 +1,9 @@
 """TFDS builders (ArrayRecord, no TensorFlow) for the interactive-segmentation sets, read by Grain.
 
-Recipe (SPEC s.6): features are ``tfds.features.Tensor`` with zlib encoding (``tfds.features.Image``
-would need TensorFlow to encode), ``_info`` is an explicit ``tfds.core.DatasetInfo``, files are
-``array_record``, and the upstream folder is the manual directory::
+Recipe (docs/design.md, 'TFDS without TensorFlow'): features are ``tfds.features.Tensor``
+with zlib encoding (``tfds.features.Image`` would need TensorFlow to encode), ``_info`` is an
+explicit ``tfds.core.DatasetInfo``, files are ``array_record``, and the upstream folder is the
+manual directory::
 
     builder = prepare("GrabCut", manual_dir="~/data/GrabCut", data_dir="~/tfds")
     source = grain_source("GrabCut", data_dir="~/tfds")          # random access, len() known

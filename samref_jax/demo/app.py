@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover
     gr = None
 from samref_jax.demo.examples import example_paths
 
-__all__ = ["DemoBackend", "Session", "UserError", "build_app", "launch"]
+__all__ = ["DemoBackend", "UserState", "UserError", "build_app", "launch"]
 
 log = logging.getLogger("samref.demo")
 
@@ -59,8 +59,8 @@ class UserError(Exception):
 
 
 @dataclasses.dataclass
-class Session:
-    """One browser session's image and clicks (kept in ``gr.State``)."""
+class UserState:
+    """One user's image and clicks (kept in ``gr.State``, one per browser tab)."""
 
     key: str
     name: str
@@ -82,12 +82,12 @@ class Session:
 
 
 class DemoBackend:
-    """One shared predictor for every session, used under a lock.
+    """One shared predictor for every user, used under a lock.
 
     The predictor holds one image embedding and one click history at a time; the backend
     remembers which (image, mode, clicks) it holds and only re-embeds when another image is
-    needed (another session's) and only replays clicks when they differ (mode switch, undo
-    after another session clicked). With a single user the embedding is computed once per image.
+    needed (another user's) and only replays clicks when they differ (mode switch, undo
+    after another user clicked). With a single user the embedding is computed once per image.
     """
 
     def __init__(self, predictor: Any, workdir: str | Path | None = None) -> None:
@@ -106,8 +106,8 @@ class DemoBackend:
 
         return cls(load_predictor(checkpoint, mode), **kw)
 
-    # --------------------------------------------------------------------------- sessions
-    def load(self, path: str | Path | None, mode: str = "full") -> Session:
+    # ------------------------------------------------------------------------- user state
+    def load(self, path: str | Path | None, mode: str = "full") -> UserState:
         """Read an uploaded file and compute its embedding."""
         from samref_jax.data.decode import DataError, read_image
 
@@ -124,12 +124,12 @@ class DemoBackend:
             raise UserError(f"Could not read '{p.name}' as an image ({name}).") from None
         if min(image.shape[:2]) < 2:
             raise UserError(f"'{p.name}' is too small ({image.shape[1]}x{image.shape[0]}).")
-        s = Session(key=uuid.uuid4().hex, name=p.name, image=image, mode=mode)
+        s = UserState(key=uuid.uuid4().hex, name=p.name, image=image, mode=mode)
         with self.lock:
             self._set_image(s)
         return s
 
-    def _set_image(self, s: Session) -> None:
+    def _set_image(self, s: UserState) -> None:
         try:
             self.predictor.set_image(s.image)
         except ValueError as e:
@@ -138,7 +138,7 @@ class DemoBackend:
         self._image_key = s.key
         self._applied = (s.key, self.predictor.mode, ())
 
-    def _sync(self, s: Session, clicks: Sequence[tuple[float, float, bool]]) -> list[Any] | None:
+    def _sync(self, s: UserState, clicks: Sequence[tuple[float, float, bool]]) -> list[Any] | None:
         """Make the predictor hold ``s``'s image, mode and ``clicks``; replayed results or None."""
         want = (s.key, s.mode, tuple(clicks))
         if self._applied == want:
@@ -151,7 +151,7 @@ class DemoBackend:
         self._applied = want
         return results
 
-    def click(self, s: Session | None, x: float, y: float, positive: bool) -> Session:
+    def click(self, s: UserState | None, x: float, y: float, positive: bool) -> UserState:
         """Add a click at (x, y) original pixels."""
         if s is None:
             raise UserError("Upload an image or pick an example first, then click on it.")
@@ -174,7 +174,7 @@ class DemoBackend:
             self._applied = (s.key, s.mode, tuple(s.clicks))
         return s
 
-    def undo(self, s: Session | None) -> Session:
+    def undo(self, s: UserState | None) -> UserState:
         if s is None:
             raise UserError("Nothing to undo: upload an image or pick an example first.")
         if not s.clicks:
@@ -188,7 +188,7 @@ class DemoBackend:
                 self._applied = (s.key, s.mode, tuple(s.clicks))
         return s
 
-    def reset(self, s: Session | None) -> Session:
+    def reset(self, s: UserState | None) -> UserState:
         if s is None:
             raise UserError("Nothing to reset: upload an image or pick an example first.")
         with self.lock:
@@ -198,7 +198,7 @@ class DemoBackend:
                 self._applied = (s.key, self.predictor.mode, ())
         return s
 
-    def set_mode(self, s: Session | None, mode: str) -> Session | None:
+    def set_mode(self, s: UserState | None, mode: str) -> UserState | None:
         if mode not in MODES:
             raise UserError(f"Unknown mode {mode!r}.")
         if s is None:
@@ -210,7 +210,7 @@ class DemoBackend:
         return s
 
     # --------------------------------------------------------------------------- pictures
-    def overlay(self, s: Session) -> Image.Image:
+    def overlay(self, s: UserState) -> Image.Image:
         r = s.result
         im = viz.overlay(
             s.image,
@@ -223,7 +223,7 @@ class DemoBackend:
             im = im.resize((round(im.width * k), round(im.height * k)), Image.BILINEAR)
         return im
 
-    def comparison(self, s: Session) -> Image.Image | None:
+    def comparison(self, s: UserState) -> Image.Image | None:
         """SAM | GlobalDiff | final masks of the last click, side by side (small)."""
         r = s.result
         if r is None:
@@ -241,7 +241,7 @@ class DemoBackend:
             titles.append(name)
         return viz.side_by_side(panels, titles)
 
-    def mask_file(self, s: Session) -> Path | None:
+    def mask_file(self, s: UserState) -> Path | None:
         """Write the current mask as a 0/255 PNG of the image's size; its path (None: no mask)."""
         r = s.result
         if r is None:
@@ -252,7 +252,7 @@ class DemoBackend:
         viz.mask_image(r.mask).save(path)
         return path
 
-    def describe(self, s: Session) -> str:
+    def describe(self, s: UserState) -> str:
         h, w = s.image.shape[:2]
         if not s.clicks:
             text = (
@@ -349,8 +349,8 @@ def build_app(
         ck_label = type(checkpoint).__name__
     examples = [str(p) for p in (example_paths() if examples is None else examples)]
 
-    def outputs(s: Session | None, message: str | None = None):
-        """(state, view, comparison, status, download) for a session."""
+    def outputs(s: UserState | None, message: str | None = None):
+        """(state, view, comparison, status, download) for a user's state."""
         if s is None:
             return (
                 None,
@@ -490,7 +490,7 @@ def build_app(
     return demo
 
 
-def _scaled(s: Session, index: Sequence[float]) -> tuple[float, float]:
+def _scaled(s: UserState, index: Sequence[float]) -> tuple[float, float]:
     """Displayed-pixel click -> original pixel (clipped inside the image)."""
     h, w = s.image.shape[:2]
     k = s.display_scale

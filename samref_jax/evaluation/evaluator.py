@@ -1,4 +1,6 @@
-"""The NoC evaluation loop (RITM protocol, SPEC s.4) over a duck-typed click predictor.
+"""The NoC evaluation loop (RITM protocol) over a duck-typed click predictor.
+
+Protocol and metrics: docs/design.md, 'Evaluation protocol'; outputs: docs/evaluation.md.
 
 The predictor API (``samref_jax.model.predictor.SamRefPredictor`` implements it)::
 
@@ -6,8 +8,8 @@ The predictor API (``samref_jax.model.predictor.SamRefPredictor`` implements it)
     out = p.click(x, y, positive)    # out.mask: bool[H, W] (an array or {"mask": ...} works too)
     p.reset()                        # clears clicks, keeps the embedding
     p.set_mode(mode)                 # optional, only for evaluate(..., modes=[...])
-    q = p.fork(mode)                 # optional: a session on the same image (concurrent modes)
-    e = p.prepare_image(image)       # optional: the embedding without changing the session;
+    q = p.fork(mode)                 # optional: another click loop on the same image
+    e = p.prepare_image(image)       # optional: the embedding, current image and clicks kept;
     p.set_image(e)                   #   then set_image takes it (next image embedded ahead)
 
 For every sample: ``set_image`` once, then up to ``max_clicks`` rounds of host click simulator
@@ -247,7 +249,7 @@ def _finish(
     max_clicks: int,
     metadata: Mapping,
     num_overlays: int,
-    session_seconds: float,
+    loop_seconds: float,
 ) -> dict:
     records = [run.records[i] for i in ids if i in run.records]
     curves = [r["ious"] for r in records]
@@ -257,7 +259,7 @@ def _finish(
     out["metadata"] = {
         **metadata,
         "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "session_wall_s": session_seconds,
+        "loop_wall_s": loop_seconds,
         **_environment(),
     }
     if run.dir is None:
@@ -336,7 +338,7 @@ def evaluate(
       num_overlays: how many worst samples get an overlay PNG.
       progress: show a tqdm progress bar with ETA.
       concurrent_modes: with several modes and a predictor that has ``fork(mode)``, run the
-        modes' click loops at the same time, one thread and session each, after one shared
+        modes' click loops at the same time, one thread and fork each, after one shared
         ``set_image``: the same clicks and IoUs, and one mode's host work (click simulator,
         IoU) overlaps the other's device step. Per-click times then include waiting for the
         other mode; ``False`` runs the modes one after the other (isolated per-click times).
@@ -426,7 +428,7 @@ def evaluate(
                 ahead = embedder.submit(embed, np.asarray(item[2]["image"]))
             together = pool is not None and len(todo) > 1
             if together:
-                # Every mode's click loop in its own session and thread, on one embedding.
+                # Every mode's click loop in its own fork and thread, on one embedding.
                 futures = [
                     pool.submit(
                         run_sample, predictor.fork(m), image, gt, max_clicks, stop_iou, False

@@ -1,4 +1,4 @@
-"""Interactive-segmentation metrics (RITM protocol, SPEC s.4).
+"""Interactive-segmentation metrics (RITM protocol; docs/design.md, 'Evaluation protocol').
 
 - ``IoU = |pred & gt & valid| / |(pred | gt) & valid|`` (ignore pixels excluded; 1.0 when the
   union is empty, i.e. empty object predicted empty).

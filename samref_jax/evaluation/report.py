@@ -24,7 +24,7 @@ __all__ = [
     "write_metrics_markdown",
 ]
 
-# Columns of the tables (SPEC s.4 reporting list, plus NoF@85).
+# Columns of the tables (docs/design.md, 'Evaluation protocol').
 TABLE_METRICS = (
     "NoC@85",
     "NoC@90",

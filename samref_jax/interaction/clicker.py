@@ -1,4 +1,4 @@
-"""RITM click simulator (SPEC s.4), on the host (NumPy/SciPy) and in JAX (jittable).
+"""RITM click simulator (docs/design.md, 'Click simulator'), on the host (NumPy/SciPy) and in JAX.
 
 The rule, shared by every interactive-segmentation peer (RITM, FocalClick, SimpleClick, SAM-REF):
 
@@ -307,7 +307,7 @@ def next_click_jax(
 
 @dataclass
 class ClickState:
-    """Clicks of one interactive session on an ``H x W`` image (host side)."""
+    """Clicks of one interactive segmentation of an ``H x W`` image (host side)."""
 
     shape: tuple[int, int]
     clicks: list[Click] = field(default_factory=list)

@@ -18,7 +18,8 @@ Every click runs one jit-compiled step with `max_clicks` padded click slots, so 
 recompiles. Coordinates are (x, y) pixels of the original image.
 
 The per-image work can run ahead of the clicks: ``prepare_image`` computes an image's embedding
-without touching the session (from any thread), and ``set_image`` accepts its result:
+without touching the current image and clicks (from any thread), and ``set_image`` accepts
+its result:
 
   >>> nxt = p.prepare_image(np.zeros((64, 64, 3), np.uint8))  # e.g. in a background thread
   >>> p.set_image(nxt); p.click(10, 10).mask.shape
@@ -192,12 +193,12 @@ class SamRefPredictor:
         self.mode = mode
 
     def fork(self, mode: str | None = None) -> SamRefPredictor:
-        """Another click session on the same image: shares the embedding, the cached per-image
+        """Another click loop on the same image: shares the embedding, the cached per-image
         inputs, the parameters and the compiled steps; has its own clicks and mode.
 
-        Sessions are independent, so several can click at the same time from different threads
-        (the evaluator runs its modes this way: one session's host work overlaps another's
-        device step). A new image or new parameters on one session do not reach the others.
+        Forks are independent, so several can click at the same time from different threads
+        (the evaluator runs its modes this way: one fork's host work overlaps another's device
+        step). A new image or new parameters on one fork do not reach the others.
         """
         if self.embedding is not None:
             self._first_click_inputs()  # built once here, shared by every fork of this image
@@ -218,8 +219,9 @@ class SamRefPredictor:
 
     def prepare_image(self, image: np.ndarray) -> PreparedImage:
         """The per-image work for `image` (SAM's embedding, GlobalDiff's inputs), returned
-        instead of set: this session is untouched, so it may run in another thread while this
-        session clicks on its current image (the evaluator embeds the next image this way).
+        instead of set: this predictor's image and clicks are untouched, so it may run in another
+        thread while this predictor clicks on its current image (the evaluator embeds the next
+        image this way).
 
         Args:
           image: (H, W, 3) uint8 RGB; grey, RGBA and 16-bit images are converted.

@@ -1,4 +1,4 @@
-"""SAM-REF refiners: GlobalDiff and PatchDiff early-fusion refiners (SPEC s.3)."""
+"""SAM-REF refiners: GlobalDiff and PatchDiff (docs/design.md, 'SAM-REF reconstruction')."""
 
 from samref_jax.refiners.clicks import batch_disk_maps, disk_maps, scale_clicks
 from samref_jax.refiners.modules import (

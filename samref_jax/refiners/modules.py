@@ -1,4 +1,5 @@
-"""GlobalDiff and PatchDiff refiners (SPEC s.3 steps 2-3), called once per click."""
+"""GlobalDiff and PatchDiff refiners, called once per click (docs/design.md, 'GlobalDiff',
+'PatchDiff window', 'PatchDiff crop and paste')."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The shared early-fusion "diff refiner" (SPEC s.3 step 2).
+"""The shared early-fusion "diff refiner" (docs/design.md, 'Diff refiner').
 
 Input: image (3) + positive/negative click disks (2) + coarse logits S (1), concatenated,
 then conv stem 3x3 stride 2 (width C) + norm + act -> ``blocks_before`` depthwise-separable

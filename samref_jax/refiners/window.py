@@ -1,4 +1,4 @@
-"""PatchDiff window selection, RoI crop and paste-back (SPEC s.3 step 3).
+"""PatchDiff window selection, RoI crop and paste-back (docs/design.md, 'PatchDiff window').
 
 All functions work on ONE sample with static shapes and are jittable / vmappable; ``crop_patches``
 and ``paste_patches`` are the batched versions.

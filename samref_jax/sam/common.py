@@ -1,8 +1,9 @@
 """Layers shared by SAM's parts, written to match PyTorch numerics exactly.
 
-Traps handled here (SPEC s.2): GELU is exact (erf); LayerNorm uses the two-pass variance
-(`use_fast_variance=False`) with the epsilon each part of SAM uses; torch's bilinear
-`F.interpolate(..., align_corners=False)` never anti-aliases, unlike `jax.image.resize`.
+Traps handled here (docs/design.md, 'SAM numerics'): GELU is exact (erf); LayerNorm uses the
+two-pass variance (`use_fast_variance=False`) with the epsilon each part of SAM uses; torch's
+bilinear `F.interpolate(..., align_corners=False)` never anti-aliases, unlike
+`jax.image.resize`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Multi-process set-up: ``jax.distributed.initialize`` with a bounded, explained failure.
 
-Several processes (hosts of a TPU pod, or N local CPU processes in tests, SPEC s.10) run the
-same program; each calls :func:`initialize` before its first JAX computation. Arguments come
-from flags or from the standard environment variables::
+Several processes (hosts of a TPU pod, or N local CPU processes in tests; docs/design.md,
+'Multi-process training') run the same program; each calls :func:`initialize` before its first
+JAX computation. Arguments come from flags or from the standard environment variables::
 
     JAX_COORDINATOR_ADDRESS   host:port of process 0's coordination service
     JAX_NUM_PROCESSES         number of processes

@@ -1,5 +1,5 @@
-"""Per-round training losses (SPEC s.3): segmentation loss on S / G / F, error-head BCE, a
-boundary-weighted patch loss, and SAM's IoU-head regression.
+"""Per-round training losses: segmentation loss on S / G / F, error-head BCE, a
+boundary-weighted patch loss, and SAM's IoU-head regression (docs/design.md, 'Training losses').
 
 All functions work on a batch and return per-sample values ``(B,)`` so that a data-parallel
 mean over the batch is the only cross-sample reduction (a sharded step then equals the

@@ -1,4 +1,6 @@
-"""Training input pipeline: Grain over the TFDS ArrayRecord source (SPEC s.6).
+"""Training input pipeline: Grain over the TFDS ArrayRecord source.
+
+See docs/design.md, 'TFDS without TensorFlow'.
 
 ``MapDataset.source(ArrayRecordDataSource)`` (training indices) -> shuffle (per epoch, seeded)
 -> repeat -> ``random_map(augment)`` (random scale, crop, flip, colour jitter, resize-and-pad to

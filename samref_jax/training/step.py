@@ -3,7 +3,8 @@
 Layout: a 1-D ``('data',)`` mesh over all devices (of all processes); the ``TrainState`` is
 replicated, the batch is sharded along its leading axis. The step is ``jax.jit`` with explicit
 ``NamedSharding``s, so gradients and metrics (means over the global batch) are reduced across
-devices by XLA's collectives -- the SPMD equivalent of ``shard_map`` + ``lax.pmean`` (SPEC s.8).
+devices by XLA's collectives -- the SPMD equivalent of ``shard_map`` + ``lax.pmean``
+(docs/design.md, 'Training step').
 
 Inside the step (:func:`unrolled_loss`):
 

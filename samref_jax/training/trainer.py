@@ -148,7 +148,7 @@ def train(
 ) -> dict:
     """Trains (or resumes) into ``workdir``; returns a summary dict (steps, steps/s, ...).
 
-    ``stop_at_step`` ends this session early (after checkpointing), as a kill would; the next
+    ``stop_at_step`` ends this call early (after checkpointing), as a kill would; the next
     call resumes (tests use it to simulate an interruption). ``kill_after_step`` SIGKILLs the
     process right after the checkpoint of that step is written (tests: a crash).
     """
@@ -307,7 +307,7 @@ def train(
         "steps": step,
         "stop_reason": stop_reason,
         "minutes_used": minutes_used(),
-        "eval_minutes_this_session": eval_seconds[0] / 60.0,
+        "eval_minutes_this_call": eval_seconds[0] / 60.0,
         "steps_per_s": n_timed / t_steps if t_steps else None,
         "images_per_s": n_timed * global_batch / t_steps if t_steps else None,
         "global_batch": global_batch,

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU measurements in the README, as one command on a borrowed single-GPU machine whose
-# Python already has jax[cuda], flax's dependencies, optax and torch (no network there).
-# Pure-Python pieces it lacks travel as wheels in .whl/ (see the README, "Accelerator"):
+# The accelerator measurements of docs/benchmarks.md as one command, for a single-GPU machine
+# whose Python already has jax[cuda], flax's dependencies, optax and torch (no network needed).
+# Pure-Python pieces it lacks can travel as wheels in .whl/:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
 #       flax==0.12.8 ml_collections==1.1.0 segment-anything==1.0
-# Usage: OUT=/some/dir bash benchmarks/gpu_session.sh
+# Usage: OUT=/some/dir bash benchmarks/accelerator_run.sh
 set -o pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
