@@ -8,7 +8,9 @@ hundred generated bad inputs through the command-line entry points in-process.
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +205,217 @@ def test_too_small_image_says_the_short_side_rounds_to_zero(tmp_path, capsys):
     assert rc == 2
     _one_error_line(capsys.readouterr().err, "short side rounds to 0 pixels")
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ evaluator
+class _Disk:
+    """A fast click 'model' for the evaluator: a disk around each positive click."""
+
+    made = 0
+
+    def __init__(self, interrupt_at: int | None = None) -> None:
+        type(self).made += 1
+        self.interrupt_at, self.images = interrupt_at, 0
+
+    def set_image(self, image):
+        if self.interrupt_at is not None and self.images >= self.interrupt_at:
+            raise KeyboardInterrupt
+        self.images += 1
+        self.shape = np.asarray(image).shape[:2]
+        self.reset()
+
+    def prepare_image(self, image):
+        return image
+
+    def reset(self):
+        self.mask = np.zeros(self.shape, bool)
+
+    def click(self, x, y, positive=True):
+        yy, xx = np.ogrid[: self.shape[0], : self.shape[1]]
+        self.mask[(yy - y) ** 2 + (xx - x) ** 2 <= 64] = positive
+        return {"mask": self.mask.copy()}
+
+
+def _grabcut_folder(root: Path, n: int = 4, size: tuple[int, int] = (24, 32)) -> Path:
+    """A GrabCut-layout folder with ``n`` small image/mask pairs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "data_GT").mkdir(parents=True)
+    (root / "boundary_GT").mkdir()
+    h, w = size
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            root / "data_GT" / f"im{i}.jpg", quality=90
+        )
+        mask = np.zeros((h, w), np.uint8)
+        mask[4 : 4 + 6 + i, 6:20] = 255
+        Image.fromarray(mask).save(root / "boundary_GT" / f"im{i}.png")
+    return root
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not
+
+
+@pytest.fixture
+def eval_cli(monkeypatch, capsys):
+    """``samref-eval`` in-process with the disk model: returns run(*args) -> (rc, err)."""
+    import importlib
+
+    cli = importlib.import_module("samref_jax.evaluation.evaluate")
+
+    made = []
+
+    def fake(factory, checkpoint, mode):
+        made.append((checkpoint, mode))
+        return _Disk(**fake.kwargs)
+
+    fake.kwargs = {}
+    monkeypatch.setattr(cli, "_make_predictor", fake)
+
+    def run(*args):
+        capsys.readouterr()
+        rc = cli.main([str(a) for a in args] + ["--no-progress"])
+        return rc, capsys.readouterr().err
+
+    run.made, run.fake = made, fake
+    return run
+
+
+def _bad_setups(tmp: Path):
+    """(name, args, error pattern): each must fail before the model is loaded."""
+    good = _grabcut_folder(tmp / "good" / "GrabCut")
+    base = ["--checkpoint", "tiny", "--dataset", "GrabCut", "--max-clicks", "3"]
+    missing_mask = _grabcut_folder(tmp / "missing_mask")
+    (missing_mask / "boundary_GT" / "im1.png").unlink()
+    sized = _grabcut_folder(tmp / "sized")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(sized / "boundary_GT" / "im2.png")
+    corrupt = _grabcut_folder(tmp / "corrupt")
+    (corrupt / "data_GT" / "im0.jpg").write_bytes(b"not a jpeg at all")
+    empty = tmp / "empty"
+    (empty / "data_GT").mkdir(parents=True)
+    (empty / "boundary_GT").mkdir()
+    out = ["--output", tmp / "out"]
+    return [
+        ("dataset", [*base, "--dataset", "Nope", "--data-dir", good, *out], "unknown dataset"),
+        ("data dir", [*base, "--data-dir", tmp / "absent", *out], "no GrabCut folder"),
+        ("no data", [*base, *out], "give --data-dir"),
+        ("missing mask", [*base, "--data-dir", missing_mask, *out], "no mask for image.*im1"),
+        ("mis-sized", [*base, "--data-dir", sized, *out], "im2.png is 10x10 but image"),
+        ("corrupt", [*base, "--data-dir", corrupt, *out], "im0.jpg: not a readable image"),
+        ("empty", [*base, "--data-dir", empty, *out], "no GrabCut samples found"),
+        ("no ckpt", ["--data-dir", good, *out], "give --checkpoint"),
+        ("bad ckpt", ["--checkpoint", tmp / "nope", "--data-dir", good, *out], "does not exist"),
+        ("clicks 0", [*base, "--max-clicks", "0", "--data-dir", good, *out], "at least 1"),
+        ("clicks 25", [*base, "--max-clicks", "25", "--data-dir", good, *out], "outside 1..24"),
+        ("limit 0", [*base, "--limit", "0", "--data-dir", good, *out], "--limit must be"),
+        ("limit -3", [*base, "--limit", "-3", "--data-dir", good, *out], "--limit must be"),
+    ]
+
+
+def test_eval_user_errors_are_one_line_before_the_model_loads(tmp_path, eval_cli):
+    for name, args, pattern in _bad_setups(tmp_path):
+        rc, err = eval_cli(*args)
+        assert rc == 2, name
+        _one_error_line(err, pattern)
+        assert eval_cli.made == [], name
+        assert not (tmp_path / "out" / "metrics.json").exists(), name
+
+
+def test_eval_usage_errors_are_one_line(tmp_path, capsys):
+    from samref_jax.evaluation.evaluate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--output", str(tmp_path), "--max-clicks", "x"])
+    assert e.value.code == 2
+    _one_error_line(capsys.readouterr().err, "samref-eval: error: argument --max-clicks")
+    assert main(["compare", str(tmp_path / "none.json"), "--output", str(tmp_path / "c")]) == 2
+    _one_error_line(capsys.readouterr().err, "samref-eval compare: error: .*none.json")
+
+
+def test_eval_damaged_resume_file_names_file_and_line(tmp_path, eval_cli):
+    data = _grabcut_folder(tmp_path / "GrabCut")
+    args = ["--checkpoint", "tiny", "--data-dir", data, "--max-clicks", "2", "--output"]
+    out = tmp_path / "out"
+    assert eval_cli(*args, out)[0] == 0
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    lines[1] = lines[1].replace(":", "", 1)  # a flipped byte
+    (out / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    eval_cli.made.clear()
+    rc, err = eval_cli(*args, out)
+    assert rc == 2 and eval_cli.made == []
+    _one_error_line(err, r"samples.jsonl:2: not a JSON record")
+
+
+def test_eval_refuses_to_resume_another_run(tmp_path, eval_cli):
+    data = _grabcut_folder(tmp_path / "GrabCut")
+    out = tmp_path / "out"
+    args = ["--checkpoint", "tiny", "--data-dir", data, "--max-clicks", "2", "--output", out]
+    assert eval_cli(*args, "--mode", "sam")[0] == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["checkpoint"] == "tiny" and len(run["checkpoint_sha256"]) == 64
+    assert run["mode"] == "sam" and run["dataset"] == "GrabCut" and run["max_clicks"] == 2
+    assert run["split"] == "test" and run["method"] == "samref" and "stop_iou" in run
+    eval_cli.made.clear()
+    for other in (["--mode", "full"], ["--checkpoint", "tiny-sam", "--mode", "sam"]):
+        rc, err = eval_cli(*args, *other)
+        assert rc == 2 and eval_cli.made == []
+        _one_error_line(err, "holds another run.*use a new output folder")
+    assert eval_cli(*args, "--mode", "sam")[0] == 0  # the same run resumes
+
+
+def test_eval_skip_bad_records_failures_and_metrics_are_strict_json(tmp_path, eval_cli):
+    from PIL import Image
+
+    data = _grabcut_folder(tmp_path / "GrabCut", n=5)
+    _truncate(data / "data_GT" / "im1.jpg")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(data / "boundary_GT" / "im3.png")
+    out = tmp_path / "out"
+    args = ["--checkpoint", "tiny", "--data-dir", data, "--max-clicks", "2", "--output", out]
+    rc, err = eval_cli(*args, "--skip-bad")
+    assert rc == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_samples"] == 3 and metrics["num_failed"] == 2
+    assert not metrics["complete"]
+    failed = {f["id"]: f["reason"] for f in metrics["failed"]}
+    assert set(failed) == {"im1", "im3"}
+    assert "truncated" in failed["im1"] and "is 10x10" in failed["im3"]
+    assert len((out / "failed.jsonl").read_text().splitlines()) == 2
+
+    # Nothing evaluable: null metrics, never NaN, and not "complete".
+    for i in range(5):
+        _truncate(data / "data_GT" / f"im{i}.jpg")
+    out2 = tmp_path / "none"
+    assert eval_cli(*args[:-1], out2, "--skip-bad")[0] == 0
+    text = (out2 / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+    assert metrics["num_failed"] == 5 and metrics["complete"] is False
+    assert metrics["NoC@90"] is None
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_eval_bad_sample_stops_after_writing_the_ones_before(tmp_path, eval_cli, prefetch):
+    data = _grabcut_folder(tmp_path / "GrabCut")
+    _truncate(data / "data_GT" / "im2.jpg")
+    out = tmp_path / "out"
+    args = ["--checkpoint", "tiny", "--data-dir", data, "--max-clicks", "2", "--output", out]
+    rc, err = eval_cli(*args, *([] if prefetch else ["--no-prefetch"]))
+    assert rc == 2
+    _one_error_line(err, r"sample 'im2' \(index 2\): .*truncated")
+    ids = [json.loads(x)["id"] for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert ids == ["im0", "im1"]  # im1 finished before im2 failed: written
+
+
+def test_eval_ctrl_c_is_one_line_and_keeps_finished_samples(tmp_path, eval_cli):
+    data = _grabcut_folder(tmp_path / "GrabCut")
+    out = tmp_path / "out"
+    eval_cli.fake.kwargs = {"interrupt_at": 2}
+    args = ["--checkpoint", "tiny", "--data-dir", data, "--max-clicks", "2", "--output", out]
+    rc, err = eval_cli(*args, "--no-prefetch")
+    assert rc == 2
+    _one_error_line(err, "interrupted; finished samples are kept")
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2

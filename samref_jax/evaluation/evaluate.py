@@ -81,7 +81,7 @@ def _make_predictor(factory: str | None, checkpoint: str | None, mode: str) -> A
 
 def build_parser() -> argparse.ArgumentParser:
     """Parser of the evaluation command (``compare`` has its own, see :func:`main`)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="samref-eval",
         description="NoC evaluation of SAM-REF (RITM protocol). "
         "Use 'samref-eval compare ...' to merge runs.",
@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="record a sample that cannot be read or used (failed.jsonl, metrics.json "
+        "'failed': id and reason) and go on, instead of stopping with an error",
+    )
+    p.add_argument(
         "--sequential-modes",
         action="store_true",
         help="run several modes one after the other (isolated per-click times) instead of "
@@ -152,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compare_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="samref-eval compare",
         description="Merge metrics.json files: rows are runs, columns are dataset x metric.",
     )
@@ -162,14 +168,145 @@ def _compare_parser() -> argparse.ArgumentParser:
     return p
 
 
+class EvalError(Exception):
+    """A user error of ``samref-eval``: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``PROG: error: ...``), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``samref-eval``; returns the exit status."""
+    """Entry point of ``samref-eval``; returns the exit status (2 on user errors).
+
+    Every user error (unknown dataset, missing data or checkpoint, a missing, mis-sized or
+    unreadable sample file, --max-clicks outside the model's click slots, a damaged or foreign
+    output folder, Ctrl-C) is one line on stderr and exit status 2; the inputs are checked
+    before the model is loaded. Samples finished before an error stay in ``samples.jsonl``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "samref-eval compare" if argv[:1] == ["compare"] else "samref-eval"
+    try:
+        return _main(argv)
+    except EvalError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"{prog}: error: interrupted; finished samples are kept in samples.jsonl (run the "
+            "same command again to resume)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    text = text[0] if text else type(e).__name__
+    return text.strip("'\"") if isinstance(e, KeyError) else text
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.limit is not None and args.limit <= 0:
+        raise EvalError(f"--limit must be a positive number of samples, got {args.limit}")
+    if args.max_clicks < 1:
+        raise EvalError(f"--max-clicks must be at least 1, got {args.max_clicks}")
+    if args.stop_iou is not None and not 0.0 < args.stop_iou <= 1.0:
+        raise EvalError(f"--stop-iou must be in (0, 1], got {args.stop_iou}")
+    if args.overlays < 0:
+        raise EvalError(f"--overlays must be 0 or more, got {args.overlays}")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--output is not a folder: {out}")
+
+
+def _checkpoint_identity(checkpoint: str, max_clicks: int) -> dict:
+    """Checks the checkpoint exists and has ``max_clicks`` click slots; its name and hash."""
+    import hashlib
+
+    from samref_jax.checkpoint import CheckpointError, read_metadata
+    from samref_jax.model.io import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(checkpoint)
+        meta = read_metadata(path)
+    except CheckpointError as e:
+        raise EvalError(f"--checkpoint: {e}") from None
+    slots = (meta.get("samref_config") or {}).get("max_clicks")
+    if slots is None:
+        from samref_jax.model.config import samref_model_config
+
+        slots = samref_model_config("tiny").max_clicks  # the default of every model config
+    if not 1 <= max_clicks <= int(slots):
+        raise EvalError(
+            f"--max-clicks {max_clicks} is outside 1..{slots}: the model has {slots} click slots"
+        )
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return {"checkpoint": str(checkpoint), "checkpoint_sha256": h.hexdigest()}
+
+
+def _check_sample_files(samples: Any, n: int) -> None:
+    """Reads the image and mask headers of the first ``n`` samples of an upstream folder
+    (cheap): a missing, unreadable or mis-sized file stops here, before the model loads."""
+    from PIL import Image
+
+    layout, index = getattr(samples, "layout", None), getattr(samples, "_index", None)
+    if layout is None or index is None or layout.kind != "pairs":
+        return
+    for record, _ in index[:n]:
+        sizes = []
+        for path in (record.image_path, record.mask_path):
+            try:
+                with Image.open(path) as im:
+                    w, h = im.size
+                    if path == record.image_path and im.getexif().get(274) in (5, 6, 7, 8):
+                        w, h = h, w  # shown rotated by 90 degrees (EXIF orientation)
+            except Exception as e:
+                raise EvalError(
+                    f"{path}: not a readable image ({type(e).__name__}: {_one_line(e)}); "
+                    "fix or remove it, or pass --skip-bad"
+                ) from None
+            sizes.append((w, h))
+        if sizes[0] != sizes[1]:
+            raise EvalError(
+                f"mask {record.mask_path} is {sizes[1][0]}x{sizes[1][1]} but image "
+                f"{record.image_path} is {sizes[0][0]}x{sizes[0][1]}; fix it, or pass --skip-bad"
+            )
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] == "compare":
         args = _compare_parser().parse_args(argv[1:])
-        print(compare(args.metrics, args.labels, args.output), end="")
+        try:
+            print(compare(args.metrics, args.labels, args.output), end="")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise EvalError(_one_line(e)) from None
         return 0
     args = build_parser().parse_args(argv)
+    _check_args(args)
+    from samref_jax.checkpoint import CheckpointError
+    from samref_jax.data.decode import DataError
+    from samref_jax.data.folders import get_layout
+    from samref_jax.evaluation.evaluator import (
+        ResumeError,
+        SampleError,
+        check_resumable,
+        run_folders,
+    )
+
+    try:
+        layout = get_layout(args.dataset)
+    except KeyError as e:
+        raise EvalError(_one_line(e)) from None
+    identity: dict[str, Any] = {"method": args.method}
     peer = None
     if args.method == "opencv-grabcut":  # classical peer: no checkpoint, the mode is moot
         from samref_jax.evaluation import grabcut
@@ -177,19 +314,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             peer = grabcut.GrabCutPredictor(args.grabcut_radius, args.grabcut_iterations)
         except (ImportError, ValueError) as err:
-            print(f"samref-eval: {err}", file=sys.stderr)
-            return 2
-    samples = load_samples(args.dataset, args.data_dir, args.split, args.tfds_dir)
+            raise EvalError(_one_line(err)) from None
+        identity.update(peer.metadata())
+    elif args.predictor_factory:
+        identity.update(predictor_factory=args.predictor_factory, checkpoint=args.checkpoint)
+    elif not args.checkpoint:
+        raise EvalError("give --checkpoint DIR (or a bundled name: tiny, tiny-sam)")
+    else:
+        identity.update(_checkpoint_identity(args.checkpoint, args.max_clicks))
+    try:
+        samples = load_samples(args.dataset, args.data_dir, args.split, args.tfds_dir)
+    except (DataError, OSError, ValueError) as e:
+        raise EvalError(_one_line(e)) from None
+    n = len(samples) if args.limit is None else min(args.limit, len(samples))
+    if n == 0:
+        raise EvalError(f"no {layout.name} samples found in {args.tfds_dir or args.data_dir}")
+    if not args.skip_bad:
+        _check_sample_files(samples, n)
+    split = args.split or layout.default_split
+    identity.update(dataset=layout.name, split=split)
     modes = [args.method] if peer is not None else list(dict.fromkeys(args.mode))
+    folders = run_folders(
+        args.output,
+        modes if len(modes) > 1 else None,
+        identity,
+        modes[0],
+        args.max_clicks,
+        args.stop_iou,
+    )
+    try:  # a damaged or foreign output folder stops here, before the model loads
+        for folder, ident in folders.values():
+            check_resumable(folder, ident, args.max_clicks)
+    except ResumeError as e:
+        raise EvalError(_one_line(e)) from None
     if peer is not None:
         predictor = peer
     else:
-        predictor = _make_predictor(args.predictor_factory, args.checkpoint, modes[0])
-    from samref_jax.data.folders import get_layout
+        try:
+            predictor = _make_predictor(args.predictor_factory, args.checkpoint, modes[0])
+        except CheckpointError as e:
+            raise EvalError(f"cannot load checkpoint {args.checkpoint}: {_one_line(e)}") from None
 
     metadata = {
-        "dataset": get_layout(args.dataset).name,
-        "split": args.split or get_layout(args.dataset).default_split,
+        "dataset": layout.name,
+        "split": split,
         "checkpoint": args.checkpoint,
         "data": str(args.tfds_dir or args.data_dir),
         "limit": args.limit,
@@ -198,20 +366,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if len(modes) == 1:
         metadata.update(mode=modes[0], label=args.label or modes[0])
-    result = evaluate(
-        predictor,
-        samples,
-        max_clicks=args.max_clicks,
-        output_dir=args.output,
-        stop_iou=args.stop_iou,
-        limit=args.limit,
-        modes=modes if len(modes) > 1 else None,
-        metadata=metadata,
-        num_overlays=args.overlays,
-        progress=not args.no_progress,
-        concurrent_modes=not args.sequential_modes,
-        prefetch=not args.no_prefetch,
-    )
+    try:
+        result = evaluate(
+            predictor,
+            samples,
+            max_clicks=args.max_clicks,
+            output_dir=args.output,
+            stop_iou=args.stop_iou,
+            limit=args.limit,
+            modes=modes if len(modes) > 1 else None,
+            metadata=metadata,
+            num_overlays=args.overlays,
+            progress=not args.no_progress,
+            concurrent_modes=not args.sequential_modes,
+            prefetch=not args.no_prefetch,
+            skip_bad=args.skip_bad,
+            identity=identity,
+        )
+    except (ResumeError, SampleError) as e:
+        raise EvalError(_one_line(e)) from None
     runs = result if len(modes) > 1 else {modes[0]: result}
     for mode, metrics in runs.items():
         out = Path(args.output) / mode if len(modes) > 1 else Path(args.output)

@@ -56,9 +56,30 @@ from samref_jax.evaluation import metrics as M
 from samref_jax.evaluation import report
 from samref_jax.interaction.clicker import ClickState
 
-__all__ = ["evaluate", "load_records", "run_sample"]
+__all__ = ["ResumeError", "SampleError", "evaluate", "load_records", "run_sample"]
 
 SAMPLES_FILE = "samples.jsonl"
+FAILED_FILE = "failed.jsonl"
+RUN_FILE = "run.json"
+
+
+class ResumeError(ValueError):
+    """An output folder cannot be resumed (damaged records, or made by another run)."""
+
+
+class SampleError(ValueError):
+    """One sample cannot be evaluated (unreadable or mis-sized files, an unusable image)."""
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN/Inf float replaced by ``None`` (JSON has no NaN)."""
+    if isinstance(value, Mapping):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float | np.floating) and not np.isfinite(value):
+        return None
+    return value
 
 
 def _as_str(v: Any) -> str:
@@ -142,33 +163,109 @@ def run_sample(
     return record, pred
 
 
-def load_records(path: str | Path) -> dict[str, dict]:
-    """Finished samples of ``samples.jsonl`` by id; drops a torn last line (interrupted write)."""
+def load_records(path: str | Path, repair: bool = True) -> dict[str, dict]:
+    """Finished samples of ``samples.jsonl`` by id; drops a torn last line (interrupted write).
+
+    Any other damaged line raises :class:`ResumeError` naming ``file:line``. ``repair=False``
+    leaves the file as it is."""
     path = Path(path)
     if not path.exists():
         return {}
     raw = path.read_bytes()
     if raw and not raw.endswith(b"\n"):
         raw = raw[: raw.rfind(b"\n") + 1]
-        path.write_bytes(raw)
+        if repair:
+            path.write_bytes(raw)
     records = {}
-    for line in raw.decode("utf-8").splitlines():
-        if line.strip():
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = raw[: e.start].count(b"\n") + 1
+        raise ResumeError(f"{path}:{line_no}: not UTF-8 text; {_START_OVER}") from None
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
             rec = json.loads(line)
-            records[rec["id"]] = rec
+        except json.JSONDecodeError as e:
+            raise ResumeError(
+                f"{path}:{line_no}: not a JSON record ({e.msg}); {_START_OVER}"
+            ) from None
+        if (
+            not isinstance(rec, dict)
+            or not isinstance(rec.get("id"), str)
+            or not isinstance(rec.get("index"), int)
+        ):
+            raise ResumeError(
+                f"{path}:{line_no}: a record without an 'id' or 'index'; {_START_OVER}"
+            )
+        if not isinstance(rec.get("ious"), list) or not all(
+            isinstance(v, int | float) and np.isfinite(v) for v in rec["ious"]
+        ):
+            raise ResumeError(
+                f"{path}:{line_no}: record {rec['id']!r} has no IoU curve; {_START_OVER}"
+            )
+        records[rec["id"]] = rec
     return records
+
+
+_START_OVER = "delete that line (the sample is evaluated again) or use a new output folder"
+
+
+def run_folders(
+    output_dir: str | Path | None,
+    modes: Sequence[str] | None,
+    identity: Mapping | None,
+    mode: str | None,
+    max_clicks: int,
+    stop_iou: float | None,
+) -> dict[str | None, tuple[Path | None, dict | None]]:
+    """``{mode: (folder, identity)}`` of the runs of :func:`evaluate` (``None``: one mode)."""
+    out = {}
+    for m in list(modes) if modes else [None]:
+        ident = None
+        if identity is not None:
+            ident = {**identity, "mode": m if m is not None else mode}
+            ident.update(max_clicks=max_clicks, stop_iou=stop_iou)
+        folder = None
+        if output_dir is not None:
+            folder = Path(output_dir) if m is None else Path(output_dir) / m
+        out[m] = (folder, ident)
+    return out
+
+
+def check_resumable(folder: Path, identity: Mapping | None, max_clicks: int) -> None:
+    """Raises :class:`ResumeError` if ``folder`` cannot take this run (cheap; writes nothing)."""
+    if folder.exists() and not folder.is_dir():
+        raise ResumeError(f"output {folder} exists and is not a folder")
+    _Run._check_identity(folder, identity)
+    for rec in load_records(folder / SAMPLES_FILE, repair=False).values():
+        if rec.get("max_clicks", max_clicks) != max_clicks:
+            raise ResumeError(
+                f"{folder / SAMPLES_FILE} was written with max_clicks={rec.get('max_clicks')}, "
+                f"not {max_clicks}; use another output folder"
+            )
+
+
+def _identity_diff(old: Mapping, new: Mapping) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 class _Run:
     """Output folder of one (predictor, mode) run: the resumable JSONL and the masks."""
 
-    def __init__(self, output_dir: Path | None, max_clicks: int) -> None:
+    def __init__(
+        self, output_dir: Path | None, max_clicks: int, identity: Mapping | None = None
+    ) -> None:
         self.dir = output_dir
         self.records: dict[str, dict] = {}
+        self.failed: dict[str, dict] = {}
         self._fh = None
+        self._failed_fh = None
         if output_dir is not None:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "masks").mkdir(exist_ok=True)
+            if output_dir.exists() and not output_dir.is_dir():
+                raise ResumeError(f"output {output_dir} exists and is not a folder")
+            self._check_identity(output_dir, identity)
             self.records = load_records(output_dir / SAMPLES_FILE)
             for rec in self.records.values():
                 if rec.get("max_clicks", max_clicks) != max_clicks:
@@ -176,7 +273,44 @@ class _Run:
                         f"{output_dir / SAMPLES_FILE} was written with max_clicks="
                         f"{rec.get('max_clicks')}, not {max_clicks}; use another output folder"
                     )
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "masks").mkdir(exist_ok=True)
+            if identity is not None and not (output_dir / RUN_FILE).exists():
+                text = json.dumps(strict_json(dict(identity)), indent=2, sort_keys=True)
+                (output_dir / RUN_FILE).write_text(text + "\n")
+            (output_dir / FAILED_FILE).unlink(missing_ok=True)  # failed samples are retried
             self._fh = open(output_dir / SAMPLES_FILE, "a", encoding="utf-8")  # noqa: SIM115
+
+    @staticmethod
+    def _check_identity(output_dir: Path, identity: Mapping | None) -> None:
+        """Refuses a folder whose ``run.json`` describes another run (model, mode, protocol)."""
+        path = output_dir / RUN_FILE
+        if identity is None or not path.is_file():
+            return
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ResumeError(f"{path} is damaged ({e}); use a new output folder") from None
+        new = strict_json(dict(identity))
+        if not isinstance(old, dict):
+            raise ResumeError(f"{path} is damaged (not a JSON object); use a new output folder")
+        diff = _identity_diff(old, new)
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+            raise ResumeError(
+                f"{output_dir} holds another run ({shown}); use a new output folder to "
+                "evaluate this one"
+            )
+
+    def fail(self, index: int, sample_id: str, reason: str) -> None:
+        """Records a sample that could not be evaluated (``failed.jsonl``, ``metrics.json``)."""
+        rec = {"id": sample_id, "index": index, "reason": reason}
+        self.failed[sample_id] = rec
+        if self.dir is not None:
+            if self._failed_fh is None:
+                self._failed_fh = open(self.dir / FAILED_FILE, "a", encoding="utf-8")  # noqa: SIM115
+            self._failed_fh.write(json.dumps(rec) + "\n")
+            self._failed_fh.flush()
 
     def mask_path(self, index: int, sample_id: str) -> Path | None:
         if self.dir is None:
@@ -191,9 +325,10 @@ class _Run:
             self._fh.flush()
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        for fh in (self._fh, self._failed_fh):
+            if fh is not None:
+                fh.close()
+        self._fh = self._failed_fh = None
 
 
 def _stats(values: Sequence[float]) -> dict:
@@ -256,6 +391,10 @@ def _finish(
     out = {**M.summarize(curves, max_clicks), **_timing(records)}
     out["max_clicks"] = max_clicks
     out["complete"] = len(records) == len(ids)
+    failed = [run.failed[i] for i in ids if i in run.failed]
+    if failed:
+        out["num_failed"] = len(failed)
+        out["failed"] = [{"id": f["id"], "reason": f["reason"]} for f in failed]
     out["metadata"] = {
         **metadata,
         "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -264,7 +403,8 @@ def _finish(
     }
     if run.dir is None:
         return out
-    (run.dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
+    out = strict_json(out)  # e.g. no sample finished: null, not NaN
+    (run.dir / "metrics.json").write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
     report.write_metrics_markdown(out, run.dir / "metrics.md")
     label = str(metadata.get("label") or metadata.get("mode") or "run")
     report.plot_miou(
@@ -320,6 +460,8 @@ def evaluate(
     progress: bool = True,
     concurrent_modes: bool = True,
     prefetch: bool = True,
+    skip_bad: bool = False,
+    identity: Mapping | None = None,
 ) -> dict:
     """Evaluate ``predictor`` on ``samples`` with the RITM NoC protocol.
 
@@ -346,6 +488,13 @@ def evaluate(
         background thread while the current one is clicked (the same clicks and IoUs; both
         slow down, but the run's wall time drops while the clicks leave cores idle).
         ``False``: embed, then click, in turn.
+      skip_bad: a sample that cannot be read or used (:class:`SampleError`, or any error of
+        the predictor on it) is recorded (``failed.jsonl``; ``metrics.json`` ``failed``: id
+        and reason) and the run goes on; ``False`` raises :class:`SampleError` (samples
+        finished before it are written either way).
+      identity: what makes this run this run (checkpoint and its hash, method, dataset,
+        protocol options); stored in ``run.json`` with the mode, and a resume into a folder
+        made by another run raises :class:`ResumeError`.
 
     Returns:
       The ``metrics.json`` dict, or ``{mode: metrics}`` when ``modes`` is given.
@@ -355,7 +504,11 @@ def evaluate(
     start = time.perf_counter()
     if not isinstance(samples, Sequence) and not hasattr(samples, "__getitem__"):
         samples = list(samples)
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be a positive number of samples, got {limit}")
     n = len(samples) if limit is None else min(limit, len(samples))
+    if n == 0:
+        raise ValueError("the dataset holds no samples: nothing to evaluate")
     metadata = dict(metadata or {})
     metadata.setdefault("started", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     metadata.update(max_clicks=max_clicks, stop_iou=stop_iou)
@@ -363,10 +516,11 @@ def evaluate(
     mode_list: list[str | None] = list(modes) if modes else [None]
     if modes and not hasattr(predictor, "set_mode"):
         raise TypeError("evaluate(modes=...) needs a predictor with set_mode(mode)")
-    runs = {
-        m: _Run(None if out_root is None else (out_root if m is None else out_root / m), max_clicks)
-        for m in mode_list
-    }
+    runs = {}
+    for m, (folder, ident) in run_folders(
+        out_root, modes, identity, metadata.get("mode"), max_clicks, stop_iou
+    ).items():
+        runs[m] = _Run(folder, max_clicks, ident)
     known_ids = getattr(samples, "ids", None)
     ids: list[str] = []
     concurrent = bool(concurrent_modes and len(mode_list) > 1 and hasattr(predictor, "fork"))
@@ -382,15 +536,29 @@ def evaluate(
         dynamic_ncols=True,
     )
 
-    def pending() -> Iterable[tuple[int, str, Mapping, list]]:
-        """(index, id, sample, modes to run) of the samples with work left, in order."""
+    def fetch(index: int, sid: str | None) -> tuple[str, Any]:
+        """(id, sample), or (id, the error) when the sample cannot be read or is unusable."""
+        try:
+            sample = samples[index]
+            if sid is None:
+                sid = _as_str(sample["id"])
+            image, gt = np.asarray(sample["image"]), np.asarray(sample["gt"])
+            if image.ndim < 2 or gt.shape != image.shape[:2]:
+                raise SampleError(
+                    f"ground truth of shape {gt.shape} does not match the image {image.shape}"
+                )
+            return sid, sample
+        except Exception as e:  # decided by the loop: skip_bad, or stop after earlier samples
+            return (sid if sid is not None else f"#{index}"), e
+
+    def pending() -> Iterable[tuple[int, str, Any, list]]:
+        """(index, id, sample or its error, modes to run) of the samples with work left."""
         for index in range(n):
             sample = None
             if known_ids is not None:
                 sid = _as_str(known_ids[index])
             else:
-                sample = samples[index]
-                sid = _as_str(sample["id"])
+                sid, sample = fetch(index, None)
             if sid in ids:
                 raise ValueError(f"duplicate sample id {sid!r} at index {index}")
             ids.append(sid)
@@ -398,7 +566,24 @@ def evaluate(
             if not todo:
                 bar.update(1)
                 continue
-            yield index, sid, samples[index] if sample is None else sample, todo
+            if sample is None:
+                sample = fetch(index, sid)[1]
+            yield index, sid, sample, todo
+
+    def bad_sample(index: int, sid: str, todo: list, error: BaseException) -> None:
+        """Records (skip_bad) or raises the error of one sample, as one line."""
+        if isinstance(error, SampleError | OSError | ValueError):
+            text = str(error).strip().splitlines()
+            reason = text[0] if text else type(error).__name__
+        else:
+            reason = f"{type(error).__name__}: {str(error).strip()[:200]}"
+        if not skip_bad:
+            if isinstance(error, ValueError | OSError):  # user data: one line, no traceback
+                raise SampleError(f"sample {sid!r} (index {index}): {reason}") from error
+            raise error
+        for m in todo:
+            runs[m].fail(index, sid, reason)
+        bar.update(1)
 
     def embed(image: np.ndarray) -> tuple[Any, float]:
         t0 = time.perf_counter()
@@ -412,36 +597,49 @@ def evaluate(
         first = True
         while item is not None:
             index, sid, sample, todo = item
+            if isinstance(sample, BaseException):
+                item, ahead = next(work, None), None
+                bad_sample(index, sid, todo, sample)
+                continue
             image, gt = np.asarray(sample["image"]), np.asarray(sample["gt"])
             t0 = time.perf_counter()
-            if ahead is not None:
-                prepared, embed_seconds = ahead.result()
-                predictor.set_image(prepared)
-            else:
-                predictor.set_image(image)
-                embed_seconds = time.perf_counter() - t0
+            try:
+                if ahead is not None:
+                    prepared, embed_seconds = ahead.result()
+                    predictor.set_image(prepared)
+                else:
+                    predictor.set_image(image)
+                    embed_seconds = time.perf_counter() - t0
+            except Exception as e:
+                item, ahead = next(work, None), None
+                bad_sample(index, sid, todo, e)
+                continue
             wait_seconds = time.perf_counter() - t0
             item = next(work, None)
             ahead = None
-            if embedder is not None and item is not None:
+            if embedder is not None and item is not None and isinstance(item[2], Mapping):
                 # The next image's embedding runs while this image is clicked.
                 ahead = embedder.submit(embed, np.asarray(item[2]["image"]))
             together = pool is not None and len(todo) > 1
-            if together:
-                # Every mode's click loop in its own fork and thread, on one embedding.
-                futures = [
-                    pool.submit(
-                        run_sample, predictor.fork(m), image, gt, max_clicks, stop_iou, False
-                    )
-                    for m in todo
-                ]
-                done = [f.result() for f in futures]
-            else:
-                done = []
-                for m in todo:
-                    if m is not None:
-                        predictor.set_mode(m)
-                    done.append(run_sample(predictor, image, gt, max_clicks, stop_iou, False))
+            try:
+                if together:
+                    # Every mode's click loop in its own fork and thread, on one embedding.
+                    futures = [
+                        pool.submit(
+                            run_sample, predictor.fork(m), image, gt, max_clicks, stop_iou, False
+                        )
+                        for m in todo
+                    ]
+                    done = [f.result() for f in futures]
+                else:
+                    done = []
+                    for m in todo:
+                        if m is not None:
+                            predictor.set_mode(m)
+                        done.append(run_sample(predictor, image, gt, max_clicks, stop_iou, False))
+            except Exception as e:
+                bad_sample(index, sid, todo, e)
+                continue
             for j, (m, (rec, mask)) in enumerate(zip(todo, done, strict=True)):
                 rec["set_image_seconds"] = embed_seconds
                 if prefetch:

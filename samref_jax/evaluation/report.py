@@ -92,7 +92,7 @@ def write_metrics_markdown(metrics: Mapping, path: str | Path) -> str:
     if curve:
         text += "\n" + markdown_table(
             ["clicks", *[str(i + 1) for i in range(len(curve))]],
-            [["mIoU", *[f"{100 * v:.2f}" for v in curve]]],
+            [["mIoU", *[format_value("mIoU", v) for v in curve]]],
         )
     Path(path).write_text(text)
     return text
