@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -80,7 +82,8 @@ def register(
 # ---------------------------------------------------------------------------------- helpers
 _CLICK_RE = re.compile(
     r"^\s*([-+]?\d+(?:\.\d*)?|[-+]?\.\d+)\s*,\s*([-+]?\d+(?:\.\d*)?|[-+]?\.\d+)\s*"
-    r"(?:,\s*([^\s,]+)\s*)?$"
+    r"(?:,\s*([^\s,]+)\s*)?$",
+    re.ASCII,  # plain 0-9 digits: no other scripts' digits, no nan/inf
 )
 _POSITIVE = {"+", "pos", "positive", "1", "p", "fg"}
 _NEGATIVE = {"-", "neg", "negative", "0", "n", "bg"}
@@ -98,7 +101,32 @@ def parse_click(spec: str) -> tuple[float, float, bool]:
             f"malformed click {spec!r}: expected X,Y,+ (positive) or X,Y,- (negative), "
             "e.g. --click 120,80,+"
         )
-    return float(m.group(1)), float(m.group(2)), sign in _POSITIVE
+    x, y = float(m.group(1)), float(m.group(2))
+    if not (math.isfinite(x) and math.isfinite(y)):  # e.g. 400 digits overflow to inf
+        raise CliError(f"click {spec!r} has a coordinate that is not a finite number")
+    return x, y, sign in _POSITIVE
+
+
+def check_out_folder(out: str | Path) -> Path:
+    """Raise :class:`CliError` unless ``out`` can be created or written as a folder.
+
+    Checked before any compute; nothing is created here."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out is not a folder: {out}")
+    for name in ("mask.png", "overlay.png"):
+        if (out / name).is_dir():
+            raise CliError(f"--out: {out / name} is a folder, so the output cannot be written")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe != out and not probe.is_dir():
+        raise CliError(f"--out {out} cannot be created: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out}: {probe} is not writable")
+    return out
 
 
 def check_clicks_inside(
@@ -199,9 +227,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     image = read_image_or_fail(args.image)
     h, w = image.shape[:2]
     check_clicks_inside(clicks, w, h)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out is not a folder: {out}")
+    out = check_out_folder(args.out)
     predictor = load_predictor(args.checkpoint, args.mode)
 
     from samref_jax import viz
@@ -213,10 +239,13 @@ def _run_segment(args: argparse.Namespace) -> int:
             result = predictor.click(x, y, positive=positive)
     except ValueError as e:
         raise CliError(str(e)) from None
-    out.mkdir(parents=True, exist_ok=True)
     mask_path, overlay_path = out / "mask.png", out / "overlay.png"
-    viz.mask_image(result.mask).save(mask_path)
-    viz.overlay(image, result.mask, clicks, result.window).save(overlay_path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        viz.mask_image(result.mask).save(mask_path)
+        viz.overlay(image, result.mask, clicks, result.window).save(overlay_path)
+    except OSError as e:  # e.g. the disk filled up, or permissions changed meanwhile
+        raise CliError(f"cannot write to --out {out}: {e.strerror or e}") from None
     window = "none"
     if result.window is not None:
         window = "(" + ", ".join(f"{v:.0f}" for v in result.window) + ")"
@@ -278,11 +307,16 @@ register(
 
 
 # ---------------------------------------------------------------------------------- main
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``PROG: error: ...``), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``samref`` parser with one subparser per registered command."""
-    parser = argparse.ArgumentParser(
-        prog="samref", description="SAM-REF interactive segmentation (JAX)."
-    )
+    parser = _Parser(prog="samref", description="SAM-REF interactive segmentation (JAX).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
         sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)

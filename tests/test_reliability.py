@@ -419,3 +419,59 @@ def test_eval_ctrl_c_is_one_line_and_keeps_finished_samples(tmp_path, eval_cli):
     assert rc == 2
     _one_error_line(err, "interrupted; finished samples are kept")
     assert len((out / "samples.jsonl").read_text().splitlines()) == 2
+
+
+# ------------------------------------------------------------------------------ samref segment
+@pytest.fixture
+def segment_no_model(monkeypatch, capsys, tmp_path):
+    """``samref segment`` in-process whose model must never be loaded: run(*args) -> (rc, err)."""
+    from PIL import Image
+
+    from samref_jax import cli
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(cli, "load_predictor", never)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.full((20, 30, 3), 100, np.uint8)).save(image)
+
+    def run(*args):
+        capsys.readouterr()
+        rc = cli.main(["segment", str(image), *map(str, args)])
+        return rc, capsys.readouterr().err
+
+    return run
+
+
+def test_segment_checks_out_before_any_compute(tmp_path, segment_no_model):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    rc, err = segment_no_model("--click", "5,5,+", "--out", a_file / "sub" / "dir")
+    assert rc == 2
+    _one_error_line(err, "cannot be created: .*file.txt is a file")
+    rc, err = segment_no_model("--click", "5,5,+", "--out", a_file)
+    assert rc == 2
+    _one_error_line(err, "--out is not a folder")
+    (tmp_path / "o" / "mask.png").mkdir(parents=True)
+    rc, err = segment_no_model("--click", "5,5,+", "--out", tmp_path / "o")
+    assert rc == 2
+    _one_error_line(err, "mask.png is a folder")
+
+
+@pytest.mark.parametrize(
+    "click", ["nan,3", "3,nan,+", "inf,2", "1e3,2", "\uff19,3", "9" * 400 + ",3", "a,b", "3;4"]
+)
+def test_segment_rejects_non_numeric_clicks(tmp_path, segment_no_model, click):
+    rc, err = segment_no_model("--click", click, "--out", tmp_path / "o")
+    assert rc == 2
+    _one_error_line(err, "malformed click|not a finite number")
+
+
+def test_cli_usage_errors_are_one_line(capsys):
+    from samref_jax import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["segment", "x.png", "--click"])
+    assert e.value.code == 2
+    _one_error_line(capsys.readouterr().err, "samref segment: error: argument --click")
