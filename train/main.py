@@ -35,6 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags.DEFINE_float(
         "init_timeout", 300.0, "seconds to wait for the other processes", flag_values=fv
     )
+    flags.DEFINE_bool(
+        "allow_config_change",
+        False,
+        "resume even if the config differs from WORKDIR/config.json in keys that change the "
+        "model or the data",
+        flag_values=fv,
+    )
     flags.DEFINE_integer(
         "kill_after_step",
         None,
@@ -56,6 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from samref_jax.training.trainer import TrainConfigError, check_config
+
+    try:  # before connecting to other processes, creating the workdir or tracing anything
+        check_config(fv.config)
+    except TrainConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     import jax
 
     from samref_jax.training import distributed
@@ -73,15 +87,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 3
     elif fv.distributed:
         jax.distributed.initialize(initialization_timeout=int(fv.init_timeout))
+    from samref_jax.training.checkpointing import TrainCheckpointError
     from samref_jax.training.trainer import train
 
-    summary = train(
-        fv.config,
-        fv.workdir,
-        progress=fv.progress,
-        command="python -m train.main " + " ".join(argv),
-        kill_after_step=fv.kill_after_step,
-    )
+    try:
+        summary = train(
+            fv.config,
+            fv.workdir,
+            progress=fv.progress,
+            command="python -m train.main " + " ".join(argv),
+            kill_after_step=fv.kill_after_step,
+            allow_config_change=fv.allow_config_change,
+        )
+    except (TrainConfigError, TrainCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     if jax.process_index() == 0:
         print({k: v for k, v in summary.items()})
     return 0

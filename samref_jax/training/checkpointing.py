@@ -4,15 +4,48 @@ Each step directory holds two items: ``state`` (``TrainState``: params, optimise
 RNG key data; ``StandardSave``) and ``data`` (JSON: the Grain iterator's ``get_state()`` and
 run bookkeeping such as the wall-clock minutes used so far). Orbax writes to a temporary
 directory and renames it when complete (atomic); ``keep`` last checkpoints are kept.
+
+``restore_latest`` skips step directories without both items (e.g. an empty one) and falls
+back from a damaged checkpoint to the newest intact one, with a one-line warning; the damaged
+step is moved to ``<checkpoints>_damaged/`` so that later saves do not collide with it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class TrainCheckpointError(RuntimeError):
+    """No checkpoint of a run directory can be restored; the message says what to do."""
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Orbax and its asyncio tasks log whole tracebacks for a damaged file: hide them (the
+    caller reports one line)."""
+    loggers = [logging.getLogger(n) for n in ("absl", "asyncio", "orbax", "jax")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
 
 
 class TrainCheckpointer:
@@ -29,6 +62,27 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def _complete_steps(self) -> list[int]:
+        """Steps (newest first) whose directory holds both items; empty ones are removed."""
+        steps = []
+        for step in self.manager.all_steps():
+            folder = self.directory / str(step)
+            items = [folder / "state", folder / "data"]
+            if all(d.is_dir() and any(d.iterdir()) for d in items):
+                steps.append(int(step))
+            elif folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+                if jax.process_count() == 1:
+                    shutil.rmtree(folder, ignore_errors=True)  # an empty step directory
+        return sorted(steps, reverse=True)
+
+    def _set_aside(self, step: int) -> None:
+        if jax.process_count() > 1:  # the other processes may still be reading it
+            return
+        target = self.directory.with_name(self.directory.name + "_damaged") / str(step)
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.directory / str(step)), str(target))
+
     def save(self, step: int, state: Any, data: dict) -> None:
         self.manager.save(
             int(step),
@@ -40,18 +94,44 @@ class TrainCheckpointer:
         self.manager.wait_until_finished()
 
     def restore_latest(self, state_template: Any) -> tuple[Any, dict] | None:
-        """Restores the newest checkpoint onto the shardings/shapes of ``state_template``."""
-        step = self.manager.latest_step()
-        if step is None:
+        """Restores the newest intact checkpoint onto the shardings/shapes of
+        ``state_template``; ``None`` when there is none. A damaged newer checkpoint is reported
+        in one line on stderr and set aside; if every checkpoint is damaged this raises
+        :class:`TrainCheckpointError`."""
+        steps = self._complete_steps()
+        if not steps:
+            self.manager.reload()
             return None
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_template)
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
-            ),
+        damaged: list[tuple[int, BaseException]] = []
+        for step in steps:
+            try:
+                with _quiet_logs():
+                    out = self.manager.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+                        ),
+                    )
+                data = dict(out["data"])
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                damaged.append((step, e))
+                continue
+            for bad, e in damaged:
+                print(
+                    f"warning: checkpoint step {bad} in {self.directory} is damaged "
+                    f"({_first_line(e)}); resuming from step {step} instead",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self._set_aside(bad)
+            self.manager.reload()
+            return out["state"], data
+        bad, e = damaged[0]
+        raise TrainCheckpointError(
+            f"every checkpoint in {self.directory} is damaged (newest, step {bad}: "
+            f"{_first_line(e)}); delete that folder to start the run over"
         )
-        return out["state"], dict(out["data"])
 
     def close(self) -> None:
         self.manager.close()

@@ -11,6 +11,10 @@ wall-clock budget (counted across resumes, including start-up and compile time) 
     WORKDIR/export/              the model (``save_samref``), for SamRefPredictor.from_checkpoint
 
 A second call with the same ``workdir`` resumes from the newest checkpoint (same data order).
+It first compares the requested config with ``WORKDIR/config.json`` and refuses a difference in
+anything that changes the model or the data (``TrainConfigError`` listing the keys) unless
+``allow_config_change``; only the keys in ``RESUME_SAFE`` (run length, logging and checkpoint
+cadence, file locations, eval) may change. A bad ``mode`` is refused before anything is created.
 
 Several processes (``jax.distributed``): each reads its own part of every global batch, all of
 them save and restore the checkpoints together (orbax), and only process 0 writes the logs,
@@ -35,6 +39,67 @@ import numpy as np
 from samref_jax.training import step as S
 from samref_jax.training.checkpointing import TrainCheckpointer
 from samref_jax.training.pipeline import heldout_samples, make_train_dataset, prepare_source
+
+MODES = ("sam", "global", "full")
+# Config keys (dotted; a trailing "." is a prefix) a resume may change: they do not change the
+# model or the data it sees.
+RESUME_SAFE = (
+    "train.num_steps",
+    "train.max_minutes",
+    "train.log_every",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "data.num_workers",
+    "data.data_dir",
+    "data.manual_dir",
+    "eval.",
+)
+
+
+class TrainConfigError(ValueError):
+    """The config cannot be used (a bad value, or it differs from the run being resumed)."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Values that would fail later, after tracing: refused up front."""
+    if str(config.get("mode")) not in MODES:
+        raise TrainConfigError(
+            f"config.mode must be one of {', '.join(MODES)}, got {config.get('mode')!r}"
+        )
+
+
+def resume_config_changes(
+    workdir: Path, config: ml_collections.ConfigDict
+) -> tuple[list[str], list[str]]:
+    """``(refused, allowed)``: the dotted keys where ``config`` differs from the
+    ``WORKDIR/config.json`` of the run being resumed (both empty for a new run)."""
+    path = workdir / "config.json"
+    if not path.is_file():
+        return [], []
+    try:
+        old = _flatten(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
+        raise TrainConfigError(
+            f"{path} is damaged ({e}); cannot tell whether this resume uses the same config "
+            "(pass --allow_config_change to overwrite it)"
+        ) from None
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k))
+    safe = [
+        k
+        for k in changed
+        if any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE)
+    ]
+    return [k for k in changed if k not in safe], safe
 
 
 def _jsonable(metrics: dict) -> dict:
@@ -145,20 +210,37 @@ def train(
     command: str | None = None,
     stop_at_step: int | None = None,
     kill_after_step: int | None = None,
+    allow_config_change: bool = False,
 ) -> dict:
     """Trains (or resumes) into ``workdir``; returns a summary dict (steps, steps/s, ...).
 
     ``stop_at_step`` ends this call early (after checkpointing), as a kill would; the next
     call resumes (tests use it to simulate an interruption). ``kill_after_step`` SIGKILLs the
     process right after the checkpoint of that step is written (tests: a crash).
+    ``allow_config_change`` resumes even when the config differs in keys that change the model
+    or the data (module docstring).
     """
     from samref_jax.host import tune_malloc
     from samref_jax.training.distributed import barrier
 
+    check_config(config)  # before tracing anything and before creating the workdir
     tune_malloc()  # XLA:CPU's scratch blocks from the heap, not fresh pages (host.py)
     t_start = time.time()
     workdir = Path(workdir)
     main = jax.process_index() == 0  # logs, eval, plots and export come from process 0
+    refused, _ = resume_config_changes(workdir, config)  # before config.json is rewritten
+    if refused and not allow_config_change:
+        old = _flatten(json.loads((workdir / "config.json").read_text()))
+        new = _flatten(json.loads(config.to_json_best_effort()))
+        shown = ", ".join(
+            f"{k} ({old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r})" for k in refused[:6]
+        )
+        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        raise TrainConfigError(
+            f"{workdir} was trained with another config: {shown}{more} differ (they change the "
+            "model or the data); resume with the same config, use a new --workdir, or pass "
+            "--allow_config_change"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
