@@ -475,3 +475,138 @@ def test_cli_usage_errors_are_one_line(capsys):
         cli.main(["segment", "x.png", "--click"])
     assert e.value.code == 2
     _one_error_line(capsys.readouterr().err, "samref segment: error: argument --click")
+
+
+# ------------------------------------------------------------------------------ trainer
+def _tiny_config():
+    from configs.tiny_cpu import get_config
+
+    return get_config()
+
+
+def test_train_rejects_a_bad_mode_before_creating_anything(tmp_path, capsys):
+    from samref_jax.training.trainer import TrainConfigError, train
+    from train.main import main
+
+    work = tmp_path / "run"
+    config = _tiny_config()
+    config.mode = "fulll"
+    with pytest.raises(TrainConfigError, match="config.mode must be one of sam, global, full"):
+        train(config, work, progress=False)
+    assert not work.exists()
+    argv = ["--config", "configs/tiny_cpu.py", "--workdir", str(work), "--config.mode=bogus"]
+    assert main(argv) == 2
+    _one_error_line(capsys.readouterr().err, "config.mode must be one of")
+    assert not work.exists()
+
+
+def test_resume_refuses_a_config_that_changes_the_model_or_data(tmp_path, capsys):
+    from samref_jax.training.trainer import TrainConfigError, resume_config_changes, train
+    from train.main import main
+
+    work = tmp_path / "run"
+    work.mkdir()
+    config = _tiny_config()
+    written = config.to_json_best_effort(indent=2) + "\n"
+    (work / "config.json").write_text(written)
+    assert resume_config_changes(work, config) == ([], [])
+    later = _tiny_config()
+    later.train.num_steps += 100  # a longer run: fine
+    later.eval.every_steps += 1
+    assert resume_config_changes(work, later) == ([], ["eval.every_steps", "train.num_steps"])
+    other = _tiny_config()
+    other.model.max_clicks = 12
+    other.data.per_device_batch_size += 1
+    other.seed = 7
+    refused, _ = resume_config_changes(work, other)
+    assert refused == ["data.per_device_batch_size", "model.max_clicks", "seed"]
+    with pytest.raises(TrainConfigError, match="model.max_clicks \\(24 -> 12\\).*allow_config"):
+        train(other, work, progress=False)
+    assert (work / "config.json").read_text() == written  # compared before rewriting
+
+    argv = ["--config", "configs/tiny_cpu.py", "--workdir", str(work), "--config.seed=3"]
+    assert main(argv) == 2
+    _one_error_line(capsys.readouterr().err, "another config: seed \\(0 -> 3\\)")
+    assert (work / "config.json").read_text() == written
+
+
+def test_damaged_latest_checkpoint_falls_back_with_one_warning(tmp_path, capfd):
+    import jax.numpy as jnp
+
+    from samref_jax.training.checkpointing import TrainCheckpointer, TrainCheckpointError
+
+    folder = tmp_path / "checkpoints"
+    state = {"w": jnp.arange(100.0), "b": jnp.ones(3)}
+    ck = TrainCheckpointer(folder, 5)
+    for step in (1, 2, 3):
+        ck.save(step, {k: v * step for k, v in state.items()}, {"step": step})
+    ck.close()
+    for f in (folder / "3" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"")  # the array data of step 3 is lost
+    (folder / "9").mkdir()  # an empty step directory (a crash before anything was written)
+    capfd.readouterr()
+    ck = TrainCheckpointer(folder, 5)
+    restored, data = ck.restore_latest(state)
+    assert data == {"step": 2}
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(100.0) * 2)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "asyncio" not in err, err
+    warnings = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(warnings) == 1, err
+    assert re.search("checkpoint step 3 .* is damaged .*resuming from step 2", warnings[0])
+    assert not (folder / "9").exists() and not (folder / "3").exists()
+    assert (tmp_path / "checkpoints_damaged" / "3").is_dir()  # kept for inspection
+    ck.save(3, state, {"step": 3})  # the run goes on and saves step 3 again
+    assert ck.latest_step() == 3
+    ck.close()
+
+    for step in (1, 2, 3):
+        for f in (folder / str(step) / "state").rglob("*"):
+            if f.is_file() and f.parent.name == "d":
+                f.write_bytes(b"")
+    ck = TrainCheckpointer(folder, 5)
+    with pytest.raises(TrainCheckpointError, match="every checkpoint in .* is damaged"):
+        ck.restore_latest(state)
+    ck.close()
+
+
+# ------------------------------------------------------------------------------ predictors
+def test_sam_predictor_rejects_nan_points():
+    from samref_jax.sam.build import load_sam
+    from samref_jax.sam.predictor import SamPredictor
+
+    predictor = SamPredictor(load_sam("tiny"))  # a bundled name, as from_checkpoint takes
+    predictor.set_image(np.full((24, 32, 3), 120, np.uint8))
+    for coords in ([[np.nan, 3.0]], [[4.0, np.inf]]):
+        with pytest.raises(ValueError, match="point_coords must be finite"):
+            predictor.predict(np.array(coords), np.array([1]))
+    with pytest.raises(ValueError, match="box must hold finite numbers"):
+        predictor.predict(box=np.array([0, 0, np.nan, 5]))
+
+
+def test_load_sam_takes_the_bundled_names():
+    from samref_jax.sam.build import load_sam
+
+    for name in ("tiny", "tiny-sam"):
+        assert load_sam(name).config.name == "tiny"
+
+
+def test_tiny_sam_in_full_mode_warns_that_its_refiners_are_untrained(recwarn):
+    import warnings
+
+    from samref_jax.checkpoint import read_metadata
+    from samref_jax.model.io import resolve_checkpoint, untrained_refiners
+    from samref_jax.model.predictor import SamRefPredictor
+
+    assert untrained_refiners(read_metadata(resolve_checkpoint("tiny-sam")))
+    assert not untrained_refiners(read_metadata(resolve_checkpoint("tiny")))
+    with pytest.warns(UserWarning, match="tiny-sam: the refiners .* never trained"):
+        p = SamRefPredictor.from_checkpoint("tiny-sam", mode="full")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning in 'sam' mode, nor for the trained model
+        q = SamRefPredictor.from_checkpoint("tiny-sam", mode="sam")
+        SamRefPredictor.from_checkpoint("tiny", mode="full")
+    with pytest.warns(UserWarning, match="never trained"):
+        q.set_mode("global")
+    assert p.untrained_refiners

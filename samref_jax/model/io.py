@@ -37,6 +37,15 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     return Path(name_or_path)
 
 
+def untrained_refiners(meta: dict[str, Any]) -> bool:
+    """True when a checkpoint's refiners were never trained: it was trained in 'sam' mode (the
+    bundled ``tiny-sam``; ``metadata.json`` ``training.mode``), where the refiners are frozen at
+    their initial values. SAM-only checkpoints get a warning from :func:`load_samref` instead."""
+    training = meta.get("training") or {}
+    mode = training.get("mode") or (training.get("config") or {}).get("mode")
+    return mode == "sam"
+
+
 def save_samref(
     directory: str | os.PathLike,
     params: dict[str, Any],

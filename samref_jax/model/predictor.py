@@ -32,6 +32,7 @@ import copy
 import dataclasses
 import functools
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -41,7 +42,7 @@ import numpy as np
 
 from samref_jax.host import tune_malloc
 from samref_jax.model.config import MODES, sam_config_from
-from samref_jax.model.io import load_samref
+from samref_jax.model.io import load_samref, untrained_refiners
 from samref_jax.model.samref import ClickInputs, ClickOutputs, SamRef
 from samref_jax.sam.common import resize_bilinear
 from samref_jax.sam.predictor import as_rgb_uint8, normalize_and_pad
@@ -146,8 +147,23 @@ class SamRefPredictor:
     ) -> SamRefPredictor:
         """A checkpoint directory (SAM-REF, or SAM-only from convert_weights.py) or a bundled
         name (`tiny`, `tiny-sam`)."""
-        params, config, _ = load_samref(name_or_path)
-        return cls(params, config, mode=mode, dtype=dtype)
+        params, config, meta = load_samref(name_or_path)
+        predictor = cls(params, config, mode=mode, dtype=dtype)
+        predictor.untrained_refiners = untrained_refiners(meta)
+        predictor._warn_untrained(name_or_path)
+        return predictor
+
+    untrained_refiners = False  # from_checkpoint: the checkpoint's refiners were never trained
+
+    def _warn_untrained(self, name: Any = "this checkpoint") -> None:
+        if self.untrained_refiners and self.mode != "sam":
+            warnings.warn(
+                f"{name}: the refiners of this checkpoint were never trained (it was trained in "
+                f"'sam' mode), so mode {self.mode!r} runs untrained GlobalDiff/PatchDiff; use "
+                "mode 'sam' with it",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @property
     def params(self) -> dict[str, Any]:
@@ -190,7 +206,10 @@ class SamRefPredictor:
         """Switches between "sam", "global" and "full" (keeps the image embedding)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        before = getattr(self, "mode", "sam")
         self.mode = mode
+        if mode != "sam" and before == "sam":
+            self._warn_untrained()
 
     def fork(self, mode: str | None = None) -> SamRefPredictor:
         """Another click loop on the same image: shares the embedding, the cached per-image

@@ -183,6 +183,8 @@ class SamPredictor:
             pl = np.asarray(point_labels).reshape(-1)
             if len(pc) != len(pl):
                 raise ValueError(f"{len(pc)} points but {len(pl)} labels")
+            if not np.isfinite(pc).all():
+                raise ValueError("point_coords must be finite numbers (got NaN or Inf)")
             if not np.isin(pl, (0, 1)).all():
                 raise ValueError("point labels must be 0 (negative) or 1 (positive)")
             coords.append(apply_coords(pc, self.original_size, self.config.img_size))
@@ -191,6 +193,8 @@ class SamPredictor:
             b = np.asarray(box, np.float64).reshape(-1)
             if b.shape != (4,):
                 raise ValueError(f"box must be XYXY with 4 values, got shape {np.shape(box)}")
+            if not np.isfinite(b).all():
+                raise ValueError("box must hold finite numbers (got NaN or Inf)")
             coords.append(apply_boxes(b, self.original_size, self.config.img_size).reshape(2, 2))
             labels.append(np.array([2, 3], np.int32))
         n = sum(len(lab) for lab in labels)
