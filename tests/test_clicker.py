@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -251,3 +256,99 @@ def test_jax_matches_host_on_all_grabcut_masks(grabcut_dir):
 def test_degenerate_shapes(shape):
     for gt, pred in itertools.product([np.zeros(shape, bool), np.ones(shape, bool)], repeat=2):
         _both(gt, pred)
+
+
+_SHARDED_CLICKER = textwrap.dedent(
+    """
+    import os, re
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from scipy import ndimage
+    from samref_jax.interaction.clicker import next_click, next_click_jax
+
+    COLLECTIVE = re.compile(
+        r"\\s(all-reduce|all-gather|collective-permute|reduce-scatter|all-to-all)(-start)?\\("
+    )
+
+    def loop_collectives(hlo):
+        '''(number of while loops, collectives in their bodies and conditions, all collectives)
+        of a compiled HLO module's text, following called computations transitively.'''
+        comps, cur = {}, None
+        for line in hlo.splitlines():
+            m = re.match(r"(?:ENTRY )?(%[\\w.\\-]+) ", line)
+            if m and line.rstrip().endswith("{"):
+                cur = comps.setdefault(m.group(1), [])
+            elif line.strip() == "}":
+                cur = None
+            elif cur is not None:
+                cur.append(line)
+        calls = {c: {t for ln in ls for t in re.findall(r"%[\\w.\\-]+", ln) if t in comps}
+                 for c, ls in comps.items()}
+        roots = [t for ls in comps.values() for ln in ls if " while(" in ln
+                 for t in re.findall(r"(?:body|condition)=(%[\\w.\\-]+)", ln)]
+        seen, todo = set(), list(roots)
+        while todo:
+            c = todo.pop()
+            if c not in seen:
+                seen.add(c)
+                todo.extend(calls[c])
+        inside = [ln for c in seen for ln in comps[c] if COLLECTIVE.search(ln)]
+        everywhere = [ln for ls in comps.values() for ln in ls if COLLECTIVE.search(ln)]
+        return len(roots) // 2, inside, everywhere
+
+    assert jax.device_count() == 4, jax.devices()
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sh = NamedSharding(mesh, P("data"))
+
+    # The checker sees a collective in a loop whose condition reduces over the sharded batch
+    # (what a vmapped data-dependent while_loop turns into).
+    def reduce_loop(x):
+        return jax.lax.while_loop(lambda c: c[0] < c[1].max(), lambda c: (c[0] + 1, c[1]),
+                                  (jnp.int32(0), x))[0]
+    probe = jax.jit(jax.vmap(reduce_loop), in_shardings=sh).lower(jnp.arange(8)).compile()
+    n, inside, _ = loop_collectives(probe.as_text())
+    assert n >= 1 and inside, probe.as_text()
+
+    # 160 x 160: the row pass keeps a fixed-count loop (k_max = 79, three steps of 32 offsets).
+    b, h, w = 8, 160, 160
+    rng = np.random.default_rng(0)
+    gt = np.stack([ndimage.uniform_filter(rng.random((h, w)), 15) > 0.5 for _ in range(b)])
+    pred = np.stack([np.roll(g, (i, -2 * i), axis=(0, 1)) for i, g in enumerate(gt)])
+    pred[0] = False
+    clicked = rng.random((b, h, w)) < 0.01
+    valid = rng.random((b, h, w)) < 0.97
+    f = jax.jit(jax.vmap(next_click_jax), in_shardings=sh, out_shardings=sh)
+    compiled = f.lower(gt, pred, clicked, valid).compile()
+    n, inside, everywhere = loop_collectives(compiled.as_text())
+    assert n >= 1, "expected the row pass's fixed-count loop"
+    assert not inside, inside
+    assert not everywhere, everywhere
+    ys, xs, pos = compiled(*(jax.device_put(a, sh) for a in (gt, pred, clicked, valid)))
+    assert len(ys.sharding.device_set) == 4
+    got = [(int(y), int(x), bool(p)) for y, x, p in zip(ys, xs, pos)]
+    want = [next_click(*a) for a in zip(gt, pred, clicked, ~valid)]
+    assert got == want, (got, want)
+    print("OK", n)
+    """
+)
+
+
+def test_sharded_clicker_has_no_collectives():
+    """4 fake CPU devices, batch sharded over ('data',): the compiled vmapped clicker holds no
+    collective at all, in particular none in a loop body or condition (a data-dependent
+    ``while_loop`` would all-reduce its condition across devices every iteration), and it gives
+    the host clicks."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run(
+        [sys.executable, "-c", _SHARDED_CLICKER],
+        env=env,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "OK" in r.stdout

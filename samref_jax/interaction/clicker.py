@@ -203,66 +203,78 @@ def _box_bound(box: tuple[int, int, int, int] | None) -> int:
 
 
 def _col_sq_dist(region: jax.Array) -> jax.Array:
-    """Per column: squared distance (int32[H, W]) to the nearest ``False`` in that column.
+    """Per column: squared distance (``int32[..., H, W]``) to the nearest ``False`` in it.
 
-    The column is treated as padded with ``False`` at ``y = -1`` and ``y = H``. Two sequential
-    ``lax.scan`` passes over the rows carry the index of the last ``False`` seen (``O(H W)``
-    work, small programs; ``lax.cummax`` would lower to an ``O(H^2 W)`` ``reduce_window`` on
-    CPU and ``lax.associative_scan`` compiles slowly).
+    The column is treated as padded with ``False`` at ``y = -1`` and ``y = H``. The index of the
+    nearest ``False`` above is a running max of ``y`` over the ``False`` rows, the one below a
+    reverse running min: ``lax.associative_scan``, depth ``O(log H)``, no loop (17 ms for two
+    1024 x 1024 regions on CPU, against 120 ms for ``lax.cummax`` and 210 ms for a Hillis-Steele
+    doubling of shifted copies).
     """
-    h, w = region.shape
-    ys = jnp.arange(h, dtype=jnp.int32)
+    h = region.shape[-2]
+    ys = jnp.arange(h, dtype=jnp.int32)[:, None]
     zero = ~region
-
-    def last_zero(carry: jax.Array, row: tuple[jax.Array, jax.Array]) -> tuple:
-        z, y = row
-        carry = jnp.where(z, y, carry)
-        return carry, carry
-
-    _, above = jax.lax.scan(last_zero, jnp.full((w,), -1, jnp.int32), (zero, ys))
-    _, below = jax.lax.scan(last_zero, jnp.full((w,), h, jnp.int32), (zero, ys), reverse=True)
-    d = jnp.minimum(ys[:, None] - above, below - ys[:, None])
+    axis = region.ndim - 2
+    above = jax.lax.associative_scan(jnp.maximum, jnp.where(zero, ys, -1), axis=axis)
+    below = jax.lax.associative_scan(jnp.minimum, jnp.where(zero, ys, h), axis=axis, reverse=True)
+    d = jnp.minimum(ys - above, below - ys)
     return d * d
+
+
+# Column offsets handled per iteration of the row pass: one fused elementwise program each.
+# On CPU at 1024 x 1024, 16 and 32 run equally fast (within noise), 64 is 10-20 % and 128 2.5x
+# slower; fewer offsets per step only add iterations.
+_ROW_OFFSETS_PER_STEP = 32
 
 
 def squared_edt_jax(region: jax.Array) -> jax.Array:
     """Exact squared EDT of ``region`` padded by 1 px of ``False``, cropped back.
 
     ``sq[y, x] = min over False pixels (y', x') of the padded array of (y-y')**2 + (x-x')**2``,
-    computed separably: exact per-column squared distances ``g``, then
-    ``sq[y, x] = min over x' of (x - x')**2 + g[y, x']``, found by growing the offset
-    ``k = |x - x'|`` in a ``lax.while_loop`` until ``k**2`` reaches the largest distance found so
-    far (no farther column can improve any pixel). Work is ``O(H * W * max_distance)``, memory
-    ``O(H * W)``; shapes are static, the trip count is data dependent.
+    computed separably: exact per-column squared distances ``g`` (:func:`_col_sq_dist`, depth
+    ``O(log H)``), then the exact min-plus over columns
+    ``sq[y, x] = min(border(x), min over x' of g[y, x'] + (x - x')**2)`` with the padded
+    all-``False`` columns as ``border(x) = min((x + 1)**2, (W - x)**2)``.
+
+    The min-plus runs over the offset ``k = |x - x'|`` up to a bound fixed by the shape alone:
+    ``g <= ((H + 1) // 2)**2`` and ``border <= ((W + 1) // 2)**2``, so an offset ``k`` with
+    ``k >= min(H + 1, W + 1) // 2`` can never improve a pixel. The offsets go in a
+    ``lax.fori_loop`` with a static trip count (``ceil(k_max / 32)``: 16 at 1024 x 1024), each
+    step folding 32 offsets into one fused elementwise pass. No data-dependent condition, no
+    reduction in the loop, so a batch sharded over devices runs it without any collective.
+    Work ``O(H * W * min(H, W))``, memory ``O(H * W)``; ``int32`` sums are exact (all values are
+    below ``(H + W + 2)**2``).
 
     Args:
-      region: ``bool[H, W]``.
+      region: ``bool[..., H, W]`` (leading axes are batch axes).
 
     Returns:
-      ``int32[H, W]``, 0 outside ``region``.
+      ``int32[..., H, W]``, 0 outside ``region``.
     """
     region = jnp.asarray(region, dtype=bool)
-    h, w = region.shape
-    g = _col_sq_dist(region)  # int32[H, W], 0 outside region
+    h, w = region.shape[-2:]
+    g = _col_sq_dist(region)  # 0 outside region
     xs = jnp.arange(w, dtype=jnp.int32)
-    # The padded all-False columns at x' = -1 and x' = W.
-    border = jnp.minimum((xs + 1) ** 2, (w - xs) ** 2)
-    best0 = jnp.minimum(g, border[None, :])
-    big = jnp.int32((h + w + 2) ** 2)  # larger than any distance in the padded array
-    g_pad = jnp.pad(g, ((0, 0), (w, w)), constant_values=big)
+    best = jnp.minimum(g, jnp.minimum((xs + 1) ** 2, (w - xs) ** 2))
+    k_max = min(h + 1, w + 1) // 2 - 1  # largest offset that can still improve a pixel
+    if k_max >= 1:
+        step = min(_ROW_OFFSETS_PER_STEP, k_max)
+        n_steps = -(-k_max // step)
+        pad = n_steps * step  # the largest offset visited (< 2 k_max): slices stay in range
+        big = jnp.int32((h + w + 2) ** 2)  # larger than any distance in the padded array
+        axis = region.ndim - 1
+        g_pad = jnp.pad(g, [(0, 0)] * axis + [(pad, pad)], constant_values=big)
 
-    def cond(state: tuple[jax.Array, jax.Array]) -> jax.Array:
-        k, best = state
-        return k * k < best.max()
+        def body(i: jax.Array, best: jax.Array) -> jax.Array:
+            for j in range(step):  # unrolled: one fused pass over `step` offsets
+                k = 1 + i * step + j
+                left = jax.lax.dynamic_slice_in_dim(g_pad, pad - k, w, axis=axis)
+                right = jax.lax.dynamic_slice_in_dim(g_pad, pad + k, w, axis=axis)
+                best = jnp.minimum(best, jnp.minimum(left, right) + k * k)
+            return best
 
-    def body(state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        k, best = state
-        left = jax.lax.dynamic_slice_in_dim(g_pad, w - k, w, axis=1)  # g[y, x - k]
-        right = jax.lax.dynamic_slice_in_dim(g_pad, w + k, w, axis=1)  # g[y, x + k]
-        return k + 1, jnp.minimum(best, jnp.minimum(left, right) + k * k)
-
-    _, sq = jax.lax.while_loop(cond, body, (jnp.int32(1), best0))
-    return jnp.where(region, sq, 0)
+        best = jax.lax.fori_loop(0, n_steps, body, best)
+    return jnp.where(region, best, 0)
 
 
 def next_click_jax(
@@ -290,7 +302,7 @@ def next_click_jax(
     not_clicked = ~jnp.asarray(clicked, dtype=bool)
     fn = gt & ~pred & valid
     fp = ~gt & pred & valid
-    both = jax.vmap(squared_edt_jax)(jnp.stack([fn, fp]))
+    both = squared_edt_jax(jnp.stack([fn, fp]))
     both = jnp.where(not_clicked[None], both, 0)
     flat = both.reshape(2, -1)
     maxima = flat.max(axis=1)
