@@ -610,3 +610,167 @@ def test_tiny_sam_in_full_mode_warns_that_its_refiners_are_untrained(recwarn):
     with pytest.warns(UserWarning, match="never trained"):
         q.set_mode("global")
     assert p.untrained_refiners
+
+
+# ------------------------------------------------------------------------------ fuzz
+def _write_image(path: Path, kind: str, size: tuple[int, int], rng) -> None:
+    """Writes one (often bad) image file of ``kind`` with ``size`` = (height, width)."""
+    from PIL import Image
+
+    h, w = size
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    if kind == "garbage":
+        path.write_bytes(rng.integers(0, 256, 64, dtype=np.uint8).tobytes())
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        Image.fromarray(rgb).save(path, format="PNG")
+        path.write_bytes(path.read_bytes()[:60])
+    elif kind == "rotated":
+        im = Image.fromarray(rgb)
+        exif = im.getexif()
+        exif[274] = 8
+        im.save(path, format="JPEG", exif=exif)
+    elif kind == "I;16":
+        Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16)).save(path, format="PNG")
+    elif kind in ("F", "F-out"):
+        scale = 1.0 if kind == "F" else 300.0
+        Image.fromarray((rng.random((h, w)) * scale).astype(np.float32), mode="F").save(
+            path, format="TIFF"
+        )
+    elif kind == "CMYK":
+        Image.fromarray(rgb).convert("CMYK").save(path, format="JPEG")
+    else:  # a Pillow mode: RGB, L, RGBA, P, 1, LA
+        Image.fromarray(rgb).convert(kind).save(path, format="PNG")
+
+
+_KINDS = ["RGB", "L", "RGBA", "P", "1", "LA", "I;16", "F", "F-out", "CMYK", "rotated"]
+_BROKEN = ["garbage", "empty", "truncated"]
+_SIZES = [(20, 30), (24, 24), (1, 500), (500, 1), (1, 1), (3, 2)]
+_CLICKS = [
+    "5,5,+", "3,4,-", " 2 , 1 , pos ", "0,0", "19.5,10.25,fg", "nan,1", "1,inf,+", "", ",",
+    "1,2,3,4", "--click=-1,5", "1e9,2", "\uff15,5", "5,5,maybe", "x,y", "9" * 330 + ",1",
+    "10000,5,+", "-0,-0,-", ".5,.5,1", "5,5,+,", "5;5", "\u00a05,5",
+]  # fmt: skip
+
+
+_GOOD_CLICKS = ["5,5,+", "3,4,-", " 2 , 1 , pos ", "0,0", "1,1,fg", ".5,.5,1", "-0,-0,-"]
+
+
+def _check_outcome(rc: int, err: str, out_dir: Path | None = None) -> None:
+    assert rc in (0, 2), (rc, err)
+    assert "Traceback" not in err, err
+    if rc == 2:
+        assert len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
+    if out_dir is not None:
+        for path in out_dir.rglob("*.json"):
+            json.loads(path.read_text(), parse_constant=lambda c, p=path: pytest.fail(f"{c}: {p}"))
+
+
+@pytest.fixture(scope="module")
+def shared_predictor():
+    """One compiled tiny predictor for every fuzz case (mode switched per call)."""
+    from samref_jax.model.predictor import SamRefPredictor
+
+    return SamRefPredictor.from_checkpoint("tiny", mode="full")
+
+
+def test_fuzz_cli_entry_points(tmp_path, monkeypatch, capsys, shared_predictor):
+    import importlib
+
+    from samref_jax import cli
+
+    eval_cli = importlib.import_module("samref_jax.evaluation.evaluate")
+    rng = np.random.default_rng(1234)
+
+    def use_shared(name, mode="full"):
+        cli.check_checkpoint(name)
+        shared_predictor.set_mode(mode)
+        return shared_predictor
+
+    monkeypatch.setattr(cli, "load_predictor", use_shared)
+    monkeypatch.setattr(eval_cli, "_make_predictor", lambda f, c, mode: use_shared(c, mode))
+
+    def call(main, argv):
+        capsys.readouterr()
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse usage errors
+            rc = e.code
+        return rc, capsys.readouterr().err
+
+    # samref segment: image modes, sizes and broken files x click strings x output folders.
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    n_cases, outcomes = 0, []
+    for i in range(200):
+        kind = str(rng.choice(_KINDS * 3 + _BROKEN + ["missing", "folder"]))
+        size = _SIZES[int(rng.integers(len(_SIZES)))] if rng.random() < 0.3 else (20, 30)
+        path = tmp_path / f"img{i}.png"
+        if kind == "folder":
+            path.mkdir()
+        elif kind != "missing":
+            _write_image(path, kind, size, rng)
+        pool = _GOOD_CLICKS if rng.random() < 0.6 else _CLICKS
+        clicks = [str(rng.choice(pool)) for _ in range(int(rng.integers(0, 3)) or 1)]
+        out = tmp_path / f"out{i}" if rng.random() < 0.85 else a_file / "sub"
+        argv = ["segment", str(path), "--out", str(out), "--mode", str(rng.choice(cli.MODES))]
+        for c in clicks:
+            argv += [c] if c.startswith("--click=") else ["--click", c]
+        rc, err = call(cli.main, argv)
+        _check_outcome(rc, err)
+        outcomes.append(("segment", rc))
+        n_cases += 1
+
+    # samref-eval: dataset folders with missing, extra, mis-sized and corrupt files.
+    from PIL import Image
+
+    for i in range(60):
+        root = tmp_path / f"ds{i}" / "GrabCut"
+        (root / "data_GT").mkdir(parents=True)
+        (root / "boundary_GT").mkdir()
+        for j in range(int(rng.integers(0, 4))):
+            size = [(16, 20), (20, 16), (1, 1), (2, 40)][int(rng.integers(4))]
+            kind = str(rng.choice(["RGB"] * 6 + ["L", "I;16", *_BROKEN, "rotated"]))
+            _write_image(root / "data_GT" / f"s{j}.jpg", kind, size, rng)
+            defect = rng.choice(["none"] * 5 + ["missing", "sized", "empty", "full", "band"])
+            if defect == "missing":
+                continue
+            mh, mw = (size[0] + 3, size[1]) if defect == "sized" else size
+            mask = np.zeros((mh, mw), np.uint8)
+            mask[: mh // 2 + 1, : mw // 2 + 1] = 255
+            if defect == "empty":
+                mask[:] = 0
+            elif defect == "full":
+                mask[:] = 255
+            elif defect == "band":
+                mask[:] = 128
+            Image.fromarray(mask).save(root / "boundary_GT" / f"s{j}.png")
+        if rng.random() < 0.1:
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "boundary_GT" / "extra.png")
+        out = tmp_path / f"eval{i}"
+        argv = [
+            "--checkpoint", str(rng.choice(["tiny", "tiny", "tiny", "nope"])),
+            "--data-dir", str(root if rng.random() < 0.9 else tmp_path / "absent"),
+            "--output", str(out),
+            "--max-clicks", str(rng.choice([2, 2, 2, 0, 25])),
+            "--mode", *[["sam"], ["full"], ["sam", "full"]][int(rng.integers(3))],
+            "--no-progress", "--overlays", "1",
+        ]  # fmt: skip
+        if rng.random() < 0.5:
+            argv.append("--skip-bad")
+        if rng.random() < 0.3:
+            argv += ["--limit", str(rng.choice([-1, 0, 1, 2]))]
+        if rng.random() < 0.3:
+            argv.append("--no-prefetch")
+        rc, err = call(eval_cli.main, argv)
+        _check_outcome(rc, err, out)
+        outcomes.append(("eval", rc))
+        if rc == 0 and rng.random() < 0.3:  # resume the same run: nothing left to do
+            rc, err = call(eval_cli.main, argv)
+            _check_outcome(rc, err, out)
+        n_cases += 1
+    assert n_cases == 260
+    counts = {k: outcomes.count(k) for k in set(outcomes)}
+    for key in (("segment", 0), ("segment", 2), ("eval", 0), ("eval", 2)):
+        assert counts.get(key, 0) >= 5, counts  # both outcomes well exercised
