@@ -65,7 +65,15 @@ def test_predictor_synthetic_and_deterministic():
     p.reset()
     assert not p.click(5, 5, positive=False).any() and not p.initialised
     with pytest.raises(ValueError, match="radius"):
-        grabcut.GrabCutPredictor(radius=1)
+        grabcut.GrabCutPredictor(radius=0)
+    # The other carry rules (label mask only; nothing) segment the square as well.
+    for carry in ("mask", "none"):
+        q = grabcut.GrabCutPredictor(carry=carry)
+        q.set_image(image)
+        q.click(40, 32, positive=True)
+        assert M.iou(q.click(5, 5, positive=False), gt) > 0.95, carry
+    with pytest.raises(ValueError, match="carry"):
+        grabcut.GrabCutPredictor(carry="all")
 
 
 def test_grabcut_cli_on_real_images(grabcut_dir, tmp_path):

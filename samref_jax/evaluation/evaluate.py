@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="opencv-grabcut: GrabCut iterations per click (default 3)",
     )
+    p.add_argument(
+        "--grabcut-carry",
+        choices=("models", "mask", "none"),
+        default="models",
+        help="opencv-grabcut: what carries over between clicks: label mask and colour models "
+        "(default), the label mask only (models refitted), or nothing",
+    )
     return p
 
 
@@ -312,7 +319,9 @@ def _main(argv: list[str]) -> int:
         from samref_jax.evaluation import grabcut
 
         try:
-            peer = grabcut.GrabCutPredictor(args.grabcut_radius, args.grabcut_iterations)
+            peer = grabcut.GrabCutPredictor(
+                args.grabcut_radius, args.grabcut_iterations, args.grabcut_carry
+            )
         except (ImportError, ValueError) as err:
             raise EvalError(_one_line(err)) from None
         identity.update(peer.metadata())

@@ -12,13 +12,22 @@ The seeding rule, per sample (one image, one object):
 2. After every click, every click so far is drawn into it as a disk of ``radius`` pixels (in the
    original image's pixels): ``GC_FGD`` for a positive click, ``GC_BGD`` for a negative one, in
    click order (a later disk overwrites an earlier one where they overlap).
-3. ``cv2.grabCut`` runs ``iterations`` iterations on the original image (BGR, ``uint8``). The
-   first run that has a foreground seed uses ``GC_INIT_WITH_MASK`` (colour GMMs fitted from the
-   mask); every later click of the sample uses ``GC_EVAL``, which keeps the GMMs
-   (``bgdModel`` / ``fgdModel``) and starts from the label mask the previous run left, with the
-   click disks drawn again on top: the segmentation keeps refining, click after click.
-4. The prediction is the mask's ``GC_FGD`` or ``GC_PR_FGD`` pixels. Until a positive click
-   exists (GrabCut needs foreground samples) it is empty.
+3. ``cv2.grabCut`` runs ``iterations`` iterations on the original image (BGR, ``uint8``).
+   What carries over from one click to the next is ``carry``:
+
+   - ``"models"`` (default): the first run uses ``GC_INIT_WITH_MASK`` (colour GMMs fitted by
+     k-means++ on the mask); every later click of the sample uses ``GC_EVAL``, which keeps the
+     GMMs (``bgdModel`` / ``fgdModel``) and starts from the label mask the previous run left,
+     with the click disks drawn again on top: the segmentation keeps refining.
+   - ``"mask"``: the label mask carries over as above, but every run uses
+     ``GC_INIT_WITH_MASK``, which refits both GMMs from scratch on the current labels
+     (OpenCV ignores the model arrays passed in that mode).
+   - ``"none"``: every click starts again from step 1 (all ``GC_PR_BGD`` plus every click's
+     disk) with ``GC_INIT_WITH_MASK``: the prediction depends on the clicks only.
+
+4. The prediction is the mask's ``GC_FGD`` or ``GC_PR_FGD`` pixels. While the mask holds fewer
+   than 5 foreground (or background) pixels, too few for a 5-component GMM (before the first
+   positive click, say), GrabCut is not run and the prediction is those pixels.
 
 OpenCV's random generator (k-means++ seeding of the GMMs) is reset with ``cv2.setRNGSeed(0)``
 at the start of every sample, so a run is deterministic and a resumed run matches a fresh one.
@@ -32,6 +41,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "CARRY",
     "DEFAULT_ITERATIONS",
     "DEFAULT_RADIUS",
     "INSTALL_HINT",
@@ -44,6 +54,8 @@ __all__ = [
 METHOD = "opencv-grabcut"
 DEFAULT_RADIUS = 5
 DEFAULT_ITERATIONS = 3
+CARRY = ("models", "mask", "none")
+_GMM_COMPONENTS = 5  # OpenCV's GrabCut GMMs
 INSTALL_HINT = "--method opencv-grabcut needs OpenCV: pip install samref-jax[opencv]"
 
 # cv2.GC_* values (fixed by OpenCV's API), so the seeding rule needs no cv2 import.
@@ -88,19 +100,28 @@ class GrabCutPredictor:
     """Click predictor running OpenCV GrabCut with click disks as seeds (module docstring).
 
     Args:
-      radius: click disk radius in image pixels (at least 2, so the first foreground disk
-        holds enough pixels for the 5-component colour GMM even in an image corner).
+      radius: click disk radius in image pixels (at least 1).
       iterations: GrabCut iterations after each click.
+      carry: what carries over between the clicks of a sample: ``"models"`` (label mask and
+        GMMs), ``"mask"`` (label mask; GMMs refitted) or ``"none"`` (module docstring).
     """
 
-    def __init__(self, radius: int = DEFAULT_RADIUS, iterations: int = DEFAULT_ITERATIONS) -> None:
-        if int(radius) < 2:
-            raise ValueError(f"click disk radius must be at least 2 pixels, got {radius}")
+    def __init__(
+        self,
+        radius: int = DEFAULT_RADIUS,
+        iterations: int = DEFAULT_ITERATIONS,
+        carry: str = "models",
+    ) -> None:
+        if carry not in CARRY:
+            raise ValueError(f"carry must be one of {', '.join(CARRY)}, got {carry!r}")
+        if int(radius) < 1:
+            raise ValueError(f"click disk radius must be at least 1 pixel, got {radius}")
         if int(iterations) < 1:
             raise ValueError(f"GrabCut iterations must be at least 1, got {iterations}")
         self.cv2 = import_cv2()
         self.radius = int(radius)
         self.iterations = int(iterations)
+        self.carry = carry
         self._image: np.ndarray | None = None
         self.reset()
 
@@ -130,10 +151,14 @@ class GrabCutPredictor:
         if self._image is None or self.mask is None:
             raise RuntimeError("call set_image before click")
         self.clicks.append((int(y), int(x), bool(positive)))
+        if self.carry == "none":
+            self.mask[:] = GC_PR_BGD
         seed_mask(self.mask, self.clicks, self.radius)
-        if not self.initialised and not any(p for _, _, p in self.clicks):
-            return np.zeros(self.mask.shape, dtype=bool)  # no foreground seed yet
-        mode = self.cv2.GC_EVAL if self.initialised else self.cv2.GC_INIT_WITH_MASK
+        fg = (self.mask == GC_FGD) | (self.mask == GC_PR_FGD)
+        if min(np.count_nonzero(fg), fg.size - np.count_nonzero(fg)) < _GMM_COMPONENTS:
+            return fg  # too few samples for the GMMs (e.g. no positive click yet)
+        keep = self.carry == "models" and self.initialised
+        mode = self.cv2.GC_EVAL if keep else self.cv2.GC_INIT_WITH_MASK
         self.mask, self.bgd_model, self.fgd_model = self.cv2.grabCut(
             self._image,
             self.mask,
@@ -152,5 +177,6 @@ class GrabCutPredictor:
             "method": METHOD,
             "grabcut_radius": self.radius,
             "grabcut_iterations": self.iterations,
+            "grabcut_carry": self.carry,
             "opencv": self.cv2.__version__,
         }
