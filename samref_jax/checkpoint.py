@@ -21,6 +21,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
+
+from samref_jax.paths import as_path, is_local
 
 FORMAT = "samref-jax-checkpoint"
 FORMAT_VERSION = 1
@@ -32,21 +35,21 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete or not ours. The message says which."""
 
 
-def _is_checkpoint(directory: Path) -> bool:
+def _is_checkpoint(directory: Path | epath.Path) -> bool:
     try:
         return json.loads((directory / _META).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
 
-def check_output_directory(directory: str | os.PathLike, overwrite: bool = False) -> Path:
+def check_output_directory(directory: str | os.PathLike, overwrite: bool = False) -> epath.Path:
     """Raises `CheckpointError` unless `directory` may receive a checkpoint.
 
     A missing or empty directory is fine; an existing checkpoint only with `overwrite`
     (``--force`` on the command line); a file, or a non-empty directory that is not a
     checkpoint, never (replacing it would delete files that are not ours).
     """
-    directory = Path(directory).absolute()
+    directory = as_path(directory, absolute=True)  # gs://... kept verbatim
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"output {str(directory)!r} exists and is not a directory")
     if not directory.is_dir() or not any(directory.iterdir()):
@@ -99,7 +102,7 @@ def save_model_checkpoint(
     metadata: dict[str, Any],
     *,
     overwrite: bool = True,
-) -> Path:
+) -> epath.Path:
     """Writes `tree` (dict of param pytrees) and `metadata` to `directory`.
 
     Everything is written to a hidden sibling directory first, which is then renamed into
@@ -108,30 +111,38 @@ def save_model_checkpoint(
     checkpoint is never replaced (`check_output_directory`).
 
     With several JAX processes every one of them must call this (orbax's save is collective).
+
+    On an object store (``gs://...``: no directory rename) the parameters are written in place,
+    after removing the checkpoint being replaced, and ``metadata.json`` last: an interrupted
+    save leaves a directory that :func:`read_metadata` refuses, not a mixed checkpoint.
     """
     import orbax.checkpoint as ocp
 
     directory = check_output_directory(directory, overwrite)
     tree = jax.tree_util.tree_map(np.asarray, tree)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.with_name(f".{directory.name}.partial")
+    local = is_local(directory)
+    staging = directory.with_name(f".{directory.name}.partial") if local else directory
     main = jax.process_index() == 0
+    if main and not local:  # the replaced checkpoint stops being one before any byte changes
+        (directory / _META).unlink(missing_ok=True)
     if main and jax.process_count() == 1:
-        shutil.rmtree(staging, ignore_errors=True)  # left by a killed save
-    staging.mkdir(exist_ok=True)
+        staging.rmtree(missing_ok=True)  # left by a killed save, or replaced (object store)
+    staging.mkdir(parents=True, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(staging / _PARAMS, tree, force=True)
     ckptr.wait_until_finished()
     if main:  # several processes: all save (orbax), process 0 writes this and renames
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
         (staging / _META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        _move_into_place(staging, directory)
+        if local:
+            _move_into_place(staging, directory)
     return directory
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """Reads and validates `metadata.json` of a checkpoint directory."""
-    directory = Path(directory)
+    directory = as_path(directory)
     if not directory.exists():
         raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
     meta_path = directory / _META
@@ -153,7 +164,7 @@ def load_model_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any],
     """Returns (tree of NumPy arrays, metadata). Raises `CheckpointError` with a clear message."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
+    directory = as_path(directory, absolute=True)
     meta = read_metadata(directory)
     params_dir = directory / _PARAMS
     if not params_dir.is_dir():

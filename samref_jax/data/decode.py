@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from samref_jax.paths import as_path
+
 __all__ = [
     "DataError",
     "IGNORE",
@@ -48,12 +50,13 @@ class DataError(ValueError):
 
 
 def _open(path: str | Path) -> Image.Image:
-    path = Path(path)
+    path = as_path(path)  # epath: local or gs://...
     if not path.is_file():
         raise DataError(f"missing file: {path}")
     try:
-        im = Image.open(path)
-        im.load()
+        with path.open("rb") as fh:
+            im = Image.open(fh)
+            im.load()
     except OSError as e:
         raise DataError(f"cannot decode {path}: {e}") from e
     return im
@@ -143,11 +146,12 @@ def read_sbd_instances(path: str | Path) -> tuple[np.ndarray, list[int], np.ndar
     """
     from scipy.io import loadmat
 
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise DataError(f"missing file: {path}")
     try:
-        mat = loadmat(str(path))
+        with path.open("rb") as fh:
+            mat = loadmat(fh)
         seg = np.asarray(mat["GTinst"][0, 0]["Segmentation"], dtype=np.int32)
     except (KeyError, ValueError, IndexError, TypeError, OSError) as e:
         raise DataError(f"cannot read GTinst.Segmentation from {path}: {e}") from e

@@ -30,6 +30,7 @@ import numpy as np
 
 from samref_jax.data import decode
 from samref_jax.data.decode import DataError
+from samref_jax.paths import as_path
 
 __all__ = [
     "DATASETS",
@@ -81,11 +82,11 @@ class DatasetLayout:
         """Splits whose files exist under ``root`` (pair datasets: always their single split)."""
         if self.kind == "pairs":
             return self.splits
-        return tuple(s for s in self.splits if self._split_file(Path(root), s).is_file())
+        return tuple(s for s in self.splits if self._split_file(as_path(root), s).is_file())
 
     def records(self, root: str | Path, split: str | None = None) -> list[ImageRecord]:
         """Image/mask file pairs of ``split``, sorted by stem; raises :class:`DataError`."""
-        root = Path(root)
+        root = as_path(root)  # epath: a gs://... folder is listed and read as such
         split = split or self.default_split
         if split not in self.splits:
             raise ValueError(f"{self.name} has splits {self.splits}, not {split!r}")
@@ -279,7 +280,7 @@ class FolderDataset(Sequence):
 
     def __init__(self, name: str, root: str | Path, split: str | None = None) -> None:
         self.layout = get_layout(name)
-        self.root = Path(root)
+        self.root = as_path(root)
         self.split = split or self.layout.default_split
         self._index: list[tuple[ImageRecord, int | None]] = [
             (rec, inst)

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from samref_jax.data.folders import DATASETS, DatasetLayout, get_layout
+from samref_jax.paths import as_path
 
 __all__ = ["BUILDERS", "builder", "grain_source", "prepare"]
 
@@ -69,7 +70,7 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-        root = Path(dl_manager.manual_dir)
+        root = as_path(dl_manager.manual_dir)
         splits = self.LAYOUT.available_splits(root)
         if not splits:
             raise FileNotFoundError(
@@ -109,7 +110,7 @@ PascalVOCBuilder = BUILDERS["PascalVOC"]
 def builder(name: str, data_dir: str | Path) -> _FolderBuilder:
     """The (possibly already prepared) builder of dataset ``name`` under ``data_dir``."""
     cls = BUILDERS[get_layout(name).name]
-    return cls(data_dir=str(Path(data_dir).expanduser()), file_format="array_record")
+    return cls(data_dir=str(as_path(data_dir).expanduser()), file_format="array_record")
 
 
 def prepare(name: str, manual_dir: str | Path, data_dir: str | Path) -> _FolderBuilder:
@@ -119,7 +120,9 @@ def prepare(name: str, manual_dir: str | Path, data_dir: str | Path) -> _FolderB
     """
     b = builder(name, data_dir)
     b.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(Path(manual_dir).expanduser()))
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=str(as_path(manual_dir).expanduser())
+        )
     )
     return b
 

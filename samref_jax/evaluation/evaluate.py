@@ -31,6 +31,7 @@ from typing import Any
 
 from samref_jax.evaluation.evaluator import evaluate
 from samref_jax.evaluation.report import compare, write_metrics_markdown
+from samref_jax.paths import as_path
 
 __all__ = ["build_parser", "compare", "evaluate", "load_samples", "main"]
 
@@ -42,7 +43,7 @@ def _resolve_root(dataset: str, data_dir: str | Path) -> Path:
     from samref_jax.data.folders import get_layout
 
     layout = get_layout(dataset)
-    data_dir = Path(data_dir).expanduser()
+    data_dir = as_path(data_dir).expanduser()  # epath: gs://... kept verbatim
     for cand in (data_dir, data_dir / layout.name):
         if (cand / layout.image_dir).is_dir():
             return cand
@@ -225,7 +226,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise EvalError(f"--stop-iou must be in (0, 1], got {args.stop_iou}")
     if args.overlays < 0:
         raise EvalError(f"--overlays must be 0 or more, got {args.overlays}")
-    out = Path(args.output)
+    out = as_path(args.output)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--output is not a folder: {out}")
 
@@ -252,9 +253,10 @@ def _checkpoint_identity(checkpoint: str, max_clicks: int) -> dict:
             f"--max-clicks {max_clicks} is outside 1..{slots}: the model has {slots} click slots"
         )
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    path = as_path(path)  # epath: bundled (pathlib) or user-given (maybe gs://) alike
+    for f in sorted(d / n for d, _, names in path.walk() for n in names):  # epath: no rglob
         h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
+        with f.open("rb") as fh:
             while block := fh.read(1 << 22):
                 h.update(block)
     return {"checkpoint": str(checkpoint), "checkpoint_sha256": h.hexdigest()}
@@ -396,10 +398,10 @@ def _main(argv: list[str]) -> int:
         raise EvalError(_one_line(e)) from None
     runs = result if len(modes) > 1 else {modes[0]: result}
     for mode, metrics in runs.items():
-        out = Path(args.output) / mode if len(modes) > 1 else Path(args.output)
+        out = as_path(args.output) / mode if len(modes) > 1 else as_path(args.output)
         print(write_metrics_markdown(metrics, out / "metrics.md"), end="")
     if len(modes) > 1:  # one table and one plot with a line per mode
-        out = Path(args.output)
+        out = as_path(args.output)
         print(compare([out / m / "metrics.json" for m in modes], modes, out), end="")
     return 0
 

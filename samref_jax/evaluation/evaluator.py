@@ -55,6 +55,7 @@ from PIL import Image
 from samref_jax.evaluation import metrics as M
 from samref_jax.evaluation import report
 from samref_jax.interaction.clicker import ClickState
+from samref_jax.paths import as_path
 
 __all__ = ["ResumeError", "SampleError", "evaluate", "load_records", "run_sample"]
 
@@ -168,7 +169,7 @@ def load_records(path: str | Path, repair: bool = True) -> dict[str, dict]:
 
     Any other damaged line raises :class:`ResumeError` naming ``file:line``. ``repair=False``
     leaves the file as it is."""
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         return {}
     raw = path.read_bytes()
@@ -229,7 +230,7 @@ def run_folders(
             ident.update(max_clicks=max_clicks, stop_iou=stop_iou)
         folder = None
         if output_dir is not None:
-            folder = Path(output_dir) if m is None else Path(output_dir) / m
+            folder = as_path(output_dir) if m is None else as_path(output_dir) / m
         out[m] = (folder, ident)
     return out
 
@@ -279,7 +280,7 @@ class _Run:
                 text = json.dumps(strict_json(dict(identity)), indent=2, sort_keys=True)
                 (output_dir / RUN_FILE).write_text(text + "\n")
             (output_dir / FAILED_FILE).unlink(missing_ok=True)  # failed samples are retried
-            self._fh = open(output_dir / SAMPLES_FILE, "a", encoding="utf-8")  # noqa: SIM115
+            self._fh = (output_dir / SAMPLES_FILE).open("a", encoding="utf-8")  # noqa: SIM115
 
     @staticmethod
     def _check_identity(output_dir: Path, identity: Mapping | None) -> None:
@@ -308,7 +309,7 @@ class _Run:
         self.failed[sample_id] = rec
         if self.dir is not None:
             if self._failed_fh is None:
-                self._failed_fh = open(self.dir / FAILED_FILE, "a", encoding="utf-8")  # noqa: SIM115
+                self._failed_fh = (self.dir / FAILED_FILE).open("a", encoding="utf-8")  # noqa: SIM115
             self._failed_fh.write(json.dumps(rec) + "\n")
             self._failed_fh.flush()
 
@@ -320,7 +321,8 @@ class _Run:
     def add(self, rec: dict, mask: np.ndarray) -> None:
         self.records[rec["id"]] = rec
         if self._fh is not None:
-            Image.fromarray(mask).convert("1").save(self.mask_path(rec["index"], rec["id"]))
+            with self.mask_path(rec["index"], rec["id"]).open("wb") as fh:  # epath: gs://...
+                Image.fromarray(mask).convert("1").save(fh, format="PNG")
             self._fh.write(json.dumps(rec) + "\n")
             self._fh.flush()
 
@@ -437,13 +439,15 @@ def _write_overlays(run: _Run, records: Sequence[dict], samples: Sequence, num: 
         sample = samples[rec["index"]]
         if _as_str(sample["id"]) != rec["id"]:  # the dataset changed since the record was made
             continue
-        mask = np.asarray(Image.open(mask_path)).astype(bool)
+        with mask_path.open("rb") as fh:
+            mask = np.asarray(Image.open(fh)).astype(bool)
         noc90 = int(M.noc_per_sample([rec["ious"]], 0.90, len(rec["ious"]))[0])
         title = f"{rec['id']}  final IoU {rec['ious'][-1]:.3f}  NoC@90 {noc90}"
         im = report.draw_overlay(
             np.asarray(sample["image"]), np.asarray(sample["gt"]), mask, rec["clicks"], title
         )
-        im.save(folder / f"worst_{rank:02d}_{_safe(rec['id'])}.png")
+        with (folder / f"worst_{rank:02d}_{_safe(rec['id'])}.png").open("wb") as fh:
+            im.save(fh, format="PNG")
 
 
 def evaluate(
@@ -512,7 +516,7 @@ def evaluate(
     metadata = dict(metadata or {})
     metadata.setdefault("started", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     metadata.update(max_clicks=max_clicks, stop_iou=stop_iou)
-    out_root = None if output_dir is None else Path(output_dir)
+    out_root = None if output_dir is None else as_path(output_dir)  # gs://... kept verbatim
     mode_list: list[str | None] = list(modes) if modes else [None]
     if modes and not hasattr(predictor, "set_mode"):
         raise TypeError("evaluate(modes=...) needs a predictor with set_mode(mode)")

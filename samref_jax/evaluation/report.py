@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from samref_jax.paths import as_path
+
 __all__ = [
     "TABLE_METRICS",
     "compare",
@@ -94,7 +96,7 @@ def write_metrics_markdown(metrics: Mapping, path: str | Path) -> str:
             ["clicks", *[str(i + 1) for i in range(len(curve))]],
             [["mIoU", *[format_value("mIoU", v) for v in curve]]],
         )
-    Path(path).write_text(text)
+    as_path(path).write_text(text)
     return text
 
 
@@ -130,7 +132,9 @@ def plot_miou(
         if len(lines) > 1 or panels:
             ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(str(path))
+    path = as_path(path)  # epath: gs://... kept verbatim
+    with path.open("wb") as fh:
+        fig.savefig(fh, format=path.suffix.lstrip(".") or "png")
 
 
 def draw_overlay(
@@ -197,7 +201,7 @@ def compare(
         raise ValueError(f"{len(labels)} labels for {len(metrics_paths)} metrics files")
     loaded = []
     for i, p in enumerate(metrics_paths):
-        p = Path(p)
+        p = as_path(p)
         if p.is_dir():
             p = p / "metrics.json"
         m = json.loads(p.read_text())
@@ -220,7 +224,7 @@ def compare(
         rows.append(row)
     text = markdown_table(header, rows) + "\nNoC in clicks (lower is better), 5-mIoU in %.\n"
 
-    output = Path(output)
+    output = as_path(output)
     if output.suffix == ".md":
         md_path, png_path = output, output.with_suffix(".png")
     else:

@@ -19,6 +19,7 @@ import ml_collections
 from samref_jax.checkpoint import CheckpointError, load_model_checkpoint, save_model_checkpoint
 from samref_jax.model.config import from_jsonable, sam_config_from, samref_model_config
 from samref_jax.model.samref import init_samref_params
+from samref_jax.paths import as_path
 from samref_jax.sam.build import config_from_metadata
 from samref_jax.sam.config import sam_config
 
@@ -34,7 +35,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         if not path.is_dir():
             raise CheckpointError(f"bundled checkpoint {key!r} is missing from the package")
         return path
-    return Path(name_or_path)
+    return as_path(name_or_path)  # epath: gs://... kept verbatim
 
 
 def untrained_refiners(meta: dict[str, Any]) -> bool:

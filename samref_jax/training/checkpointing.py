@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from samref_jax.paths import as_path
 
 
 class TrainCheckpointError(RuntimeError):
@@ -51,8 +53,8 @@ def _first_line(e: BaseException) -> str:
 class TrainCheckpointer:
     """``save(step, state, data)``, ``restore_latest(state_template) -> (state, data) | None``."""
 
-    def __init__(self, directory: str | Path, keep: int = 3) -> None:
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | Path | epath.Path, keep: int = 3) -> None:
+        self.directory = as_path(directory, absolute=True)  # gs://... kept verbatim
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True),
@@ -70,18 +72,18 @@ class TrainCheckpointer:
             items = [folder / "state", folder / "data"]
             if all(d.is_dir() and any(d.iterdir()) for d in items):
                 steps.append(int(step))
-            elif folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+            elif folder.is_dir() and not any(files for _, _, files in folder.walk()):
                 if jax.process_count() == 1:
-                    shutil.rmtree(folder, ignore_errors=True)  # an empty step directory
+                    folder.rmtree(missing_ok=True)  # an empty step directory
         return sorted(steps, reverse=True)
 
     def _set_aside(self, step: int) -> None:
         if jax.process_count() > 1:  # the other processes may still be reading it
             return
         target = self.directory.with_name(self.directory.name + "_damaged") / str(step)
-        shutil.rmtree(target, ignore_errors=True)
+        target.rmtree(missing_ok=True)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.directory / str(step)), str(target))
+        (self.directory / str(step)).rename(target)
 
     def save(self, step: int, state: Any, data: dict) -> None:
         self.manager.save(

@@ -43,6 +43,7 @@ from PIL import Image, ImageEnhance
 from scipy import ndimage
 
 from samref_jax.model.config import sam_config_from
+from samref_jax.paths import as_path
 
 
 def default_manual_dir(name: str) -> str:
@@ -52,7 +53,7 @@ def default_manual_dir(name: str) -> str:
         raise ValueError(
             f"set --config.data.manual_dir to the {name} folder or SAMREF_DATA_DIR to its parent"
         )
-    return str(Path(root) / name)
+    return str(as_path(root) / name)  # epath: gs://... kept verbatim
 
 
 def prepare_source(config: ml_collections.ConfigDict, data_dir: str | Path) -> Any:
@@ -61,7 +62,7 @@ def prepare_source(config: ml_collections.ConfigDict, data_dir: str | Path) -> A
 
     d = config.data
     manual = d.manual_dir or default_manual_dir(d.name)
-    data_dir = Path(data_dir)
+    data_dir = as_path(data_dir)  # epath: gs://... kept verbatim
     data_dir.mkdir(parents=True, exist_ok=True)
     prepare(d.name, manual, data_dir)
     return grain_source(d.name, data_dir, d.split or None)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from samref_jax.paths import as_path
 from samref_jax.training import step as S
 from samref_jax.training.checkpointing import TrainCheckpointer
 from samref_jax.training.pipeline import heldout_samples, make_train_dataset, prepare_source
@@ -184,7 +185,8 @@ def plot_curves(workdir: Path) -> Path | None:
         axes[1].legend()
     fig.tight_layout()
     out = workdir / "curves.png"
-    fig.savefig(out, dpi=100)
+    with out.open("wb") as fh:  # an epath workdir may be gs://...
+        fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
     return out
 
@@ -226,7 +228,7 @@ def train(
     check_config(config)  # before tracing anything and before creating the workdir
     tune_malloc()  # XLA:CPU's scratch blocks from the heap, not fresh pages (host.py)
     t_start = time.time()
-    workdir = Path(workdir)
+    workdir = as_path(workdir)  # epath: gs://... kept verbatim (samref_jax.paths)
     main = jax.process_index() == 0  # logs, eval, plots and export come from process 0
     refused, _ = resume_config_changes(workdir, config)  # before config.json is rewritten
     if refused and not allow_config_change:
@@ -246,7 +248,7 @@ def train(
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     tc = config.train
 
-    data_dir = Path(config.data.data_dir) if config.data.data_dir else workdir / "tfds"
+    data_dir = as_path(config.data.data_dir) if config.data.data_dir else workdir / "tfds"
     if main:  # prepared once, by process 0, before the others open it
         prepare_source(config, data_dir)
     barrier("samref_prepare_data")
@@ -323,8 +325,8 @@ def train(
         desc=f"train {config.mode}",
     )
     log_path = (lambda name: workdir / name) if main else (lambda name: os.devnull)
-    mlog = open(log_path("metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
-    elog = open(log_path("eval.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+    mlog = as_path(log_path("metrics.jsonl")).open("a", encoding="utf-8")  # noqa: SIM115
+    elog = as_path(log_path("eval.jsonl")).open("a", encoding="utf-8")  # noqa: SIM115
     step = start_step
     stop_reason = "num_steps"
     t_steps, n_timed = 0.0, 0
