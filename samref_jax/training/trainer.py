@@ -253,6 +253,11 @@ def train(
         prepare_source(config, data_dir)
     barrier("samref_prepare_data")
     source = prepare_source(config, data_dir)
+    if int(config.data.num_workers) > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # train.main parses its own FlagValues, not these:
+            flags.FLAGS.mark_as_parsed()  # Grain's worker pool reads its absl flags (defaults)
     it = iter(make_train_dataset(config, source))
 
     mesh = S.make_mesh()

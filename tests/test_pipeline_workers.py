@@ -1,0 +1,108 @@
+"""The training input pipeline with Grain worker processes (``data.num_workers >= 2``).
+
+The trainer stores ``it.get_state()`` in the ``data`` item of each training checkpoint
+(``TrainCheckpointer``, orbax JSON) and calls ``it.set_state`` on resume: with worker processes
+the restored iterator must yield exactly the batches the interrupted one would have.
+
+It runs in a fresh interpreter, as ``train.main`` does: there the global absl flags are never
+parsed (``train.main`` parses its own ``FlagValues``), and Grain's worker pool reads them; the
+iterator under test is the one ``train()`` itself builds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+_SCRIPT = textwrap.dedent(
+    """
+    import gc, sys
+    import numpy as np
+    from absl import flags
+    from samref_jax.training import step as S
+    from samref_jax.training import trainer
+    from samref_jax.training.checkpointing import TrainCheckpointer
+    from samref_jax.training.pipeline import make_train_dataset
+    from samref_jax.training.testing import tiny_test_config, write_fake_coco_mval
+
+    tmp = sys.argv[1]
+    assert not flags.FLAGS.is_parsed()
+    cfg = tiny_test_config("full", 64)
+    cfg.data.manual_dir = str(write_fake_coco_mval(tmp + "/COCO_MVal", n=5))
+    cfg.data.num_workers = 2
+
+    class Stop(Exception):
+        pass
+
+    made = []
+
+    class Recorded:  # the trainer's dataset; keeps the iterator train() makes of it
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __iter__(self):
+            made.append(iter(self.ds))
+            return made[-1]
+
+    real = trainer.make_train_dataset
+    trainer.make_train_dataset = lambda *a, **k: Recorded(real(*a, **k))
+    S.make_mesh = lambda *a, **k: (_ for _ in ()).throw(Stop())  # stop before the model
+    try:
+        trainer.train(cfg, tmp + "/run", progress=False)
+    except Stop:
+        pass
+    (it,) = made
+    source = trainer.prepare_source(cfg, tmp + "/run/tfds")  # prepared by train()
+
+    def same(a, b):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys()
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+    first = [next(it) for _ in range(3)]  # 3 batches of 2: past the 4 training examples
+    ckpt = TrainCheckpointer(tmp + "/run/checkpoints")
+    state = {"w": np.arange(3, dtype=np.float32)}
+    ckpt.save(3, state, {"iterator": it.get_state(), "minutes_used": 0.0})
+    expected = [next(it) for _ in range(3)]
+    del it, made[:]
+    gc.collect()
+
+    restored, data = ckpt.restore_latest(state)
+    ckpt.close()
+    np.testing.assert_array_equal(np.asarray(restored["w"]), state["w"])
+    it2 = iter(make_train_dataset(cfg, source))
+    it2.set_state(data["iterator"])
+    same([next(it2) for _ in range(3)], expected)
+    del it2
+    gc.collect()
+
+    # The worker processes change nothing in the data: in process (0 workers), same batches.
+    cfg.data.num_workers = 0
+    it0 = iter(make_train_dataset(cfg, source))
+    same([next(it0) for _ in range(6)], first + expected)
+    assert first[0]["image"].shape == (2, 64, 64, 3), first[0]["image"].shape
+    print("OK")
+    """
+)
+
+
+def test_worker_iterator_checkpoint_restores_the_next_batches(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("XLA_FLAGS", None)  # one CPU device: per-process batch 2
+    r = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(tmp_path)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "OK" in r.stdout
