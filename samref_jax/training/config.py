@@ -10,7 +10,8 @@ Fields:
     index % heldout_every == 0 are held out for periodic eval; 0: none), num_workers (Grain
     worker processes; 0 = in process), augmentation (scale_min, scale_max, flip, jitter,
     min_object_pixels, zoom_in), first_click_frac (first click among pixels whose distance to the
-    background is >= frac * max).
+    background is >= frac * max); use_cached_embeddings, cached_views, cache_dtype, cache_dir
+    (training on cached frozen-encoder embeddings, ``samref_jax.training.embedding_cache``).
   train: trainable (path prefixes), rounds (T), num_steps, max_minutes (wall clock; 0 = none),
     lr, warmup_steps, end_lr_factor, b1, b2, weight_decay, clip_norm, dtype ("float32" |
     "bfloat16"), stop_grad_feedback, init_checkpoint, log_every, checkpoint_every_steps,
@@ -48,6 +49,11 @@ def base_config(sam_type: str = "tiny") -> ml_collections.ConfigDict:
             jitter=0.2,
             min_object_pixels=16,
             first_click_frac=0.5,
+            # Frozen encoder: train on cached views (python -m samref_jax.training.cache_embeddings)
+            use_cached_embeddings=False,
+            cached_views=8,  # augmented views cached per instance
+            cache_dtype="bfloat16",  # embedding storage: "float32" | "bfloat16"
+            cache_dir="",  # "" = <data_dir>/embeddings/<builder>/<split>-<fingerprint>
         )
     )
     c.train = ml_collections.ConfigDict(

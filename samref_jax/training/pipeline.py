@@ -13,6 +13,12 @@ own ones (``batched[p::P]``). The global batches are therefore the same for any 
 processes and devices per process with the same global batch size (what a run on one process
 would see), and every process's iterator state is the same step counter.
 
+``data.use_cached_embeddings`` (a frozen encoder): the source is the embedding cache of the
+config (``embedding_cache.py``, built by ``python -m samref_jax.training.cache_embeddings``) and
+the augmentation step is replaced by picking one of the instance's cached views at random (the
+same seeded ``random_map``); every example then also carries ``embedding`` (S, S, D), which the
+step uses instead of running the encoder.
+
 Everything is a pure function of (seed, position), so the iterator is deterministic and its
 ``get_state()`` (a small dict, stored as JSON in the training checkpoint) restores it exactly.
 
@@ -186,6 +192,17 @@ class _Augment(grain.transforms.RandomMap):
         return augment(element, rng, self.frame, self.d, self.click_radius)
 
 
+class _PickView(grain.transforms.RandomMap):
+    """Instance k -> one of its cached views, drawn with the element's seeded rng."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def random_map(self, k: int, rng: np.random.Generator) -> dict:
+        v = int(rng.integers(self.cache.views))
+        return self.cache[int(k) * self.cache.views + v]
+
+
 def make_train_dataset(
     config: ml_collections.ConfigDict,
     source: Any,
@@ -198,11 +215,26 @@ def make_train_dataset(
     pc = jax.process_count() if process_count is None else process_count
     local_devices = jax.local_device_count()
     batch = int(d.per_device_batch_size) * local_devices
-    train_idx, _ = split_indices(len(source), int(d.heldout_every))
-    frame = sam_config_from(config.model).img_size
-    aug = _Augment(frame, ml_collections.FrozenConfigDict(d), float(config.model.click_radius))
-    ds = grain.MapDataset.source(_Subset(source, train_idx))
-    ds = ds.shuffle(seed=int(config.seed)).repeat().random_map(aug, seed=int(config.seed) + 1)
+    if d.get("use_cached_embeddings", False):
+        # Cached views (embedding_cache.py): shuffled instances, one of their views at random.
+        from samref_jax.training.embedding_cache import (
+            check_frozen_encoder,
+            open_cache,
+            source_data_dir,
+        )
+
+        check_frozen_encoder(config)
+        data_dir = as_path(d.data_dir) if d.data_dir else source_data_dir(source)
+        cache = open_cache(config, data_dir)
+        ds = grain.MapDataset.range(cache.num_instances)
+        ds = ds.shuffle(seed=int(config.seed)).repeat()
+        ds = ds.random_map(_PickView(cache), seed=int(config.seed) + 1)
+    else:
+        train_idx, _ = split_indices(len(source), int(d.heldout_every))
+        frame = sam_config_from(config.model).img_size
+        aug = _Augment(frame, ml_collections.FrozenConfigDict(d), float(config.model.click_radius))
+        ds = grain.MapDataset.source(_Subset(source, train_idx))
+        ds = ds.shuffle(seed=int(config.seed)).repeat().random_map(aug, seed=int(config.seed) + 1)
     ds = ds.batch(batch, drop_remainder=True)
     if pc > 1:  # this process's batches: its part of every global batch (module docstring)
         ds = ds[pi::pc]

@@ -178,7 +178,10 @@ def unrolled_loss(
     image = preprocess_frame(batch["image"], batch["valid_hw"], sam_cfg)
     gt = batch["gt"] == 1
     valid = (batch["gt"] >= 0) & valid_mask(batch["valid_hw"], (f, f))
-    emb = model.apply({"params": params}, image, method=SamRef.embed_image)
+    if "embedding" in batch:  # cached by the frozen encoder (training/embedding_cache.py)
+        emb = batch["embedding"].astype(jnp.float32)
+    else:
+        emb = model.apply({"params": params}, image, method=SamRef.embed_image)
     if not any(
         p == "sam" or p.startswith("sam/image_encoder") for p in effective_trainable(config)
     ):

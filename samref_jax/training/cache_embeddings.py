@@ -1,0 +1,126 @@
+"""``python -m samref_jax.training.cache_embeddings --config configs/X.py [--workdir DIR]
+[--config.a.b=v ...]`` (also ``python -m train.cache_embeddings``).
+
+Runs the frozen image encoder of the config's model once over ``data.cached_views`` augmented
+views of every training instance and writes them, examples and embeddings, as ArrayRecord files
+beside the prepared records (``samref_jax.training.embedding_cache``). Train on them with
+``--config.data.use_cached_embeddings=True`` and the same config otherwise.
+
+The flags are the trainer's (``train/main.py``): the same ``--config`` file and overrides find
+the same dataset, model weights (``train.init_checkpoint``) and cache folder; ``--workdir`` only
+supplies the trainer's default ``data_dir`` (``WORKDIR/tfds``) when ``data.data_dir`` is empty.
+Multi-process: ``--coordinator HOST:PORT --num_processes N --process_id I`` (or the
+``JAX_*`` variables, or ``--distributed``) shard the work over processes; each process batches
+its views over its local devices (``--batch_per_device`` x local devices per ``jit`` call).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "training config file", flag_values=fv, lock_config=False
+    )
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        "run directory (only for the default data_dir WORKDIR/tfds)",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("records_per_shard", 256, "records per ArrayRecord file", flag_values=fv)
+    flags.DEFINE_integer(
+        "batch_per_device",
+        None,
+        "views per device per encoder call (default: the config's data.per_device_batch_size)",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize()", flag_values=fv)
+    flags.DEFINE_string("coordinator", None, "multi-process coordinator HOST:PORT", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "number of processes", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "this process's id", flag_values=fv)
+    flags.DEFINE_float(
+        "init_timeout", 300.0, "seconds to wait for the other processes", flag_values=fv
+    )
+    flags.DEFINE_bool("progress", True, "print a line per written shard", flag_values=fv)
+    saved, sys.argv = sys.argv, ["samref-cache-embeddings", *argv]
+    try:
+        fv(sys.argv)
+    finally:
+        sys.argv = saved
+    if fv.config is None or not (
+        fv.workdir or fv.config.data.data_dir or fv.config.data.get("cache_dir")
+    ):
+        print(
+            "usage: python -m samref_jax.training.cache_embeddings --config configs/X.py "
+            "[--workdir DIR | --config.data.data_dir=DIR] [--config.a.b=v]",
+            file=sys.stderr,
+        )
+        return 2
+    config = fv.config
+    from samref_jax.training.embedding_cache import check_frozen_encoder
+
+    try:
+        check_frozen_encoder(config)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    import jax
+
+    from samref_jax.training import distributed
+
+    coordinator, num_processes, process_id = distributed.resolve(
+        fv.coordinator, fv.num_processes, fv.process_id
+    )
+    if coordinator or num_processes is not None or process_id is not None:
+        try:
+            distributed.initialize(
+                coordinator, num_processes, process_id, timeout_s=fv.init_timeout
+            )
+        except (distributed.CoordinatorUnreachableError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 3
+    elif fv.distributed:
+        jax.distributed.initialize(initialization_timeout=int(fv.init_timeout))
+
+    from samref_jax.paths import as_path
+    from samref_jax.training import step as S
+    from samref_jax.training.embedding_cache import build_cache, cache_location
+    from samref_jax.training.pipeline import prepare_source
+
+    data_dir = (
+        as_path(config.data.data_dir) if config.data.data_dir else as_path(fv.workdir) / "tfds"
+    )
+    if jax.process_index() == 0:
+        prepare_source(config, data_dir)
+    distributed.barrier("samref_cache_prepare_data")
+    source = prepare_source(config, data_dir)
+    where = cache_location(config, data_dir)
+    # The trainer's initial parameters: the same seed and init_checkpoint give the same encoder.
+    params = S.init_params(config, jax.random.key(int(config.seed), impl="rbg"))
+    meta = build_cache(
+        config,
+        source,
+        where,
+        params,
+        records_per_shard=fv.records_per_shard,
+        batch_per_device=fv.batch_per_device,
+        progress=fv.progress,
+    )
+    if jax.process_index() == 0:
+        print(
+            f"{where}: {meta['num_instances']} instances x {meta['views']} views, "
+            f"{meta['embedding_dtype']} embeddings {tuple(meta['embedding_shape'])}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
