@@ -13,10 +13,10 @@ It prepares the TFDS/ArrayRecord copy of ``data.name`` once (any builder of
 ``samref_jax.data``: SBD, PascalVOC, COCO_MVal, ...), then trains the SAM mask decoder and both
 refiners end to end over ``train.rounds`` = 6 unrolled clicks on a ('data',) mesh of every
 device (``per_device_batch_size`` x devices images per step), AdamW with warmup and cosine
-decay, bf16 compute, and writes checkpoints, metrics.jsonl, eval.jsonl, curves.png and the
-exported model ``WORKDIR/export`` (``SamRefPredictor.from_checkpoint``). Not run here (no
-accelerator in this environment): the settings follow the SAM-REF/RITM lineage and are
-untuned.
+decay, bf16 compute (SAM and both refiners; float32 parameters), and writes checkpoints,
+metrics.jsonl, eval.jsonl, curves.png and the exported model ``WORKDIR/export``
+(``SamRefPredictor.from_checkpoint``). Not run here (no accelerator in this environment): the
+settings follow the SAM-REF/RITM lineage and are untuned.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ def get_config(sam_type: str = "vit_b") -> ml_collections.ConfigDict:
     config.seed = 0
     config.model.multimask_first_click = True
     config.model.max_clicks = 24
+    config.model.feedback = "refined"  # refined logits feed SAM's next mask input
+    # GlobalDiff on the whole 1024 frame: its stem grid and heads are 512 x 512, twice SAM's
+    # 256 x 256 low-res logits (the CPU interactive default works on a 256 square instead).
+    config.model.refiners.global_diff.input_size = None
 
     d = config.data
     d.name = "SBD"
@@ -44,6 +48,7 @@ def get_config(sam_type: str = "vit_b") -> ml_collections.ConfigDict:
     t = config.train
     t.trainable = ("sam/mask_decoder", "global_diff", "patch_diff")  # encoder frozen
     t.init_checkpoint = ""  # converted SAM weights (required): --config.train.init_checkpoint
+    t.init_subtrees = ("sam",)  # SAM from it, fresh refiners (they start at SAM's answer)
     t.rounds = 6
     t.stop_grad_feedback = False
     t.num_steps = 60000

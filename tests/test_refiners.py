@@ -35,10 +35,14 @@ P = 32
 
 
 def _small_global_cfg(**kw):
+    # The blended design (D = head, G ~= 0.982 S at init) without the previous-mask channel;
+    # the defaults (residual detail, previous-mask input) are tested on their own below.
     cfg = default_global_diff_config()
     cfg.width = 8
     cfg.num_groups = 4
     cfg.blocks_before = cfg.blocks_after = 1
+    cfg.detail_residual = False
+    cfg.prev_mask_input = False
     cfg.update(kw)
     return cfg
 
@@ -51,6 +55,8 @@ def _small_patch_cfg(**kw):
     cfg.patch_size = P
     cfg.min_side = 8.0
     cfg.embed_patch_size = 4
+    cfg.detail_residual = False
+    cfg.prev_mask_input = False
     cfg.update(kw)
     return cfg
 
@@ -300,6 +306,7 @@ def test_default_configs():
     cfg = default_refiner_config()
     assert cfg.width == 32 and cfg.blocks_before == 2 and cfg.blocks_after == 2
     assert cfg.error_bias_init == -4.0 and cfg.input_size is None and cfg.dtype == "float32"
+    assert cfg.detail_residual and cfg.prev_mask_input
     pcfg = default_patch_diff_config()
     assert pcfg.patch_size == 256 and pcfg.expand == 1.4 and pcfg.object_frac == 0.4
     assert pcfg.min_side == 64.0 and pcfg.width == 32
@@ -499,3 +506,29 @@ def test_fused_layers_match_flax_reference(jit):
         nn.GroupNorm(num_groups=4).apply(nn.GroupNorm(num_groups=4).init(_key(0), x), x),
         atol=0.05,
     )
+
+
+def test_default_refiners_return_sam_exactly_at_init():
+    """Residual detail head starting at zero + previous-mask channel: G == S and F == G bit for
+    bit, so a refiner stage on a frozen SAM starts from SAM's answer."""
+    image, coords, labels, coarse, emb, radius = _inputs(2)
+    prev = jnp.where(coarse > 0, 3.0, -3.0)
+    gcfg = default_global_diff_config()
+    gcfg.update(dict(width=8, num_groups=4, blocks_before=1, blocks_after=1))
+    gm = GlobalDiff(gcfg)
+    gp = jax.jit(gm.init)(_key(4), image, coords, labels, coarse, emb, radius, prev_logits=prev)
+    g = jax.jit(gm.apply)(gp, image, coords, labels, coarse, emb, radius, prev_logits=prev)
+    np.testing.assert_array_equal(np.asarray(g.logits), np.asarray(coarse))
+    pcfg = _small_patch_cfg(detail_residual=True, prev_mask_input=True)
+    pm = PatchDiff(pcfg)
+    args = _patch_args(3, prev=prev)
+    pp = jax.jit(pm.init)(_key(5), *args)
+    out = jax.jit(pm.apply)(pp, *args)
+    np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(args[3]))
+    # the previous mask is an input: once the heads are non-zero, changing it changes G
+    rp = jax.tree.map(lambda x: x, gp)
+    k = rp["params"]["refiner"]["detail_head"]["kernel"]
+    rp["params"]["refiner"]["detail_head"]["kernel"] = k + 0.1
+    a = jax.jit(gm.apply)(rp, image, coords, labels, coarse, emb, radius, prev_logits=prev)
+    b = jax.jit(gm.apply)(rp, image, coords, labels, coarse, emb, radius, prev_logits=-prev)
+    assert float(jnp.abs(a.logits - b.logits).max()) > 1e-3

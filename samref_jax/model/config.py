@@ -41,6 +41,9 @@ def samref_model_config(sam_type: str = "vit_b") -> ml_collections.ConfigDict:
             multimask_first_click=True,  # click 1: best of SAM's 3 masks by predicted IoU
             max_clicks=24,  # static number of click slots (jit compiles once for all clicks)
             first_prev_logit=-20.0,  # "previous final logits" before the first click
+            # SAM's next mask_input: "refined" (its low-res logits + the refiners' correction,
+            # pooled; see samref.next_mask_input) or "sam" (its own low-res logits only).
+            feedback="refined",
         )
     )
 
@@ -56,6 +59,15 @@ def to_jsonable(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def from_jsonable(d: dict[str, Any]) -> ml_collections.ConfigDict:
+    # Stored configs from before the feedback rule and the previous-mask channel existed keep
+    # their meaning (their parameter trees have no such channel).
+    d = dict(d)
+    d.setdefault("feedback", "sam")
+    if "refiners" in d:
+        d["refiners"] = {
+            k: {"prev_mask_input": False, **v} if isinstance(v, dict) else v
+            for k, v in d["refiners"].items()
+        }
     base = samref_model_config(d.get("sam_type", "vit_b"))
     base.unlock()
     merged = ml_collections.ConfigDict(base.to_dict())

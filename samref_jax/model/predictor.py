@@ -70,7 +70,7 @@ class ClickResult:
 class _State:
     coords: list[tuple[float, float]]
     labels: list[int]
-    low_res: Any  # (1, 4S, 4S) SAM low-res logits, fed back as the next mask input
+    mask_input: Any  # (1, 4S, 4S) SAM's next mask input (``ClickOutputs.mask_input``)
     final_logits: Any  # (1, F, F) final frame logits, fed back as the next prev_logits
     result: ClickResult | None
 
@@ -296,7 +296,7 @@ class SamRefPredictor:
                 # three are SAM's logits, in "global" the final one is GlobalDiff's.
                 distinct = [out.final_logits, out.sam_logits, out.global_logits][: _NUM_MAPS[mode]]
                 maps = jnp.stack(distinct, 1)
-                return out.low_res, out.final_logits, maps[0], out.window[0], out.score[0]
+                return out.mask_input, out.final_logits, maps[0], out.window[0], out.score[0]
 
             self._steps[mode] = step
         return self._steps[mode]
@@ -345,7 +345,7 @@ class SamRefPredictor:
             apply_coords(np.array(coords), (h, w), f), labels, prev
         )
         step = self._step_fn(self.mode)
-        low_res, final, maps, window, score = step(self.params, inputs)
+        mask_input, final, maps, window, score = step(self.params, inputs)
         orig = np.asarray(_to_original(maps, self.input_size, self.original_size))
         win = None
         if self.mode == "full":
@@ -361,5 +361,5 @@ class SamRefPredictor:
             window=win,
             score=float(score),
         )
-        self._history.append(_State(coords, labels, low_res, final, result))
+        self._history.append(_State(coords, labels, mask_input, final, result))
         return result

@@ -3,12 +3,19 @@
 The data path of one click, all in the padded input frame (F x F, F = 1024 for vit_b):
 
   image embedding E (B, 64, 64, 256), computed once per image (late fusion, cheap clicks)
-    -> SAM prompt encoder + mask decoder on all clicks so far, previous SAM low-res logits
-       as `mask_input`                                   -> low-res logits (B, 256, 256)
+    -> SAM prompt encoder + mask decoder on all clicks so far, the previous click's
+       `mask_input` (see below)                          -> low-res logits (B, 256, 256)
     -> upscale to the frame                              -> S (B, F, F)
-    -> GlobalDiff(image, click disks, S, E)               -> G (B, F, F)
+    -> GlobalDiff(image, click disks, S, previous F, E)   -> G (B, F, F)
     -> PatchDiff(window from prev F vs G around the last click, crop, refine, paste)
                                                          -> F (B, F, F); mask = F > 0
+
+Feedback (one rule, :func:`next_mask_input`, used by training, the predictor, the evaluator and
+the demo): the final logits F of click t are the refiners' previous-mask input at click t + 1,
+and with ``feedback="refined"`` SAM's next ``mask_input`` is its own low-res logits plus the
+refiners' correction ``F - S`` average-pooled to the low-res grid (with ``"sam"``: SAM's own
+low-res logits). Both paths are differentiable, so a loss at click t + 1 reaches the refiners
+of click t. Untrained refiners return S exactly, so either rule then reproduces SAM.
 
 `mode` chooses how far the path runs: "sam" (refiners off, the baseline), "global", "full".
 Parameters: {"sam": ..., "global_diff": ..., "patch_diff": ...}.
@@ -100,8 +107,9 @@ class ClickInputs(NamedTuple):
         Args:
           coords: ``(B, k, 2)`` (or ``(k, 2)`` for B = 1) click ``(x, y)`` in frame pixels.
           labels: ``(B, k)`` (or ``(k,)``) 1 positive, 0 negative; ``k <= N``.
-          prev: the previous step's outputs (anything with ``low_res`` and ``final_logits``):
-            they become ``prev_low_res`` / ``prev_logits`` and ``has_prev`` is set; ``None``
+          prev: the previous step's outputs (anything with ``mask_input`` and
+            ``final_logits``): they become ``prev_low_res`` / ``prev_logits`` (the feedback
+            rule, :func:`feedback_inputs`) and ``has_prev`` is set; ``None``
             (first click) keeps this tuple's ``prev_*`` fields and clears ``has_prev``.
 
         Returns:
@@ -124,8 +132,15 @@ class ClickInputs(NamedTuple):
             has_prev=jnp.full((b,), prev is not None),
         )
         if prev is not None:
-            out = out._replace(prev_low_res=prev.low_res, prev_logits=prev.final_logits)
+            low, logits = feedback_inputs(prev)
+            out = out._replace(prev_low_res=low, prev_logits=logits)
         return out
+
+
+def feedback_inputs(prev: Any) -> tuple[Array, Array]:
+    """``(prev_low_res, prev_logits)`` of the next click from this click's outputs (anything with
+    ``mask_input`` and ``final_logits``): the one feedback rule of training and inference."""
+    return prev.mask_input.astype(jnp.float32), prev.final_logits.astype(jnp.float32)
 
 
 class ClickOutputs(NamedTuple):
@@ -137,6 +152,8 @@ class ClickOutputs(NamedTuple):
     window: (B, 4) PatchDiff window (x0, y0, x1, y1) in frame pixel edges (zeros unless "full").
     global_error_logits: (B, F, F) GlobalDiff error head (zeros in "sam" mode).
     patch: PatchDiffOutput or None (only in "full" mode), for patch losses.
+    mask_input: (B, 4S, 4S) SAM's mask input for the next click (:func:`next_mask_input`):
+      feed it back as ``prev_low_res`` (``ClickInputs.with_clicks`` does).
     """
 
     low_res: Array
@@ -147,6 +164,7 @@ class ClickOutputs(NamedTuple):
     window: Array
     global_error_logits: Array
     patch: Any
+    mask_input: Array
 
 
 class SamRef(nn.Module):
@@ -158,8 +176,11 @@ class SamRef(nn.Module):
     def setup(self) -> None:
         self.sam_config = sam_config_from(self.config)
         self.sam = Sam(self.sam_config, self.dtype)
-        self.global_diff = GlobalDiff(self.config.refiners.global_diff)
-        self.patch_diff = PatchDiff(self.config.refiners.patch_diff)
+        # The refiners compute in the model's dtype when it is lower than float32 (bf16
+        # training); otherwise in their configs' dtype. Parameters stay float32.
+        rdt = None if jnp.dtype(self.dtype) == jnp.float32 else self.dtype
+        self.global_diff = GlobalDiff(self.config.refiners.global_diff, rdt)
+        self.patch_diff = PatchDiff(self.config.refiners.patch_diff, rdt)
 
     def __call__(self, x: ClickInputs, mode: str = "full") -> ClickOutputs:
         """Init entry point: one full click (creates every parameter)."""
@@ -211,14 +232,23 @@ class SamRef(nn.Module):
         window = jnp.zeros((b, 4), jnp.float32)
         if mode == "sam":
             return ClickOutputs(
-                low_res, sam_logits, sam_logits, sam_logits, score, window, zeros, None
+                low_res, sam_logits, sam_logits, sam_logits, score, window, zeros, None, low_res
             )
         g = self.global_diff(
-            x.image, x.coords, x.labels, sam_logits, x.embedding, x.radius, x.global_context
+            x.image,
+            x.coords,
+            x.labels,
+            sam_logits,
+            x.embedding,
+            x.radius,
+            x.global_context,
+            prev_logits=x.prev_logits,
         )
+        fb = str(self.config.get("feedback", "sam"))
         if mode == "global":
+            nxt = next_mask_input(low_res, sam_logits, g.logits, fb)
             return ClickOutputs(
-                low_res, sam_logits, g.logits, g.logits, score, window, g.error_logits, None
+                low_res, sam_logits, g.logits, g.logits, score, window, g.error_logits, None, nxt
             )
         last = jnp.clip(x.num_clicks - 1, 0, x.coords.shape[1] - 1)
         last_xy = jnp.take_along_axis(x.coords, last[:, None, None], axis=1)[:, 0]
@@ -233,9 +263,37 @@ class SamRef(nn.Module):
             last_xy,
             x.valid_hw,
         )
+        nxt = next_mask_input(low_res, sam_logits, p.logits, fb)
         return ClickOutputs(
-            low_res, sam_logits, g.logits, p.logits, score, p.window, g.error_logits, p
+            low_res, sam_logits, g.logits, p.logits, score, p.window, g.error_logits, p, nxt
         )
+
+
+def next_mask_input(low_res: Array, sam_logits: Array, final_logits: Array, feedback: str) -> Array:
+    """SAM's ``mask_input`` for the next click (the feedback rule of the module docstring).
+
+    Args:
+      low_res: (B, L, L) SAM's chosen low-res logits of this click (L = 4S).
+      sam_logits: (B, F, F) the same upscaled to the frame (S); final_logits: (B, F, F) F.
+      feedback: "refined" (SAM's logits plus the refiners' correction pooled to L x L) or
+        "sam" (SAM's own low-res logits).
+
+    Returns:
+      (B, L, L) float32. Differentiable in ``final_logits``; equal to ``low_res`` when F == S.
+    """
+    if feedback == "sam":
+        return low_res
+    if feedback != "refined":
+        raise ValueError(f"feedback must be 'refined' or 'sam', got {feedback!r}")
+    b, f, _ = final_logits.shape
+    lr = low_res.shape[-1]
+    if f % lr:
+        raise ValueError(f"frame {f} is not a multiple of the low-res grid {lr}")
+    k = f // lr
+    delta = (final_logits.astype(jnp.float32) - sam_logits.astype(jnp.float32)).reshape(
+        b, lr, k, lr, k
+    )
+    return low_res.astype(jnp.float32) + jnp.mean(delta, axis=(2, 4))
 
 
 def init_samref_params(
@@ -264,7 +322,9 @@ def _init_refiner(model: SamRef, name: str, x: ClickInputs, rng: Array, shapes: 
     if name == "global_diff":
         mod = GlobalDiff(model.config.refiners.global_diff)
         p = jax.jit(
-            lambda r: mod.init(r, x.image, x.coords, x.labels, z, x.embedding, x.radius)["params"]
+            lambda r: mod.init(
+                r, x.image, x.coords, x.labels, z, x.embedding, x.radius, prev_logits=z - 20.0
+            )["params"]
         )(rngs[0])
     else:
         mod = PatchDiff(model.config.refiners.patch_diff)

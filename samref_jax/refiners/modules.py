@@ -82,9 +82,11 @@ def _draw_disks(
 
 
 class GlobalDiff(nn.Module):
-    """Whole-frame refiner. ``cfg``: see :func:`default_global_diff_config`."""
+    """Whole-frame refiner. ``cfg``: see :func:`default_global_diff_config`; ``dtype``: compute
+    dtype (None: ``cfg.dtype``), parameters stay float32."""
 
     cfg: Any
+    dtype: Any = None
 
     @nn.compact
     def __call__(
@@ -97,6 +99,7 @@ class GlobalDiff(nn.Module):
         radius: Array | None,
         context: RefinerContext | None = None,
         context_only: bool = False,
+        prev_logits: Array | None = None,
     ) -> RefinerOutput | RefinerContext:
         """Refine SAM's coarse logits over the whole frame.
 
@@ -109,23 +112,28 @@ class GlobalDiff(nn.Module):
           context: this image's :class:`RefinerContext` (None: computed here; same numbers).
           context_only: return the RefinerContext of ``image`` and ``embedding`` (the other
             arguments may be None): the per-image part, computed once per image.
+          prev_logits: (B, H, W) the previous click's final logits (``prev_mask_input``).
 
         Returns:
           RefinerOutput of (B, H, W) float32 maps; ``logits`` is G (or the RefinerContext).
         """
-        refiner = DiffRefiner(self.cfg, name="refiner")
+        refiner = DiffRefiner(self.cfg, self.dtype, name="refiner")
         if context_only:
             return refiner(image, None, None, embedding, context_only=True)
         b, h, w = coarse_logits.shape
         radius = jnp.broadcast_to(jnp.asarray(radius, jnp.float32), (b,))
         disks = _draw_disks(coords, labels, radius, (h, w), _work_hw(self.cfg, (h, w)))
-        return refiner(image, disks, coarse_logits, embedding, context=context)
+        return refiner(
+            image, disks, coarse_logits, embedding, context=context, prev_logits=prev_logits
+        )
 
 
 class PatchDiff(nn.Module):
-    """Local-window refiner. ``cfg``: see :func:`default_patch_diff_config`."""
+    """Local-window refiner. ``cfg``: see :func:`default_patch_diff_config`; ``dtype``: compute
+    dtype (None: ``cfg.dtype``), parameters stay float32."""
 
     cfg: Any
+    dtype: Any = None
 
     @nn.compact
     def __call__(
@@ -174,7 +182,12 @@ class PatchDiff(nn.Module):
         radius_p = patch_radius(radius, windows, p)
         disks = _draw_disks(coords_p, labels, radius_p, (p, p), _work_hw(cfg, (p, p)))
 
-        out = DiffRefiner(cfg, name="refiner")(img_p, disks, coarse_p, emb_p)
+        prev_p = None
+        if cfg.get("prev_mask_input", False):
+            prev_p = crop_patches(prev_logits, windows, p, 1.0, cfg.logit_sampling_ratio)
+        out = DiffRefiner(cfg, self.dtype, name="refiner")(
+            img_p, disks, coarse_p, emb_p, prev_logits=prev_p
+        )
         if cfg.paste_mode == "residual":
             final = paste_patches(global_logits, out.logits - coarse_p, windows, add=True)
         elif cfg.paste_mode == "replace":

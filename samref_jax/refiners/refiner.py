@@ -1,14 +1,16 @@
 """The shared early-fusion "diff refiner" (docs/design.md, 'Diff refiner').
 
-Input: image (3) + positive/negative click disks (2) + coarse logits S (1), concatenated,
+Input: image (3) + positive/negative click disks (2) + coarse logits S (1) + the previous
+click's final logits (1, ``prev_mask_input``), concatenated,
 then conv stem 3x3 stride 2 (width C) + norm + act -> ``blocks_before`` depthwise-separable
 residual blocks -> add the image embedding projected 1x1 to C and bilinearly resized to the
 stem resolution -> ``blocks_after`` blocks -> two 3x3 heads (detail D, error Err) bilinearly
 upsampled to the input frame. Output logits ``G = D * sigmoid(Err) + S * (1 - sigmoid(Err))``.
 
-With the default init (error bias -4, heads scaled by ``head_init_scale``) an untrained refiner
-returns ``G ~= (1 - sigmoid(-4)) * S ~= 0.982 * S`` (or ``~= S`` exactly with
-``detail_residual=True``, where the detail head predicts ``D = S + d``).
+With the default init (``detail_residual=True``: the detail head predicts ``D = S + d`` and
+starts at zero) an untrained refiner returns exactly ``G = S``, so a refiner stage trained on a
+frozen SAM starts from SAM's answer. With ``detail_residual=False`` (error bias -4, heads scaled
+by ``head_init_scale``) it returns ``G ~= (1 - sigmoid(-4)) * S ~= 0.982 * S``.
 """
 
 from __future__ import annotations
@@ -68,8 +70,13 @@ def default_refiner_config() -> ml_collections.ConfigDict:
             act="gelu",  # "gelu" (exact), "relu", "silu"
             error_bias_init=-4.0,  # initial bias of the error head
             head_init_scale=0.01,  # heads' kernels = lecun_normal * this (0 -> zeros)
-            detail_residual=False,  # if True, D = S + head(...) instead of D = head(...)
+            # True: D = S + head(...), the detail head starting at zero (G = S at init);
+            # False: D = head(...).
+            detail_residual=True,
             coarse_input_scale=8.0,  # the network sees tanh(S / this) as the S channel
+            # True: the previous click's final logits are an input channel (tanh(prev / scale)),
+            # so the refined mask of round t is an input of round t + 1 (gradients included).
+            prev_mask_input=True,
             # Internal square working size: inputs are bilinearly resized to it before the stem,
             # heads resized back to the frame. None: work at the input frame size.
             input_size=ml_collections.config_dict.placeholder(int),
@@ -216,6 +223,7 @@ class DiffRefiner(nn.Module):
     """
 
     cfg: Any
+    dtype: Any = None  # compute dtype; None: ``cfg.dtype``
 
     @property
     def work_size(self) -> int | None:
@@ -230,6 +238,7 @@ class DiffRefiner(nn.Module):
         embedding: Array | None,
         context: RefinerContext | None = None,
         context_only: bool = False,
+        prev_logits: Array | None = None,
     ) -> RefinerOutput | RefinerContext:
         """Refine coarse logits.
 
@@ -244,12 +253,14 @@ class DiffRefiner(nn.Module):
             compute it here (the same numbers).
           context_only: return the :class:`RefinerContext` of ``image`` and ``embedding``
             (``disks`` and ``coarse_logits`` may be None).
+          prev_logits: (B, H, W) the previous click's final logits (a negative constant before
+            the first click); required iff ``cfg.prev_mask_input``.
 
         Returns:
           RefinerOutput, each (B, H, W) float32 (or the RefinerContext with ``context_only``).
         """
         cfg = self.cfg
-        dtype = jnp.dtype(cfg.dtype)
+        dtype = jnp.dtype(cfg.dtype if self.dtype is None else self.dtype)
         act = _act(cfg.act)
         h, w = (image if context_only else coarse_logits).shape[1:3]
         work = (h, w) if self.work_size is None else (self.work_size, self.work_size)
@@ -267,14 +278,17 @@ class DiffRefiner(nn.Module):
         s = coarse_logits.astype(jnp.float32)
 
         s_in = jnp.tanh(s / cfg.coarse_input_scale)[..., None]
-        x = jnp.concatenate(
-            [
-                context.image,
-                _resize(disks.astype(jnp.float32), work, cfg.antialias),
-                _resize(s_in, work, cfg.antialias),
-            ],
-            axis=-1,
-        ).astype(dtype)
+        channels = [
+            context.image,
+            _resize(disks.astype(jnp.float32), work, cfg.antialias),
+            _resize(s_in, work, cfg.antialias),
+        ]
+        if cfg.get("prev_mask_input", False):
+            if prev_logits is None:
+                raise ValueError("this refiner takes the previous logits (prev_mask_input)")
+            prev_in = jnp.tanh(prev_logits.astype(jnp.float32) / cfg.coarse_input_scale)
+            channels.append(_resize(prev_in[..., None], work, cfg.antialias))
+        x = jnp.concatenate(channels, axis=-1).astype(dtype)
 
         x = nn.Conv(
             cfg.width,
@@ -302,8 +316,9 @@ class DiffRefiner(nn.Module):
         else:
             kinit = nn.initializers.zeros
         # The two heads run as one 2-channel convolution (their parameters stay separate).
+        dinit = nn.initializers.zeros if cfg.detail_residual else kinit
         kd, bd = KernelAndBias(
-            (hk, hk, x.shape[-1], 1), kinit, nn.initializers.zeros, name="detail_head"
+            (hk, hk, x.shape[-1], 1), dinit, nn.initializers.zeros, name="detail_head"
         )()
         ke, be = KernelAndBias(
             (hk, hk, x.shape[-1], 1),
@@ -329,8 +344,10 @@ class DiffRefiner(nn.Module):
             precision=jax.lax.Precision.HIGHEST,
         )
         d, err = resize_bilinear(cols[0], (h, w)), resize_bilinear(cols[1], (h, w))
-        if cfg.detail_residual:
-            d = s + d
         p = jax.nn.sigmoid(err)
-        g = d * p + s * (1.0 - p)
+        if cfg.detail_residual:  # G = S + d * p: exactly S while the detail head is zero
+            g = s + d * p
+            d = s + d
+        else:
+            g = d * p + s * (1.0 - p)
         return RefinerOutput(logits=g, detail=d, error_logits=err)

@@ -72,6 +72,7 @@ def base_config(sam_type: str = "tiny") -> ml_collections.ConfigDict:
             dtype="float32",
             stop_grad_feedback=False,
             init_checkpoint="",
+            init_subtrees=(),  # () all of init_checkpoint; ("sam",): SAM only, fresh refiners
             log_every=10,
             checkpoint_every_steps=500,
             keep_checkpoints=3,

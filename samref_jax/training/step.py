@@ -11,8 +11,9 @@ Inside the step (:func:`unrolled_loss`):
 1. ``E = embed_image(image)`` (under ``stop_gradient`` when the encoder is not trainable);
 2. ``lax.scan`` over T rounds: ``SamRef.click`` -> per-round losses (``losses.round_losses``)
    -> the next click from :func:`next_click_jax` on the round's final mask vs GT (discrete, no
-   gradient) -> the low-res / final logits are fed back (optionally under ``stop_gradient``,
-   ``train.stop_grad_feedback``).
+   gradient) -> SAM's next mask input and the final logits are fed back by the model's one
+   feedback rule (``samref.feedback_inputs``; ``model.feedback``), differentiably unless
+   ``train.stop_grad_feedback``: the refined mask of round t is an input of round t + 1.
 
 Trainable subtrees (``train.trainable``, '/'-joined path prefixes such as ``"sam/mask_decoder"``
 or ``"global_diff"``) get AdamW (warmup + cosine, global-norm clipping); every other leaf goes
@@ -37,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from samref_jax.interaction.clicker import next_click_jax
 from samref_jax.model.config import sam_config_from
-from samref_jax.model.samref import ClickInputs, SamRef, init_samref_params
+from samref_jax.model.samref import ClickInputs, SamRef, feedback_inputs, init_samref_params
 from samref_jax.training import losses as L
 
 Array = jax.Array
@@ -117,11 +118,17 @@ def model_of(config: ml_collections.ConfigDict) -> SamRef:
 
 
 def init_params(config: ml_collections.ConfigDict, rng: Array) -> Any:
-    """Random params, or ``train.init_checkpoint`` (SAM or SAM-REF checkpoint) when set."""
+    """Random params, or ``train.init_checkpoint`` (SAM or SAM-REF checkpoint) when set; with
+    ``train.init_subtrees=("sam",)`` only SAM comes from the checkpoint and the refiners start
+    fresh."""
     if config.train.get("init_checkpoint"):
         from samref_jax.model.io import load_samref
 
         params, _, _ = load_samref(config.train.init_checkpoint, rng)
+        if tuple(config.train.get("init_subtrees", ())) == ("sam",):
+            # A refiner stage on a trained SAM: SAM from the checkpoint, fresh refiners (which
+            # start at SAM's answer), whatever refiner design the checkpoint had.
+            return init_samref_params(config.model, rng, sam_params=params["sam"])
         return params
     return init_samref_params(config.model, rng)
 
@@ -191,7 +198,15 @@ def unrolled_loss(
     coords = jnp.zeros((b, n_slots, 2), jnp.float32)
     coords = coords.at[:, 0].set(jnp.stack([fx, fy], -1).astype(jnp.float32))
     labels = jnp.full((b, n_slots), -1, jnp.int32).at[:, 0].set(1)
-    clicked = jnp.zeros((b, f, f), bool).at[jnp.arange(b), fy, fx].set(True)
+    ys = jnp.arange(f)[None, :, None]
+    xs = jnp.arange(f)[None, None, :]
+
+    def mark(cy: Array, cx: Array) -> Array:
+        # (B, F, F) one-hot of the (B,) pixels: elementwise, so a sharded batch needs no
+        # collective (an indexed scatter over the batch compiles to an all-gather).
+        return (ys == cy[:, None, None]) & (xs == cx[:, None, None])
+
+    clicked = mark(fy, fx)
     carry0 = dict(
         coords=coords,
         labels=labels,
@@ -227,20 +242,25 @@ def unrolled_loss(
         labels = jnp.where(
             write, carry["labels"].at[:, slot].set(pos.astype(jnp.int32)), carry["labels"]
         )
-        clicked = carry["clicked"].at[jnp.arange(b), cy, cx].set(True)
+        clicked = carry["clicked"] | mark(cy, cx)
         fb = jax.lax.stop_gradient if stop_fb else (lambda a: a)
+        prev_low_res, prev_logits = feedback_inputs(out)
         new = dict(
             coords=coords,
             labels=labels,
             clicked=clicked,
-            prev_low_res=fb(out.low_res.astype(jnp.float32)),
-            prev_logits=fb(out.final_logits.astype(jnp.float32)),
+            prev_low_res=fb(prev_low_res),
+            prev_logits=fb(prev_logits),
             has_prev=jnp.ones((b,), bool),
         )
-        return new, ({k: jnp.mean(v) for k, v in terms.items()}, jnp.mean(iou))
+        # Per-sample values leave the loop; the batch means (collectives once sharded) are
+        # taken after it.
+        return new, (terms, iou)
 
     unroll = bool(config.train.get("scan_unroll", False))
     _, (terms, ious) = jax.lax.scan(body, carry0, jnp.arange(T), unroll=unroll)
+    terms = {k: jnp.mean(v, axis=1) for k, v in terms.items()}  # (T, B) -> (T,)
+    ious = jnp.mean(ious, axis=1)
     loss = jnp.sum(w_rounds * terms["total"]) / jnp.maximum(jnp.sum(w_rounds), 1e-6)
     metrics = {"loss": loss, "iou": ious}  # iou: (T,)
     metrics.update({f"loss_{k}": v for k, v in terms.items()})  # each (T,)

@@ -1,0 +1,59 @@
+"""Stage 2 on CPU: GlobalDiff + PatchDiff trained on a frozen stage-1 tiny SAM (the ``tiny`` model).
+
+The paper's two-stage recipe at CPU size. Stage 1 trains the tiny SAM alone from scratch
+(``configs/tiny_cpu.py`` with ``--config.mode=sam``; its ``WORKDIR/export`` is the stage-1
+model). Stage 2 (this file) keeps SAM's image encoder frozen, takes SAM from the stage-1 export
+(``train.init_subtrees=("sam",)``), starts both refiners fresh (an untrained refiner returns
+SAM's logits exactly, so the run starts from SAM's answer) and trains the refiners together
+with SAM's prompt encoder and mask decoder, end to end through ``train.rounds`` click rounds:
+the refined logits of a round are the refiners' previous-mask input of the next round and are
+added to SAM's next ``mask_input`` (``model.feedback="refined"``), both differentiably.
+
+Budget: ``train.max_minutes=50`` on the 2-core CPU machine (periodic evaluation not counted).
+Its equal-compute control is ``configs/tiny_sam_control.py`` (run at the same time, one core
+each). Commands (stage 1, then stage 2 and its control)::
+
+    python -m train.main --config configs/tiny_cpu.py --workdir runs/tiny_sam --config.mode=sam
+    python -m train.main --config configs/tiny_refine.py --workdir runs/tiny_refine \\
+        --config.train.init_checkpoint=runs/tiny_sam/export
+    python -m train.main --config configs/tiny_sam_control.py --workdir runs/tiny_control \\
+        --config.train.init_checkpoint=runs/tiny_sam/export
+
+``data.manual_dir`` defaults to ``$SAMREF_DATA_DIR/COCO_MVal``. The exported model is
+``runs/tiny_refine/export`` (bundled as ``tiny``); results on GrabCut in docs/evaluation.md.
+
+Resolution (frame 128, SAM's low-res logits 32 x 32): GlobalDiff works on the whole 128 frame
+(stem grid 64 x 64, twice SAM's low-res grid); PatchDiff refines a 48 x 48 patch of the
+window it selects.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import tiny_cpu
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = tiny_cpu.get_config()
+    config.mode = "full"
+    m = config.model
+    m.feedback = "refined"
+    for r in (m.refiners.global_diff, m.refiners.patch_diff):
+        r.detail_residual = True
+        r.prev_mask_input = True
+    m.refiners.global_diff.input_size = None  # the whole 128 frame (stem grid 64 x 64)
+
+    t = config.train
+    t.init_checkpoint = "runs/tiny_sam/export"
+    t.init_subtrees = ("sam",)
+    t.trainable = ("sam/prompt_encoder", "sam/mask_decoder", "global_diff", "patch_diff")
+    t.rounds = 3
+    t.num_steps = 6000  # the schedule's horizon; the wall-clock budget stops the run earlier
+    t.max_minutes = 50.0
+    t.lr = 1e-3
+    t.warmup_steps = 100
+    t.checkpoint_every_steps = 200
+    config.loss.round_weights = (1.0,)
+    config.eval.every_steps = 500
+    return config
