@@ -1,24 +1,29 @@
-"""The ``samref`` command line (also ``python -m samref_jax.cli``).
+"""The ``samref`` command line (also ``python -m samref_jax.cli``): one entry point for
+everything; ``samref COMMAND --help`` describes each command with an example.
 
-Segment an image from a few clicks::
-
+    samref convert --checkpoint sam_vit_b_01ec64.pth --output checkpoints/vit_b
     samref segment photo.jpg --click 120,80,+ --click 60,40,- --out out/   # writes
     # out/mask.png (0/255, the image's size) and out/overlay.png (mask, clicks, PatchDiff window)
+    samref eval --checkpoint tiny --dataset GrabCut --data-dir DATA --output runs/eval
+    samref compare --output runs/eval runs/eval/*/metrics.json
+    samref train --config configs/tiny_cpu.py --workdir runs/tiny [--config.a.b=v ...]
+    samref cache-embeddings --config configs/X.py --workdir runs/x
+    samref launch-local --num_processes 2 -- --config configs/tiny_cpu.py --workdir runs/mp
+    samref demo --checkpoint tiny --port 7860   # browser demo; needs the ``demo`` extra
 
-Start the browser demo (needs the ``demo`` extra: ``pip install 'samref-jax[demo]'``)::
-
-    samref demo-app --checkpoint tiny --port 7860
-
-``--checkpoint`` takes a checkpoint directory (SAM-REF, or SAM-only from ``convert_weights.py``)
+``--checkpoint`` takes a checkpoint directory (SAM-REF, or SAM-only from ``samref convert``)
 or a bundled model name (``tiny``, ``tiny-sam``); the default is ``tiny``.
 
 User errors (a missing or unreadable image, a malformed click, a click outside the image, a
 missing checkpoint) print one line ``samref <command>: error: ...`` on stderr and exit with
 status 2, without a traceback.
 
-Subcommands live in a small registry: add one with :func:`register` (a ``configure(parser)``
-that adds its arguments and a ``run(args) -> int``); :func:`main` builds the argparse
-subparsers from it.
+Subcommands live in a small registry: add one with :func:`register`, either with a
+``configure(parser)`` that adds its arguments and a ``run(args) -> int``, or with
+``forward(argv, prog) -> int`` for a command that parses its own arguments (``convert``,
+``eval``, ``compare``, ``train``, ``cache-embeddings``, ``launch-local``: the functions behind
+``convert_weights.py``, ``samref-eval``, ``python -m train.main`` ...). :func:`main` builds the
+argparse subparsers from it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from samref_jax.loading import (
+    LoadError,
+    check_checkpoint,
+    load_predictor,
+    short_reason,
+)
 
 __all__ = [
     "COMMANDS",
@@ -45,7 +57,6 @@ __all__ = [
 
 MODES = ("sam", "global", "full")
 DEFAULT_CHECKPOINT = "tiny"
-BUNDLED_NAMES = ("tiny", "tiny-sam")
 
 
 class CliError(Exception):
@@ -54,13 +65,17 @@ class CliError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """One subcommand: ``configure`` adds its arguments, ``run`` executes it (exit status)."""
+    """One subcommand: ``configure`` adds its arguments, ``run`` executes it (exit status); or
+    ``forward(argv, prog)`` parses its own arguments (and ``--help``) and runs."""
 
     name: str
     help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    configure: Callable[[argparse.ArgumentParser], None] | None = None
+    run: Callable[[argparse.Namespace], int] | None = None
     description: str | None = None
+    example: str | None = None
+    aliases: tuple[str, ...] = ()
+    forward: Callable[[list[str], str], int] | None = None
 
 
 COMMANDS: dict[str, Command] = {}
@@ -69,14 +84,28 @@ COMMANDS: dict[str, Command] = {}
 def register(
     name: str,
     help: str,  # noqa: A002  argparse's word
-    configure: Callable[[argparse.ArgumentParser], None],
-    run: Callable[[argparse.Namespace], int],
+    configure: Callable[[argparse.ArgumentParser], None] | None = None,
+    run: Callable[[argparse.Namespace], int] | None = None,
     description: str | None = None,
+    *,
+    example: str | None = None,
+    aliases: Sequence[str] = (),
+    forward: Callable[[list[str], str], int] | None = None,
 ) -> Command:
     """Add (or replace) the subcommand ``name``."""
-    cmd = Command(name, help, configure, run, description)
+    if (forward is None) == (run is None):
+        raise ValueError(f"command {name!r}: give either run (with configure) or forward")
+    cmd = Command(name, help, configure, run, description, example, tuple(aliases), forward)
     COMMANDS[name] = cmd
     return cmd
+
+
+def _lookup(name: str) -> Command | None:
+    """The command called ``name`` or one of its aliases."""
+    for cmd in COMMANDS.values():
+        if name == cmd.name or name in cmd.aliases:
+            return cmd
+    return None
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -153,51 +182,11 @@ def read_image_or_fail(path: str | Path):
     try:
         return read_image(p)
     except DataError as e:
-        raise CliError(f"cannot read {p} as an image ({_short(e)})") from None
+        raise CliError(f"cannot read {p} as an image ({short_reason(e)})") from None
     except Exception as e:  # Pillow raises a few non-OSError types (e.g. decompression bombs)
-        raise CliError(f"cannot read {p} as an image ({type(e).__name__}: {_short(e)})") from None
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    text = text[-1] if text else type(e).__name__
-    # DataError repeats the path; keep the reason only.
-    return text.split(": ", 1)[-1] if text.startswith("cannot decode") else text
-
-
-def check_checkpoint(name_or_path: str) -> None:
-    """Fail early (before importing JAX) when a checkpoint directory or bundled name is missing."""
-    if name_or_path in BUNDLED_NAMES:
-        from samref_jax.checkpoint import CheckpointError
-        from samref_jax.model.io import resolve_checkpoint
-
-        try:
-            resolve_checkpoint(name_or_path)
-        except CheckpointError as e:
-            raise CliError(
-                f"{e} (train it, or pass a checkpoint directory with --checkpoint DIR)"
-            ) from None
-        return
-    p = Path(name_or_path)
-    if not p.exists():
         raise CliError(
-            f"checkpoint not found: {p} (give a checkpoint directory or a bundled name: "
-            f"{', '.join(BUNDLED_NAMES)})"
-        )
-    if not p.is_dir():
-        raise CliError(f"checkpoint is not a directory: {p}")
-
-
-def load_predictor(name_or_path: str, mode: str = "full"):
-    """``SamRefPredictor.from_checkpoint`` with checkpoint errors turned into :class:`CliError`."""
-    check_checkpoint(name_or_path)
-    from samref_jax.checkpoint import CheckpointError
-    from samref_jax.model.predictor import SamRefPredictor
-
-    try:
-        return SamRefPredictor.from_checkpoint(name_or_path, mode=mode)
-    except CheckpointError as e:
-        raise CliError(f"cannot load checkpoint {name_or_path}: {_short(e)}") from None
+            f"cannot read {p} as an image ({type(e).__name__}: {short_reason(e)})"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------- segment
@@ -260,7 +249,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------- demo-app
+# ---------------------------------------------------------------------------------- demo
 def _configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
@@ -287,6 +276,49 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------ commands with their own parser
+def _forward_convert(argv: list[str], prog: str) -> int:
+    from samref_jax.sam.convert import main as convert_main
+
+    return convert_main(argv, prog=prog)
+
+
+def _forward_eval(argv: list[str], prog: str) -> int:
+    from samref_jax.evaluation.evaluate import main as eval_main
+
+    return eval_main(argv, prog=prog)
+
+
+def _forward_compare(argv: list[str], prog: str) -> int:
+    from samref_jax.evaluation.evaluate import compare_main
+
+    return compare_main(argv, prog=prog)
+
+
+def _forward_train(argv: list[str], prog: str) -> int:
+    from train.main import main as train_main
+
+    return train_main(argv, prog=prog)
+
+
+def _forward_cache_embeddings(argv: list[str], prog: str) -> int:
+    from samref_jax.training.cache_embeddings import main as cache_main
+
+    return cache_main(argv, prog=prog)
+
+
+def _forward_launch_local(argv: list[str], prog: str) -> int:
+    from samref_jax.training.launch import main as launch_main
+
+    return launch_main(argv, prog=prog)
+
+
+# ------------------------------------------------------------------------------ the registry
+register(
+    "convert",
+    "convert an official SAM v1 .pth checkpoint (needs the torch extra)",
+    forward=_forward_convert,
+)
 register(
     "segment",
     "segment an image from clicks; write mask.png and overlay.png",
@@ -295,14 +327,31 @@ register(
     description="Segment IMAGE with SAM-REF from the given clicks. Writes OUT/mask.png "
     "(0/255, the image's size) and OUT/overlay.png (mask, clicks, PatchDiff window) and prints "
     "their paths.",
+    example="samref segment samref_jax/assets/examples/shapes_on_grass.png \\\n"
+    "      --click 150,110,+ --click 100,150,+ --out out/quickstart",
+)
+register("eval", "NoC evaluation on a dataset (RITM protocol), resumable", forward=_forward_eval)
+register("compare", "merge evaluation runs into one table and plot", forward=_forward_compare)
+register("train", "train a model from a config file (ml_collections)", forward=_forward_train)
+register(
+    "cache-embeddings",
+    "cache frozen-encoder image embeddings for training",
+    forward=_forward_cache_embeddings,
 )
 register(
-    "demo-app",
-    "start the interactive browser demo (Gradio)",
+    "launch-local",
+    "run training as N local processes joined by jax.distributed",
+    forward=_forward_launch_local,
+)
+register(
+    "demo",
+    "start the interactive browser demo (Gradio; needs the demo extra)",
     _configure_demo,
     _run_demo,
     description="Local web app: upload an image, click (left: object, toggle/right-click: "
     "background), undo, reset, switch sam/full, download the mask.",
+    example="samref demo --checkpoint tiny --port 7860   # then open http://127.0.0.1:7860",
+    aliases=("demo-app",),
 )
 
 
@@ -314,25 +363,57 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Wraps a paragraph, but keeps text with line breaks (examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``samref`` parser with one subparser per registered command."""
-    parser = _Parser(prog="samref", description="SAM-REF interactive segmentation (JAX).")
+    """The ``samref`` parser with one subparser per registered command.
+
+    A ``forward`` command's subparser only lists it: :func:`main` hands its arguments, ``--help``
+    included, to the command's own parser."""
+    parser = _Parser(
+        prog="samref",
+        description="SAM-REF interactive segmentation (JAX).",
+        epilog="'samref COMMAND --help' shows a command's options and an example.",
+        formatter_class=_Formatter,
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
-        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
-        cmd.configure(sp)
+        if cmd.forward is not None:
+            sub.add_parser(cmd.name, help=cmd.help, aliases=cmd.aliases, add_help=False)
+            continue
+        sp = sub.add_parser(
+            cmd.name,
+            help=cmd.help,
+            aliases=cmd.aliases,
+            description=cmd.description or cmd.help,
+            epilog=f"example:\n  {cmd.example}" if cmd.example else None,
+            formatter_class=_Formatter,
+        )
+        if cmd.configure is not None:
+            cmd.configure(sp)
         sp.set_defaults(_command=cmd)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``samref``; returns the exit status (2 on user errors)."""
-    parser = build_parser()
-    args = parser.parse_args(None if argv is None else list(argv))
-    cmd: Command = args._command
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = _lookup(argv[0]) if argv else None
+    if cmd is None or cmd.forward is None:
+        args = build_parser().parse_args(argv)
+        cmd = args._command
     try:
+        if cmd.forward is not None:
+            return int(cmd.forward(argv[1:], f"samref {cmd.name}") or 0)
         return int(cmd.run(args) or 0)
-    except CliError as e:
+    except (CliError, LoadError) as e:
         print(f"samref {cmd.name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""``python -m samref_jax.evaluate``: the ``samref-eval`` command."""
+"""``python -m samref_jax.evaluate``: ``samref eval`` (``samref-eval``), the same function."""
 
 from samref_jax.evaluation.evaluate import main
 

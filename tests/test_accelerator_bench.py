@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,6 +37,7 @@ def test_peak_table_lookup():
         assert want is None or PEAK_FLOPS[want] > 1e14
 
 
+@pytest.mark.slow
 def test_accelerator_benchmark_smoke_on_cpu():
     env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))

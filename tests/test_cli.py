@@ -65,8 +65,102 @@ def test_parse_click_rejects(spec):
         cli.parse_click(spec)
 
 
+ALL_COMMANDS = [
+    "convert",
+    "segment",
+    "eval",
+    "compare",
+    "train",
+    "cache-embeddings",
+    "launch-local",
+    "demo",
+]
+
+
+def test_help_lists_every_command(capsys):
+    assert list(cli.COMMANDS) == ALL_COMMANDS
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ALL_COMMANDS:
+        assert f"\n    {name} " in out or f"\n    {name}\n" in out, (name, out)
+
+
+@pytest.mark.parametrize("name", [*ALL_COMMANDS, "demo-app"])
+def test_every_command_help(name, capsys):
+    # Each command's own --help (a forwarded command's parser included): exit 0, a description
+    # and an example starting with `samref NAME`.
+    try:
+        rc = cli.main([name, "--help"])
+    except SystemExit as e:
+        rc = e.code
+    assert rc in (0, None)
+    out = capsys.readouterr().out
+    name = cli._lookup(name).name  # an alias shows the command's name
+    assert out.startswith(f"usage: samref {name}"), out[:200]
+    assert "\nexample" in out and f"  samref {name} " in out, out
+
+
+def test_old_entry_points_are_doors_to_the_same_functions():
+    import importlib
+
+    import train.main as train_main
+    from samref_jax.sam import convert
+
+    # importlib: the packages export functions called `evaluate` that shadow these modules.
+    eval_door = importlib.import_module("samref_jax.evaluate")
+    evaluate = importlib.import_module("samref_jax.evaluation.evaluate")
+
+    assert eval_door.main is evaluate.main
+    door = (REPO / "convert_weights.py").read_text()
+    assert "from samref_jax.sam.convert import main" in door and callable(convert.main)
+    assert callable(train_main.main)
+    entry = (REPO / "setup.cfg").read_text()
+    for line in (
+        "samref = samref_jax.cli:main",
+        "samref-eval = samref_jax.evaluation.evaluate:main",
+        "samref-convert = samref_jax.sam.convert:main",
+        "samref-train = train.main:main",
+    ):
+        assert line in entry
+
+
+def test_forwarded_usage_errors_name_the_samref_command(tmp_path, capsys):
+    assert cli.main(["train", "--no_such_flag"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "samref train: error: Unknown command line flag 'no_such_flag' (see --help)"
+    assert cli.main(["compare", str(tmp_path / "none.json"), "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("samref compare: error: ") and "\n" not in err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--output", str(tmp_path), "--max-clicks", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("samref eval: error: argument --max-clicks") and "\n" not in err
+
+
+@pytest.mark.slow
+def test_eval_two_grabcut_images(grabcut_dir, tmp_path, capsys):
+    # `samref eval` as a user runs it: the bundled model, two GrabCut images, both modes.
+    out = tmp_path / "eval"
+    argv = ["eval", "--checkpoint", "tiny", "--dataset", "GrabCut", "--data-dir"]
+    argv += [str(grabcut_dir.parent), "--mode", "sam", "full", "--max-clicks", "3"]
+    argv += ["--limit", "2", "--overlays", "1", "--no-progress", "--output", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
+    import json
+
+    for mode in ("sam", "full"):
+        metrics = json.loads((out / mode / "metrics.json").read_text())
+        assert metrics["num_samples"] == 2, metrics
+        assert metrics["metadata"]["command"].startswith("samref eval --checkpoint tiny")
+    assert (out / "comparison.md").is_file()
+    assert cli.main(["compare", "--output", str(tmp_path / "cmp"), str(out / "sam")]) == 0
+
+
 def test_registry_builds_subparsers():
-    assert {"segment", "demo-app"} <= set(cli.COMMANDS)
+    assert {"segment", "demo"} <= set(cli.COMMANDS)
+    assert cli._lookup("demo-app") is cli.COMMANDS["demo"]  # the former name still works
     calls = []
 
     def configure(p: argparse.ArgumentParser) -> None:
@@ -143,6 +237,7 @@ def test_missing_bundled_checkpoint_is_one_line(grabcut_image, tmp_path, monkeyp
     assert "\n" not in err
 
 
+@pytest.mark.slow
 def test_segment_grabcut(tiny_checkpoint, jax_cache_env, grabcut_image, tmp_path):
     out = tmp_path / "seg"
     r = _run(
@@ -182,6 +277,7 @@ def test_segment_grabcut(tiny_checkpoint, jax_cache_env, grabcut_image, tmp_path
     assert "PatchDiff window (" in r.stderr
 
 
+@pytest.mark.slow
 def test_readme_first_command(jax_cache_env, tmp_path):
     # The README's command 1, as written, after its install step: the bundled model on the
     # bundled example image (only the output folder moves to tmp).

@@ -334,6 +334,7 @@ _SHARDED_CLICKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sharded_clicker_has_no_collectives():
     """4 fake CPU devices, batch sharded over ('data',): the compiled vmapped clicker holds no
     collective at all, in particular none in a loop body or condition (a data-dependent

@@ -55,6 +55,7 @@ def test_official_mapping_shapes(name, n_params, n_keys):
     assert set(used) == set(shapes)
 
 
+@pytest.mark.slow
 def test_vit_b_param_count_matches_torch():
     """Ours counts the Fourier buffer too: torch parameters() + 256 = 93,735,472 + 256."""
     cfg = sam_config("vit_b")
@@ -115,6 +116,7 @@ def _one_line_error(rc, err, pattern):
     assert len(lines) == 1 and pytest.importorskip("re").search(pattern, lines[0]), err
 
 
+@pytest.mark.slow
 def test_cli_error_cases(tmp_path):
     out = tmp_path / "out"
     rc, _, err = _run_cli("--checkpoint", tmp_path / "nope.pth", "--output", out)

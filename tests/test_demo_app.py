@@ -176,6 +176,7 @@ def _download_mask(page) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
+@pytest.mark.slow
 def test_upload_click_undo_download(page, grabcut_dir):
     image_path = sorted((grabcut_dir / "data_GT").glob("*.jpg"))[0]
     w, h = Image.open(image_path).size
@@ -222,6 +223,7 @@ def test_upload_click_undo_download(page, grabcut_dir):
     assert "Traceback" not in page.content()
 
 
+@pytest.mark.slow
 def test_bad_input_shows_message(page, tmp_path):
     _click_image(page, 20, 20)  # before any image
     _status(page).to_contain_text("Upload an image or pick an example first", timeout=60_000)

@@ -117,6 +117,7 @@ def test_cached_step_equals_in_step_encoder(tmp_path):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_train_from_cache_with_resume(tmp_path, compile_cache):
     """The cache command, then training on it: interrupted after step 2 and resumed ==
     uninterrupted (steps 3 and 4); a trainable encoder is refused."""

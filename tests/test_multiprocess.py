@@ -29,6 +29,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # training runs in several processes
 RUN_TIMEOUT_S = 600  # one training run (compiles dominate on a loaded 2-core CPU)
 
 _CONFIG = textwrap.dedent(

@@ -36,6 +36,7 @@ def test_notebook_is_valid_and_ends_with_training_command():
     )
 
 
+@pytest.mark.slow
 def test_notebook_runs_offline(tiny_checkpoint, jax_cache_env, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

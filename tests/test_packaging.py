@@ -17,6 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # builds and installs a wheel
+
 
 def _files(*paths: str) -> list[str]:
     """The working tree's files, tracked or untracked but not ignored (what a commit would hold)."""

@@ -675,6 +675,7 @@ def shared_predictor():
     return SamRefPredictor.from_checkpoint("tiny", mode="full")
 
 
+@pytest.mark.slow
 def test_fuzz_cli_entry_points(tmp_path, monkeypatch, capsys, shared_predictor):
     import importlib
 

@@ -22,6 +22,8 @@ from tests.sam_reference import random_torch_sam, segment_anything, torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # full-size vit_b models (torch and JAX)
+
 
 @pytest.fixture(scope="module")
 def predictors(tmp_path_factory, grabcut_dir):

@@ -89,6 +89,7 @@ def test_loss_terms_and_metrics(full_setup):
         assert np.all(np.isfinite(np.asarray(metrics[k]))), k
 
 
+@pytest.mark.slow
 def test_overfit_and_frozen_subtrees(compile_cache):
     """A few dozen steps on 4 images: the loss falls clearly. The frozen image encoder gets
     exactly zero updates; trainable subtrees move. The step is traced once."""
@@ -122,6 +123,7 @@ def test_overfit_and_frozen_subtrees(compile_cache):
         assert any(moved), prefix
 
 
+@pytest.mark.slow
 def test_kill_and_resume_same_losses(tmp_path, compile_cache):
     """Interrupted after step 2 and resumed == uninterrupted, for steps 3 and 4; one trace per
     run; the exported model loads in the predictor."""
@@ -217,6 +219,7 @@ _SHARDED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device():
     """8 fake CPU devices: loss and gradients of the data-parallel step equal the single-device
     step on the same global batch (float reduction order only)."""

@@ -1,5 +1,5 @@
-"""``python -m train.main --config configs/tiny_cpu.py --workdir runs/x [--config.a.b=v ...]``
-(also the ``samref-train`` console script).
+"""``samref train --config configs/tiny_cpu.py --workdir runs/x [--config.a.b=v ...]`` (also
+``python -m train.main`` and the ``samref-train`` console script).
 
 ``--config`` is an ml_collections config file (``get_config()``); any field can be overridden
 with ``--config.<path>=<value>``. An existing ``--workdir`` resumes. Multi-host: pass
@@ -15,10 +15,20 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+USAGE = "--config configs/X.py --workdir DIR [--config.a.b=v ...] [flags]"
+DESCRIPTION = (
+    "Train SAM-REF: one jit-compiled, data-parallel step unrolls the click rounds end to end;\n"
+    "an existing --workdir resumes. Any config field can be overridden with --config.a.b=v.\n"
+    "Recipes and outputs: docs/training.md."
+)
+EXAMPLE = "samref train --config configs/tiny_cpu.py --workdir runs/tiny --config.mode=sam"
 
-def main(argv: Sequence[str] | None = None) -> int:
+
+def main(argv: Sequence[str] | None = None, prog: str = "samref-train") -> int:
     from absl import flags
     from ml_collections import config_flags
+
+    from samref_jax.training.flag_args import parse_flags
 
     argv = list(sys.argv[1:] if argv is None else argv)
     fv = flags.FlagValues()
@@ -48,20 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tests: SIGKILL this process right after the checkpoint of this step is written (a crash)",
         flag_values=fv,
     )
-    # ml_collections discovers the `--config.x=y` overrides in sys.argv: parse with it set.
-    saved, sys.argv = sys.argv, ["samref-train", *argv]
-    try:
-        fv(sys.argv)
-    finally:
-        sys.argv = saved
+    status = parse_flags(fv, argv, prog, USAGE, DESCRIPTION, EXAMPLE)
+    if status is not None:
+        return status
     if fv.print_config and fv.config is not None:
         print(fv.config)
         return 0
     if fv.config is None or fv.workdir is None:
-        print(
-            "usage: samref-train --config configs/X.py --workdir DIR [--config.a.b=v]",
-            file=sys.stderr,
-        )
+        print(f"usage: {prog} {USAGE} (see --help)", file=sys.stderr)
         return 2
     from samref_jax.training.trainer import TrainConfigError, check_config
 

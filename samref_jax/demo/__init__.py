@@ -1,2 +1,2 @@
-"""Demos: the Gradio browser app (:mod:`samref_jax.demo.app`, ``samref demo-app``) and the
+"""Demos: the Gradio browser app (:mod:`samref_jax.demo.app`, ``samref demo``) and the
 procedurally generated example images (:mod:`samref_jax.demo.examples`)."""

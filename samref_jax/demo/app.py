@@ -1,6 +1,6 @@
 """Browser demo (Gradio): click on an image, see SAM vs SAM-REF, download the mask.
 
-Run it with ``samref demo-app [--checkpoint DIR|tiny] [--port N]``, or in a notebook/Colab::
+Run it with ``samref demo [--checkpoint DIR|tiny] [--port N]``, or in a notebook/Colab::
 
     from samref_jax.demo.app import build_app
     build_app("tiny").launch()          # share=True in Colab for a public link
@@ -102,7 +102,7 @@ class DemoBackend:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, mode: str = "full", **kw: Any) -> DemoBackend:
-        from samref_jax.cli import load_predictor
+        from samref_jax.loading import load_predictor
 
         return cls(load_predictor(checkpoint, mode), **kw)
 

@@ -1,8 +1,9 @@
-"""``samref-eval`` command line (also ``python -m samref_jax.evaluate``).
+"""``samref eval`` and ``samref compare`` (also the ``samref-eval`` console script and
+``python -m samref_jax.evaluation.evaluate``; ``samref-eval compare`` is ``samref compare``).
 
 Evaluate a checkpoint::
 
-    samref-eval --checkpoint DIR --dataset GrabCut --data-dir PATH --mode full \\
+    samref eval --checkpoint DIR --dataset GrabCut --data-dir PATH --mode full \\
         --max-clicks 20 --output OUT [--limit N]
 
 ``--data-dir`` is the dataset's upstream folder (``.../GrabCut``) or a folder holding it
@@ -13,11 +14,11 @@ and write ``OUT/<mode>/``.
 Evaluate the classical OpenCV GrabCut peer (no checkpoint; ``pip install samref-jax[opencv]``;
 see :mod:`samref_jax.evaluation.grabcut`), a row ``opencv-grabcut`` in ``compare`` tables::
 
-    samref-eval --method opencv-grabcut --dataset GrabCut --data-dir PATH --output OUT
+    samref eval --method opencv-grabcut --dataset GrabCut --data-dir PATH --output OUT
 
 Merge runs into one table and plot::
 
-    samref-eval compare --output OUT [--labels sam full] RUN1/metrics.json RUN2/metrics.json
+    samref compare --output OUT [--labels sam full] RUN1/metrics.json RUN2/metrics.json
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from samref_jax.evaluation.evaluator import evaluate
 from samref_jax.evaluation.report import compare, write_metrics_markdown
 from samref_jax.paths import as_path
 
-__all__ = ["build_parser", "compare", "evaluate", "load_samples", "main"]
+__all__ = ["build_parser", "compare", "compare_main", "evaluate", "load_samples", "main"]
 
 MODES = ("sam", "global", "full")
 METHODS = ("samref", "opencv-grabcut")
@@ -80,12 +81,16 @@ def _make_predictor(factory: str | None, checkpoint: str | None, mode: str) -> A
     return SamRefPredictor.from_checkpoint(checkpoint, mode=mode)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Parser of the evaluation command (``compare`` has its own, see :func:`main`)."""
+def build_parser(prog: str = "samref-eval") -> argparse.ArgumentParser:
+    """Parser of the evaluation command (``compare`` has its own, see :func:`compare_main`)."""
     p = _Parser(
-        prog="samref-eval",
-        description="NoC evaluation of SAM-REF (RITM protocol). "
-        "Use 'samref-eval compare ...' to merge runs.",
+        prog=prog,
+        description="NoC evaluation of SAM-REF (RITM protocol): simulated clicks on a dataset;\n"
+        "NoC/NoF/mIoU metrics, curves and overlays; resumable. 'samref compare' merges runs.",
+        epilog="example (the bundled model, two GrabCut images, 3 clicks):\n"
+        "  samref eval --checkpoint tiny --dataset GrabCut --data-dir $SAMREF_DATA_DIR \\\n"
+        "      --mode sam full --max-clicks 3 --limit 2 --output runs/eval_demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--method",
@@ -158,17 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grabcut-carry",
         choices=("models", "mask", "none"),
-        default="models",
-        help="opencv-grabcut: what carries over between clicks: label mask and colour models "
-        "(default), the label mask only (models refitted), or nothing",
+        default="none",
+        help="opencv-grabcut: what carries over between clicks: nothing (default: each click "
+        "starts from all clicks' disks), the label mask and colour models, or the label mask "
+        "only (models refitted)",
     )
     return p
 
 
-def _compare_parser() -> argparse.ArgumentParser:
+def _compare_parser(prog: str) -> argparse.ArgumentParser:
     p = _Parser(
-        prog="samref-eval compare",
+        prog=prog,
         description="Merge metrics.json files: rows are runs, columns are dataset x metric.",
+        epilog="example:\n  samref compare --output runs/eval_demo runs/eval_demo/*/metrics.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("metrics", nargs="+", help="metrics.json files (or run folders)")
     p.add_argument("--labels", nargs="+", default=None, help="one row label per metrics file")
@@ -187,8 +195,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``samref-eval``; returns the exit status (2 on user errors).
+def main(argv: Sequence[str] | None = None, prog: str = "samref-eval") -> int:
+    """``samref eval`` (``samref-eval``); returns the exit status (2 on user errors).
+    ``argv`` starting with ``compare`` is :func:`compare_main`.
 
     Every user error (unknown dataset, missing data or checkpoint, a missing, mis-sized or
     unreadable sample file, --max-clicks outside the model's click slots, a damaged or foreign
@@ -196,9 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     before the model is loaded. Samples finished before an error stay in ``samples.jsonl``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = "samref-eval compare" if argv[:1] == ["compare"] else "samref-eval"
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:], f"{prog} compare")
     try:
-        return _main(argv)
+        return _main(argv, prog)
     except EvalError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -209,6 +219,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+def compare_main(argv: Sequence[str] | None = None, prog: str = "samref compare") -> int:
+    """``samref compare`` (``samref-eval compare``): one table and plot from metrics files."""
+    args = _compare_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        print(compare(args.metrics, args.labels, args.output), end="")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _one_line(e: BaseException) -> str:
@@ -291,15 +312,8 @@ def _check_sample_files(samples: Any, n: int) -> None:
             )
 
 
-def _main(argv: list[str]) -> int:
-    if argv and argv[0] == "compare":
-        args = _compare_parser().parse_args(argv[1:])
-        try:
-            print(compare(args.metrics, args.labels, args.output), end="")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise EvalError(_one_line(e)) from None
-        return 0
-    args = build_parser().parse_args(argv)
+def _main(argv: list[str], prog: str) -> int:
+    args = build_parser(prog).parse_args(argv)
     _check_args(args)
     from samref_jax.checkpoint import CheckpointError
     from samref_jax.data.decode import DataError
@@ -372,7 +386,7 @@ def _main(argv: list[str]) -> int:
         "checkpoint": args.checkpoint,
         "data": str(args.tfds_dir or args.data_dir),
         "limit": args.limit,
-        "command": "samref-eval " + " ".join(argv),
+        "command": f"{prog} " + " ".join(argv),
         **(peer.metadata() if peer is not None else {}),
     }
     if len(modes) == 1:

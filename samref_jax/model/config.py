@@ -8,7 +8,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import ml_collections
@@ -54,10 +53,6 @@ def sam_config_from(cfg: ml_collections.ConfigDict) -> SamConfig:
     return sam_config(cfg.sam_type, **overrides)
 
 
-def to_jsonable(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    return cfg.to_dict()
-
-
 def from_jsonable(d: dict[str, Any]) -> ml_collections.ConfigDict:
     # Stored configs from before the feedback rule and the previous-mask channel existed keep
     # their meaning (their parameter trees have no such channel).
@@ -73,7 +68,3 @@ def from_jsonable(d: dict[str, Any]) -> ml_collections.ConfigDict:
     merged = ml_collections.ConfigDict(base.to_dict())
     merged.update(d)
     return merged
-
-
-def sam_config_dict(c: SamConfig) -> dict[str, Any]:
-    return dataclasses.asdict(c)

@@ -230,8 +230,9 @@ def load_torch_state_dict(path: str | Path) -> dict[str, Any]:
     return dict(obj)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`convert_weights.py --checkpoint FILE.pth --output DIR [--model-type T] [--force]`.
+def main(argv: list[str] | None = None, prog: str = "convert_weights.py") -> int:
+    """`samref convert --checkpoint FILE.pth --output DIR [--model-type T] [--force]` (also
+    `convert_weights.py` and `samref-convert`).
 
     A non-empty --output is refused unless it holds a checkpoint and --force is given; the new
     checkpoint is written beside it and renamed into place (a kill keeps the old one)."""
@@ -243,8 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     from samref_jax.checkpoint import CheckpointError, check_output_directory, save_model_checkpoint
 
     parser = argparse.ArgumentParser(
-        prog="convert_weights.py",
-        description="Convert an official SAM v1 .pth checkpoint to a samref-jax checkpoint.",
+        prog=prog,
+        description="Convert an official SAM v1 .pth checkpoint to a samref-jax checkpoint\n"
+        "(needs the torch extra: pip install -e '.[torch]').",
+        epilog="example:\n"
+        "  samref convert --checkpoint sam_vit_b_01ec64.pth --output checkpoints/vit_b",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, help="official sam_vit_*.pth file")
     parser.add_argument("--output", required=True, help="output directory")

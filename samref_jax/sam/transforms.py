@@ -1,7 +1,8 @@
-"""SAM's pre- and post-processing: resize longest side, normalise then pad, and back.
+"""SAM's pre- and post-processing: resize the longest side, and back.
 
 Host side (NumPy/Pillow): `resize_longest_side`, `apply_coords`, `apply_boxes`.
-Device side (jittable): `preprocess`, `postprocess_masks`.
+Device side (jittable): `upscale_to_frame`, `postprocess_masks`. Normalising and padding the
+frame is the predictors' (`samref_jax.sam.predictor`) and the training step's.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -58,17 +58,6 @@ def apply_boxes(boxes: np.ndarray, original_hw: tuple[int, int], long_side: int)
     """(..., 4) XYXY boxes in original pixels -> the resized frame."""
     boxes = np.asarray(boxes, dtype=np.float64)
     return apply_coords(boxes.reshape(-1, 2, 2), original_hw, long_side).reshape(boxes.shape)
-
-
-def preprocess(image: jax.Array, config: SamConfig) -> jax.Array:
-    """(B, h, w, 3) uint8/float resized image -> (B, S, S, 3): normalise, then zero-pad
-    bottom/right to the square `img_size` frame."""
-    mean = jnp.asarray(config.pixel_mean, jnp.float32)
-    std = jnp.asarray(config.pixel_std, jnp.float32)
-    x = (image.astype(jnp.float32) - mean) / std
-    h, w = image.shape[1], image.shape[2]
-    pad = ((0, 0), (0, config.img_size - h), (0, config.img_size - w), (0, 0))
-    return jnp.pad(x, pad)
 
 
 def upscale_to_frame(low_res: jax.Array, config: SamConfig) -> jax.Array:

@@ -1,5 +1,5 @@
-"""``python -m samref_jax.training.cache_embeddings --config configs/X.py [--workdir DIR]
-[--config.a.b=v ...]`` (also ``python -m train.cache_embeddings``).
+"""``samref cache-embeddings --config configs/X.py [--workdir DIR] [--config.a.b=v ...]`` (also
+``python -m samref_jax.training.cache_embeddings`` and ``python -m train.cache_embeddings``).
 
 Runs the frozen image encoder of the config's model once over ``data.cached_views`` augmented
 views of every training instance and writes them, examples and embeddings, as ArrayRecord files
@@ -19,10 +19,20 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+USAGE = "--config configs/X.py [--workdir DIR | --config.data.data_dir=DIR] [--config.a.b=v]"
+DESCRIPTION = (
+    "Run the frozen image encoder once over data.cached_views augmented views of every\n"
+    "training instance and write the embeddings beside the prepared records; then train with\n"
+    "--config.data.use_cached_embeddings=True and otherwise the same config and overrides."
+)
+EXAMPLE = "samref cache-embeddings --config configs/tiny_refine.py --workdir runs/tiny_refine"
 
-def main(argv: Sequence[str] | None = None) -> int:
+
+def main(argv: Sequence[str] | None = None, prog: str = "samref-cache-embeddings") -> int:
     from absl import flags
     from ml_collections import config_flags
+
+    from samref_jax.training.flag_args import parse_flags
 
     argv = list(sys.argv[1:] if argv is None else argv)
     fv = flags.FlagValues()
@@ -50,19 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "init_timeout", 300.0, "seconds to wait for the other processes", flag_values=fv
     )
     flags.DEFINE_bool("progress", True, "print a line per written shard", flag_values=fv)
-    saved, sys.argv = sys.argv, ["samref-cache-embeddings", *argv]
-    try:
-        fv(sys.argv)
-    finally:
-        sys.argv = saved
+    status = parse_flags(fv, argv, prog, USAGE, DESCRIPTION, EXAMPLE)
+    if status is not None:
+        return status
     if fv.config is None or not (
         fv.workdir or fv.config.data.data_dir or fv.config.data.get("cache_dir")
     ):
-        print(
-            "usage: python -m samref_jax.training.cache_embeddings --config configs/X.py "
-            "[--workdir DIR | --config.data.data_dir=DIR] [--config.a.b=v]",
-            file=sys.stderr,
-        )
+        print(f"usage: {prog} {USAGE} (see --help)", file=sys.stderr)
         return 2
     config = fv.config
     from samref_jax.training.embedding_cache import check_frozen_encoder

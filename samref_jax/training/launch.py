@@ -153,15 +153,21 @@ def launch(
             capture.extend(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``samref launch-local`` (also ``python train/launch_local.py``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []
     if "--" in argv:
         k = argv.index("--")
         argv, rest = argv[:k], argv[k + 1 :]
     ap = argparse.ArgumentParser(
+        prog=prog,
         description="Start N local processes of the training entry point (jax.distributed, "
-        "CPU devices, gloo collectives); arguments after -- go to each process."
+        "CPU devices, gloo collectives); arguments after -- go to each process.",
+        epilog="example:\n"
+        "  samref launch-local --num_processes 2 --devices_per_process 4 -- \\\n"
+        "      --config configs/tiny_cpu.py --workdir runs/mp --config.train.num_steps=20",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
         "--num_processes", type=int, default=int(os.environ.get("JAX_NUM_PROCESSES", 2))

@@ -20,8 +20,11 @@ or ``"global_diff"``) get AdamW (warmup + cosine, global-norm clipping); every o
 through ``optax.set_to_zero`` and therefore gets exactly zero updates.
 
 Example:
-  >>> state, step_fn, mesh = build_training(config, jax.random.key(0))    # doctest: +SKIP
-  >>> state, metrics = step_fn(state, shard_batch(batch, mesh))         # doctest: +SKIP
+  >>> mesh = make_mesh()                                                      # doctest: +SKIP
+  >>> params = init_params(config, jax.random.key(0))                         # doctest: +SKIP
+  >>> state = put_replicated(create_state(config, params, 0), mesh)           # doctest: +SKIP
+  >>> step_fn = make_train_step(config, mesh, params)                         # doctest: +SKIP
+  >>> state, metrics = step_fn(state, shard_batch(batch, mesh))               # doctest: +SKIP
 """
 
 from __future__ import annotations
