@@ -3,8 +3,8 @@
 Command (one host; on a multi-host TPU pod add ``--distributed``, or
 ``--coordinator HOST:PORT --num_processes N --process_id I`` on GPU clusters)::
 
-    samref-convert --checkpoint sam_vit_b_01ec64.pth --out checkpoints/vit_b   # SAM weights
-    python -m train.main --config configs/samref_vit_b.py --workdir runs/vit_b \\
+    samref convert --checkpoint sam_vit_b_01ec64.pth --output checkpoints/vit_b   # SAM weights
+    samref train --config configs/samref_vit_b.py --workdir runs/vit_b \\
         --config.train.init_checkpoint=checkpoints/vit_b \\
         --config.data.name=SBD --config.data.manual_dir=/data/SBD/dataset \\
         --config.data.data_dir=/data/tfds
@@ -41,7 +41,7 @@ def get_config(sam_type: str = "vit_b") -> ml_collections.ConfigDict:
     d.name = "SBD"
     d.split = "train"
     d.per_device_batch_size = 4
-    d.heldout_every = 0  # evaluate on a separate benchmark (samref-eval) instead
+    d.heldout_every = 0  # evaluate on a separate benchmark (samref eval) instead
     d.num_workers = 8
     d.scale_min, d.scale_max = 0.75, 1.4
 

@@ -2,8 +2,8 @@
 
 Command (as ``samref_vit_b.py``, with ViT-H weights)::
 
-    samref-convert --checkpoint sam_vit_h_4b8939.pth --out checkpoints/vit_h
-    python -m train.main --config configs/samref_vit_h.py --workdir runs/vit_h \\
+    samref convert --checkpoint sam_vit_h_4b8939.pth --output checkpoints/vit_h
+    samref train --config configs/samref_vit_h.py --workdir runs/vit_h \\
         --config.train.init_checkpoint=checkpoints/vit_h \\
         --config.data.name=SBD --config.data.manual_dir=/data/SBD/dataset \\
         --config.data.data_dir=/data/tfds
