@@ -2,7 +2,7 @@
 
 Starts from the stage-1 export (``configs/tiny_cpu.py`` with ``--config.mode=sam``) with every
 SAM parameter trainable, for the same wall-clock budget as ``configs/tiny_refine.py``
-(``train.max_minutes=50``; the two run at the same time on the 2-core machine, one core each),
+(``train.max_minutes=30``; the two run at the same time on the 2-core machine, one core each),
 so that ``tiny`` (stage 2) is compared with SAM given the same extra compute. Its export is
 bundled as ``tiny-sam``. Command::
 
@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.trainable = ("sam",)
     t.rounds = 3
     t.num_steps = 12000
-    t.max_minutes = 50.0
+    t.max_minutes = 30.0
     t.lr = 1e-3
     t.warmup_steps = 100
     t.checkpoint_every_steps = 500

@@ -15,15 +15,17 @@ The seeding rule, per sample (one image, one object):
 3. ``cv2.grabCut`` runs ``iterations`` iterations on the original image (BGR, ``uint8``).
    What carries over from one click to the next is ``carry``:
 
-   - ``"models"`` (default): the first run uses ``GC_INIT_WITH_MASK`` (colour GMMs fitted by
+   - ``"none"`` (default): every click starts again from step 1 (all ``GC_PR_BGD`` plus every
+     click's disk) with ``GC_INIT_WITH_MASK``: the prediction depends on the clicks only. The
+     strongest of the three on GrabCut (docs/evaluation.md): carried-over colour models fitted
+     on the first disks barely adapt to the object's other colours.
+   - ``"models"``: the first run uses ``GC_INIT_WITH_MASK`` (colour GMMs fitted by
      k-means++ on the mask); every later click of the sample uses ``GC_EVAL``, which keeps the
      GMMs (``bgdModel`` / ``fgdModel``) and starts from the label mask the previous run left,
      with the click disks drawn again on top: the segmentation keeps refining.
    - ``"mask"``: the label mask carries over as above, but every run uses
      ``GC_INIT_WITH_MASK``, which refits both GMMs from scratch on the current labels
      (OpenCV ignores the model arrays passed in that mode).
-   - ``"none"``: every click starts again from step 1 (all ``GC_PR_BGD`` plus every click's
-     disk) with ``GC_INIT_WITH_MASK``: the prediction depends on the clicks only.
 
 4. The prediction is the mask's ``GC_FGD`` or ``GC_PR_FGD`` pixels. While the mask holds fewer
    than 5 foreground (or background) pixels, too few for a 5-component GMM (before the first
@@ -110,7 +112,7 @@ class GrabCutPredictor:
         self,
         radius: int = DEFAULT_RADIUS,
         iterations: int = DEFAULT_ITERATIONS,
-        carry: str = "models",
+        carry: str = "none",
     ) -> None:
         if carry not in CARRY:
             raise ValueError(f"carry must be one of {', '.join(CARRY)}, got {carry!r}")
