@@ -56,16 +56,21 @@ def _config(sam: str, frame: int | None, rounds: int | None, batch: int, dtype: 
     return cfg
 
 
-def _median(fn, runs: int) -> float:
+def _median(fn, runs: int) -> tuple[float, object]:
+    """(median time of ``runs`` calls after a first call, the first call's output); with
+    ``runs == 0`` the first call's time (already compiled: no compile in it)."""
     import jax
 
-    jax.block_until_ready(fn())  # warm-up
-    times = []
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    times = [time.perf_counter() - t]
+    if runs > 0:
+        times = []
     for _ in range(runs):
         t = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), out
 
 
 def _flops_compiled(compiled) -> float:
@@ -136,8 +141,7 @@ def run(a: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         compiled = jax.jit(fn, **(jit_kw or {})).lower(*args).compile()
         compile_s[name] = time.perf_counter() - t0
-        out = compiled(*args)
-        t = _median(lambda: compiled(*args), a.runs)
+        t, out = _median(lambda: compiled(*args), a.runs)
         rows[name] = {"s": t, "flops": flops(fn, compiled, *args)}
         print(f"measured {name}: {_ms(t)} (compile {compile_s[name]:.1f} s)", flush=True)
         return out
@@ -185,7 +189,7 @@ def run(a: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s[name] = time.perf_counter() - t0
-        t = _median(lambda c=compiled, b=batch: c(state, b), a.runs)
+        t, _ = _median(lambda c=compiled, b=batch: c(state, b), a.runs)
         if on_cpu:
             fl = _flops_compiled(compiled)
         else:
@@ -254,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="T (default: the recipe's 6)")
     ap.add_argument("--batch", type=int, default=1, help="images per device")
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the recipe's, bfloat16)")
-    ap.add_argument("--runs", type=int, default=3, help="timed runs per part (after 1 warm-up)")
+    ap.add_argument(
+        "--runs", type=int, default=3, help="timed runs per part after a first call (0: time it)"
+    )
     a = ap.parse_args(argv)
 
     from benchmarks._common import host_setup, machine_line
