@@ -62,6 +62,7 @@ def test_record_roundtrip_bfloat16():
         np.testing.assert_array_equal(back[k], v)
 
 
+@pytest.mark.slow
 def test_cached_step_equals_in_step_encoder(tmp_path):
     """The same examples: losses, IoUs and gradients of the step given the cached embedding
     equal those of the step that runs the encoder (float32); the cache's records do not depend
