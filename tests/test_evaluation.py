@@ -183,6 +183,7 @@ def test_empty_predictor_fails_everywhere(grabcut5):
     assert m["mIoU@k"] == [0.0] * 20
 
 
+@pytest.mark.slow
 def test_end_to_end_outputs_and_resume(grabcut5, tmp_path):
     out = tmp_path / "run"
     meta = {"dataset": "GrabCut", "mode": "full", "label": "disk"}
@@ -256,6 +257,7 @@ def test_limit_early_stop_and_shared_embedding_modes(tmp_path):
         evaluate(EmptyPredictor(), samples, 2, modes=["sam", "full"])
 
 
+@pytest.mark.slow
 def test_concurrent_modes_and_prefetch_give_the_sequential_results(grabcut5, tmp_path):
     # The bundled tiny SAM-REF: modes run in their own forks and threads after one shared
     # embedding, and the next image is embedded in the background while the current one is

@@ -76,6 +76,7 @@ def test_predictor_synthetic_and_deterministic():
         grabcut.GrabCutPredictor(carry="all")
 
 
+@pytest.mark.slow
 def test_grabcut_cli_on_real_images(grabcut_dir, tmp_path):
     """Two real GrabCut images, 5 clicks, through the CLI entry point: the outputs of a model
     run, finite metrics, a row 'opencv-grabcut', and clicks that are the project's simulator's

@@ -42,6 +42,7 @@ def _faults(env_extra: dict) -> tuple[bool, int]:
 @pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
+@pytest.mark.slow
 def test_tuned_malloc_keeps_scratch_pages():
     assert tune_malloc() is True and tune_malloc() is True  # idempotent
     tuned, tuned_faults = _faults({})
