@@ -4,16 +4,16 @@ Everything trains (encoder, prompt encoder, decoder, both refiners), end to end 
 ``train.rounds`` unrolled click rounds. ``mode`` picks the model: "full" (SAM + GlobalDiff +
 PatchDiff) or "sam" (the baseline: refiners off and frozen, SAM trained the same way).
 
-Commands that made the bundled checkpoints ``tiny`` and ``tiny-sam`` (same seed and wall-clock
-budget, ``train.max_minutes=36``; both ran at the same time on the 2-core machine, ~1 core
-each; ~1000 steps (full) and ~4000 steps (sam); docs/training.md)::
+Stage 1 of the bundled models (the paper's two-stage recipe; docs/training.md): the tiny SAM
+alone, from scratch, in two legs on the 2-core machine -- this config in "sam" mode for 36
+minutes, then ``configs/tiny_sam_control.py`` continuing it for 50 more::
 
-    python -m train.main --config configs/tiny_cpu.py --workdir runs/tiny_full \\
-        --config.mode=full --config.data.data_dir=runs/tfds \\
-        --config.data.manual_dir=/path/to/COCO_MVal
-    python -m train.main --config configs/tiny_cpu.py --workdir runs/tiny_sam \\
-        --config.mode=sam --config.data.data_dir=runs/tfds \\
-        --config.data.manual_dir=/path/to/COCO_MVal
+    python -m train.main --config configs/tiny_cpu.py --workdir runs/tiny_sam --config.mode=sam
+    python -m train.main --config configs/tiny_sam_control.py --workdir runs/stage1 \
+        --config.train.init_checkpoint=runs/tiny_sam/export --config.train.max_minutes=50
+
+Stage 2 (``configs/tiny_refine.py``) and its control (``configs/tiny_sam_control.py``) both
+start from ``runs/stage1/export``.
 
 ``data.manual_dir`` defaults to ``$SAMREF_DATA_DIR/COCO_MVal``. Each run writes
 ``WORKDIR/{checkpoints,metrics.jsonl,eval.jsonl,curves.png}`` and the exported model

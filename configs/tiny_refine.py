@@ -1,30 +1,28 @@
-"""Stage 2 on CPU: GlobalDiff + PatchDiff trained on a frozen stage-1 tiny SAM (the ``tiny`` model).
+"""Stage 2 on CPU: GlobalDiff + PatchDiff trained on a stage-1 tiny SAM (the bundled ``tiny``).
 
 The paper's two-stage recipe at CPU size. Stage 1 trains the tiny SAM alone from scratch
-(``configs/tiny_cpu.py`` with ``--config.mode=sam``; its ``WORKDIR/export`` is the stage-1
-model). Stage 2 (this file) keeps SAM's image encoder frozen, takes SAM from the stage-1 export
-(``train.init_subtrees=("sam",)``), starts both refiners fresh (an untrained refiner returns
-SAM's logits exactly, so the run starts from SAM's answer) and trains the refiners together
-with SAM's prompt encoder and mask decoder, end to end through ``train.rounds`` click rounds:
-the refined logits of a round are the refiners' previous-mask input of the next round and are
-added to SAM's next ``mask_input`` (``model.feedback="refined"``), both differentiably.
+(``configs/tiny_cpu.py``; its export ``runs/stage1/export``). Stage 2 (this file) keeps SAM's
+image encoder frozen, takes SAM from the stage-1 export (``train.init_subtrees=("sam",)``),
+starts both refiners fresh (untrained refiners return SAM's logits exactly, so the run starts
+from SAM's answer) and trains them with SAM's prompt encoder and mask decoder, end to end
+through ``train.rounds`` click rounds: the refined logits of a round are the refiners'
+previous-mask input of the next and are added to SAM's next ``mask_input``
+(``model.feedback="refined"``), both differentiably.
 
-Budget: ``train.max_minutes=30`` on the 2-core CPU machine (periodic evaluation not counted).
-Its equal-compute control is ``configs/tiny_sam_control.py`` (run at the same time, one core
-each). Commands (stage 1, then stage 2 and its control)::
+Budget: ``train.max_minutes=30`` on the 2-core CPU machine (periodic evaluation not counted),
+run at the same time as its equal-compute control ``configs/tiny_sam_control.py``::
 
-    python -m train.main --config configs/tiny_cpu.py --workdir runs/tiny_sam --config.mode=sam
-    python -m train.main --config configs/tiny_refine.py --workdir runs/tiny_refine \\
-        --config.train.init_checkpoint=runs/tiny_sam/export
-    python -m train.main --config configs/tiny_sam_control.py --workdir runs/tiny_control \\
-        --config.train.init_checkpoint=runs/tiny_sam/export
+    python -m train.main --config configs/tiny_refine.py --workdir runs/tiny_refine \
+        --config.train.init_checkpoint=runs/stage1/export
+    python -m train.main --config configs/tiny_sam_control.py --workdir runs/tiny_control \
+        --config.train.init_checkpoint=runs/stage1/export
 
-``data.manual_dir`` defaults to ``$SAMREF_DATA_DIR/COCO_MVal``. The exported model is
-``runs/tiny_refine/export`` (bundled as ``tiny``); results on GrabCut in docs/evaluation.md.
+``data.manual_dir`` defaults to ``$SAMREF_DATA_DIR/COCO_MVal``. ``runs/tiny_refine/export`` is
+the bundled ``tiny``; GrabCut results and the commands that made them: docs/evaluation.md.
 
-Resolution (frame 128, SAM's low-res logits 32 x 32): GlobalDiff works on the whole 128 frame
-(stem grid 64 x 64, twice SAM's low-res grid); PatchDiff refines a 48 x 48 patch of the
-window it selects.
+Resolution (frame 128, SAM's low-res logits 32 x 32): GlobalDiff works on a 64 square (stem
+grid 32 x 32; on the whole frame the step costs 3x more on this CPU); PatchDiff refines a
+48 x 48 patch of the window it selects, at the frame's resolution or finer.
 """
 
 from __future__ import annotations

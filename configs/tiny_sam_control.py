@@ -1,13 +1,13 @@
-"""The equal-compute SAM-only control of stage 2: the stage-1 tiny SAM trained on, alone.
+"""The equal-compute SAM-only control of stage 2 (the bundled ``tiny-sam``).
 
-Starts from the stage-1 export (``configs/tiny_cpu.py`` with ``--config.mode=sam``) with every
-SAM parameter trainable, for the same wall-clock budget as ``configs/tiny_refine.py``
-(``train.max_minutes=30``; the two run at the same time on the 2-core machine, one core each),
-so that ``tiny`` (stage 2) is compared with SAM given the same extra compute. Its export is
-bundled as ``tiny-sam``. Command::
+Starts from the stage-1 export (``configs/tiny_cpu.py``) with every SAM parameter trainable,
+for the same wall-clock budget as ``configs/tiny_refine.py`` (``train.max_minutes=30``; the two
+run at the same time on the 2-core machine), so that ``tiny`` is compared with SAM given the
+same extra compute. The second leg of stage 1 is this config too, with
+``--config.train.max_minutes=50``. Command::
 
-    python -m train.main --config configs/tiny_sam_control.py --workdir runs/tiny_control \\
-        --config.train.init_checkpoint=runs/tiny_sam/export
+    python -m train.main --config configs/tiny_sam_control.py --workdir runs/tiny_control \
+        --config.train.init_checkpoint=runs/stage1/export
 """
 
 from __future__ import annotations

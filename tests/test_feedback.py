@@ -86,8 +86,20 @@ def test_last_round_loss_reaches_earlier_refiners(setup):
 
 def test_finite_difference_through_three_rounds(setup):
     """d loss / d (GlobalDiff detail-head bias) through 3 unrolled rounds: analytic == central
-    finite difference (the discrete clicks and windows do not move for a small step)."""
+    finite difference (the discrete clicks do not move for a small step)."""
     cfg, params, batch = setup
+    # BCE + Dice: RITM's focal loss holds its normaliser out of the gradient by design, so its
+    # analytic gradient is not the derivative of its value.
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.loss.seg = "bce_dice"
+    # The error-head and IoU-head targets are thresholded masks (held out of the gradient by
+    # design); as S moves, pixels flip and the loss value gains a staircase that a finite
+    # difference sees. Leave them out here.
+    cfg.loss.error_weight = 0.0
+    cfg.loss.iou_weight = 0.0
+    # GlobalDiff only: PatchDiff's window is a discrete (bounding-box) choice that a finite
+    # step can move; the cross-round path is the same (refined logits -> next round).
+    cfg.mode = "global"
     fn = jax.jit(S.make_grad_fn(cfg))
     w = jnp.ones((ROUNDS,))
     loss, _, grads = fn(params, batch, w)
@@ -100,7 +112,7 @@ def test_finite_difference_through_three_rounds(setup):
         p["global_diff"]["refiner"]["detail_head"]["bias"] = b + delta
         return float(fn(p, batch, w)[0])
 
-    eps = 2e-2
+    eps = 3e-3
     fd = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
     assert abs(fd - g) <= 0.03 * abs(g) + 1e-4, (fd, g)
     # the stop-gradient feedback gives a different (per-round only) gradient
@@ -111,7 +123,7 @@ def test_finite_difference_through_three_rounds(setup):
 
 def test_bf16_training_steps_refiners_in_bf16(setup):
     """train.dtype=bfloat16 runs the refiners in bf16 (params stay float32); a few training steps
-    keep finite losses close to float32's."""
+    keep finite losses, close to float32's."""
     cfg, params, batch = setup
     c16 = _config(cfg, dtype="bfloat16")
     model = S.model_of(c16)
@@ -136,4 +148,49 @@ def test_bf16_training_steps_refiners_in_bf16(setup):
         assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
         losses[name] = np.asarray(out)
     assert np.all(np.isfinite(losses["bf16"])), losses
-    np.testing.assert_allclose(losses["bf16"], losses["f32"], rtol=0.1)
+    # Same parameters: bf16 loss within 2 % of float32's, and the refiners' gradients point the
+    # same way (after a few updates the trajectories part: the clicks are discrete choices).
+    np.testing.assert_allclose(losses["bf16"][0], losses["f32"][0], rtol=0.02)
+    # One round (several rounds may click differently once the predictions differ): every
+    # refiner gradient leaf that matters points the same way and has about the same size. (The
+    # biases right before a normalisation have a zero gradient up to rounding: skipped.)
+    g = {}
+    for name, c in (("f32", cfg), ("bf16", c16)):
+        c1 = _config(c, rounds=1)
+        g[name] = jax.tree_util.tree_flatten_with_path(S.make_grad_fn(c1)(params, batch)[2])[0]
+    top = max(float(np.linalg.norm(np.ravel(v))) for _, v in g["f32"])
+    for (path, a), (_, b) in zip(g["f32"], g["bf16"], strict=True):
+        key = jax.tree_util.keystr(path)
+        a, b = np.ravel(a), np.ravel(b)
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        if "diff" not in key or na < 1e-4 * top:
+            continue
+        assert float(a @ b) / (na * nb) > 0.95, key
+        assert abs(nb - na) <= 0.15 * na, (key, na, nb)
+
+
+def test_untrained_refiners_reproduce_sam_through_the_clicks(tiny_checkpoint, grabcut_dir):
+    """Fresh refiners on a SAM (here a random one): the 'full' and 'global' predictors give
+    SAM's logits bit for bit over 6 clicks of the RITM loop, so a refiner stage starts from
+    SAM's answer (the feedback rule then hands SAM exactly its own low-res logits)."""
+    from samref_jax.data.decode import read_image
+    from samref_jax.interaction.clicker import next_click
+    from samref_jax.model.predictor import SamRefPredictor
+
+    image_path = sorted((grabcut_dir / "data_GT").iterdir())[0]
+    image = read_image(image_path)
+    gt = np.zeros(image.shape[:2], bool)
+    h, w = image.shape[:2]
+    gt[h // 4 : 3 * h // 4, w // 3 : 2 * w // 3] = True
+    preds = {m: SamRefPredictor.from_checkpoint(tiny_checkpoint, mode=m) for m in ("sam", "full")}
+    for p in preds.values():
+        p.set_image(image)
+    pred = np.zeros_like(gt)
+    clicked = np.zeros_like(gt)
+    for _ in range(6):
+        y, x, positive = next_click(gt, pred, clicked)
+        clicked[y, x] = True
+        out = {m: p.click(float(x), float(y), bool(positive)) for m, p in preds.items()}
+        np.testing.assert_array_equal(out["full"].logits, out["sam"].logits)
+        np.testing.assert_array_equal(out["full"].global_mask, out["sam"].mask)
+        pred = out["sam"].mask

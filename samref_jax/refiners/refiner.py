@@ -332,7 +332,9 @@ class DiffRefiner(nn.Module):
             (1, 1),
             "SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        ) + jnp.concatenate([bd, be]).astype(dtype)
+        ).astype(jnp.float32) + jnp.concatenate([bd, be]).astype(jnp.float32)
+        # The heads' biases are added in float32: their gradients sum over every pixel, which
+        # a bf16 sum would round badly (2-4x off in a bf16 step; tested).
         # Columns first, as a product with the (w, w') resize matrix, one (B, h', w) plane per
         # head: a dot's output is materialised, so the row gathers that follow move contiguous
         # rows and fuse into the blend. (Two gathers in one fusion made XLA:CPU recompute the
