@@ -775,3 +775,22 @@ def test_fuzz_cli_entry_points(tmp_path, monkeypatch, capsys, shared_predictor):
     counts = {k: outcomes.count(k) for k in set(outcomes)}
     for key in (("segment", 0), ("segment", 2), ("eval", 0), ("eval", 2)):
         assert counts.get(key, 0) >= 5, counts  # both outcomes well exercised
+
+
+def test_resume_accepts_keys_added_since_the_run_started(tmp_path):
+    """A run whose config.json predates the cached-embedding keys resumes with them at the values
+    that reproduce it; turning the cache on is still a change."""
+    from samref_jax.training.trainer import resume_config_changes
+
+    work = tmp_path / "run"
+    work.mkdir()
+    config = _tiny_config()
+    stored = json.loads(config.to_json_best_effort())
+    for k in ("use_cached_embeddings", "cached_views", "cache_dtype", "cache_dir"):
+        stored["data"].pop(k, None)
+    stored["train"].pop("init_subtrees", None)
+    (work / "config.json").write_text(json.dumps(stored))
+    assert resume_config_changes(work, config) == ([], [])
+    cached = _tiny_config()
+    cached.data.use_cached_embeddings = True
+    assert resume_config_changes(work, cached)[0] == ["data.use_cached_embeddings"]

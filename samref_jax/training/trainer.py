@@ -53,8 +53,19 @@ RESUME_SAFE = (
     "data.num_workers",
     "data.data_dir",
     "data.manual_dir",
+    "data.cache_dir",
     "eval.",
 )
+
+# Keys added after runs may have started: absent from a stored config.json and set to the value
+# that reproduces what such a run did, they are no change.
+ADDED_KEYS = {
+    "data.use_cached_embeddings": False,
+    "data.cached_views": None,  # any value: unused without cached embeddings
+    "data.cache_dtype": None,
+    "data.cache_dir": None,
+    "train.init_subtrees": [],
+}
 
 
 class TrainConfigError(ValueError):
@@ -94,7 +105,14 @@ def resume_config_changes(
             "(pass --allow_config_change to overwrite it)"
         ) from None
     new = _flatten(json.loads(config.to_json_best_effort()))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k))
+
+    def same(k: str) -> bool:
+        if k not in old and k in ADDED_KEYS:
+            want = ADDED_KEYS[k]
+            return want is None or new.get(k) == want
+        return old.get(k, "<absent>") == new.get(k)
+
+    changed = sorted(k for k in set(old) | set(new) if not same(k))
     safe = [
         k
         for k in changed
