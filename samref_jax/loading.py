@@ -29,7 +29,7 @@ def check_checkpoint(name_or_path: str) -> None:
     """Fail early (before importing JAX) when a checkpoint directory or bundled name is missing."""
     if name_or_path in BUNDLED_NAMES:
         from samref_jax.checkpoint import CheckpointError
-        from samref_jax.model.io import resolve_checkpoint
+        from samref_jax.samref.io import resolve_checkpoint
 
         try:
             resolve_checkpoint(name_or_path)
@@ -52,7 +52,7 @@ def load_predictor(name_or_path: str, mode: str = "full"):
     """``SamRefPredictor.from_checkpoint`` with checkpoint errors turned into :class:`LoadError`."""
     check_checkpoint(name_or_path)
     from samref_jax.checkpoint import CheckpointError
-    from samref_jax.model.predictor import SamRefPredictor
+    from samref_jax.samref.predictor import SamRefPredictor
 
     try:
         return SamRefPredictor.from_checkpoint(name_or_path, mode=mode)

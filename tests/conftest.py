@@ -51,9 +51,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         return Path(given)
     import jax
 
-    from samref_jax.model.config import samref_model_config
-    from samref_jax.model.io import save_samref
-    from samref_jax.model.samref import init_samref_params
+    from samref_jax.samref.config import samref_model_config
+    from samref_jax.samref.io import save_samref
+    from samref_jax.samref.model import init_samref_params
 
     cfg = samref_model_config("tiny")
     # jit: about 3x faster than the op-by-op init on CPU; rbg keys compile fast.

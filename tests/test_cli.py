@@ -227,7 +227,7 @@ def test_segment_user_errors(case, message, grabcut_image, tmp_path):
 
 
 def test_missing_bundled_checkpoint_is_one_line(grabcut_image, tmp_path, monkeypatch, capsys):
-    from samref_jax.model import io
+    from samref_jax.samref import io
 
     monkeypatch.setattr(io, "_ASSETS", tmp_path / "no_assets")
     rc = cli.main(["segment", str(grabcut_image), "--click", "5,5,+", "--out", str(tmp_path / "o")])

@@ -35,7 +35,7 @@ MODULES = _modules_with_examples()
 
 def test_examples_found():
     # The public entry points document themselves with runnable examples.
-    for name in ("samref_jax", "samref_jax.model.predictor", "samref_jax.sam.common"):
+    for name in ("samref_jax", "samref_jax.samref.predictor", "samref_jax.sam.common"):
         assert name in MODULES, name
 
 

@@ -54,7 +54,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_holds_every_module_and_asset(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     files = _files("samref_jax", "configs", "train")
-    assert "samref_jax/model/predictor.py" in files
+    assert "samref_jax/samref/predictor.py" in files
     assert any(f.startswith("samref_jax/assets/checkpoints/tiny-sam/") for f in files)
     missing = sorted(set(files) - names)
     assert not missing, f"not in {wheel.name}: {missing}"
@@ -64,7 +64,7 @@ def test_bundled_model_runs_from_the_wheel(wheel, tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     script = (
-        "import numpy as np, samref_jax.model.predictor as m\n"
+        "import numpy as np, samref_jax.samref.predictor as m\n"
         f"assert m.__file__.startswith({str(site)!r}), m.__file__\n"
         "p = m.SamRefPredictor.from_checkpoint('tiny')\n"
         "p.set_image(np.zeros((40, 60, 3), np.uint8))\n"

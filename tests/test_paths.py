@@ -202,7 +202,7 @@ def test_model_checkpoint_round_trip_in_the_bucket(gcs, monkeypatch):
     import orbax.checkpoint as ocp
 
     from samref_jax.checkpoint import CheckpointError, load_model_checkpoint, save_model_checkpoint
-    from samref_jax.model.io import resolve_checkpoint
+    from samref_jax.samref.io import resolve_checkpoint
 
     store: dict[str, object] = {}
 

@@ -173,7 +173,7 @@ def test_read_image_scales_16_bit_and_float_like_the_array_api(tmp_path):
     from PIL import Image
 
     from samref_jax.data.decode import DataError, read_image
-    from samref_jax.sam.predictor import as_rgb_uint8
+    from samref_jax.sam.transforms import as_rgb_uint8
 
     grey16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
     path = tmp_path / "grey16.png"
@@ -596,8 +596,8 @@ def test_tiny_sam_in_full_mode_warns_that_its_refiners_are_untrained(recwarn):
     import warnings
 
     from samref_jax.checkpoint import read_metadata
-    from samref_jax.model.io import resolve_checkpoint, untrained_refiners
-    from samref_jax.model.predictor import SamRefPredictor
+    from samref_jax.samref.io import resolve_checkpoint, untrained_refiners
+    from samref_jax.samref.predictor import SamRefPredictor
 
     assert untrained_refiners(read_metadata(resolve_checkpoint("tiny-sam")))
     assert not untrained_refiners(read_metadata(resolve_checkpoint("tiny")))
@@ -670,7 +670,7 @@ def _check_outcome(rc: int, err: str, out_dir: Path | None = None) -> None:
 @pytest.fixture(scope="module")
 def shared_predictor():
     """One compiled tiny predictor for every fuzz case (mode switched per call)."""
-    from samref_jax.model.predictor import SamRefPredictor
+    from samref_jax.samref.predictor import SamRefPredictor
 
     return SamRefPredictor.from_checkpoint("tiny", mode="full")
 

@@ -81,7 +81,7 @@ def read_image(path: str | Path) -> np.ndarray:
             if arr.size and (arr.min() < 0 or arr.max() > 65535):
                 raise DataError(f"cannot decode {path}: {im.mode} image values outside 0..65535")
             arr = arr.astype(np.uint16)
-        from samref_jax.sam.predictor import as_rgb_uint8
+        from samref_jax.sam.transforms import as_rgb_uint8
 
         try:
             return as_rgb_uint8(arr)

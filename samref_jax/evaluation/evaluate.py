@@ -76,7 +76,7 @@ def _make_predictor(factory: str | None, checkpoint: str | None, mode: str) -> A
     if factory:
         module, _, name = factory.partition(":")
         return getattr(importlib.import_module(module), name or "make_predictor")(checkpoint, mode)
-    from samref_jax.model.predictor import SamRefPredictor  # lazy: heavy, and optional here
+    from samref_jax.samref.predictor import SamRefPredictor  # lazy: heavy, and optional here
 
     return SamRefPredictor.from_checkpoint(checkpoint, mode=mode)
 
@@ -257,7 +257,7 @@ def _checkpoint_identity(checkpoint: str, max_clicks: int) -> dict:
     import hashlib
 
     from samref_jax.checkpoint import CheckpointError, read_metadata
-    from samref_jax.model.io import resolve_checkpoint
+    from samref_jax.samref.io import resolve_checkpoint
 
     try:
         path = resolve_checkpoint(checkpoint)
@@ -266,7 +266,7 @@ def _checkpoint_identity(checkpoint: str, max_clicks: int) -> dict:
         raise EvalError(f"--checkpoint: {e}") from None
     slots = (meta.get("samref_config") or {}).get("max_clicks")
     if slots is None:
-        from samref_jax.model.config import samref_model_config
+        from samref_jax.samref.config import samref_model_config
 
         slots = samref_model_config("tiny").max_clicks  # the default of every model config
     if not 1 <= max_clicks <= int(slots):

@@ -2,7 +2,7 @@
 
 Protocol and metrics: docs/design.md, 'Evaluation protocol'; outputs: docs/evaluation.md.
 
-The predictor API (``samref_jax.model.predictor.SamRefPredictor`` implements it)::
+The predictor API (``samref_jax.samref.predictor.SamRefPredictor`` implements it)::
 
     p.set_image(image)               # uint8[H, W, 3]; computes the image embedding once
     out = p.click(x, y, positive)    # out.mask: bool[H, W] (an array or {"mask": ...} works too)

@@ -1,14 +1,13 @@
 """SAM-REF refiners: GlobalDiff and PatchDiff (docs/design.md, 'SAM-REF reconstruction')."""
 
 from samref_jax.refiners.clicks import batch_disk_maps, disk_maps, scale_clicks
-from samref_jax.refiners.modules import (
-    GlobalDiff,
-    PatchDiff,
-    PatchDiffOutput,
+from samref_jax.refiners.config import (
     default_global_diff_config,
     default_patch_diff_config,
     default_refiners_config,
 )
+from samref_jax.refiners.global_diff import GlobalDiff
+from samref_jax.refiners.patch_diff import PatchDiff, PatchDiffOutput
 from samref_jax.refiners.refiner import (
     DiffRefiner,
     RefinerContext,

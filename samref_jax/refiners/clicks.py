@@ -13,6 +13,8 @@ Labels: ``1`` positive, ``0`` negative, ``-1`` padding (ignored).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -88,3 +90,19 @@ def scale_clicks(
     if half_pixel:
         return (coords + 0.5) * scale - 0.5
     return coords * scale
+
+
+def work_hw(cfg: Any, hw: tuple[int, int]) -> tuple[int, int]:
+    """A refiner's working (height, width): ``cfg.input_size`` square, or the frame ``hw``."""
+    return hw if cfg.input_size is None else (int(cfg.input_size), int(cfg.input_size))
+
+
+def draw_disks(
+    coords: Array, labels: Array, radius: Array, frame_hw: tuple[int, int], work_hw: tuple[int, int]
+) -> Array:
+    """Disks of (B, N, 2) frame clicks with (B,) frame radii, drawn at the working size."""
+    if work_hw != frame_hw:
+        coords = scale_clicks(coords, frame_hw, work_hw)
+        scale = ((work_hw[0] / frame_hw[0]) * (work_hw[1] / frame_hw[1])) ** 0.5
+        radius = radius * scale
+    return batch_disk_maps(coords, labels, work_hw[0], work_hw[1], radius)

@@ -49,7 +49,7 @@ def config_from_metadata(meta: dict[str, Any]) -> SamConfig:
 def load_sam(directory: str | os.PathLike, dtype: Any = jnp.float32) -> SamModel:
     """Loads the SAM part of a samref-jax checkpoint directory (converted or SAM-REF) or of a
     bundled model (`tiny`, `tiny-sam`), the names `SamRefPredictor.from_checkpoint` takes."""
-    from samref_jax.model.io import resolve_checkpoint  # imports this module
+    from samref_jax.samref.io import resolve_checkpoint  # imports this module
 
     directory = resolve_checkpoint(directory)
     tree, meta = load_model_checkpoint(directory)

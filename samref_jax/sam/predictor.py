@@ -23,12 +23,13 @@ import numpy as np
 
 from samref_jax.host import tune_malloc
 from samref_jax.sam.build import SamModel
-from samref_jax.sam.config import SamConfig
 from samref_jax.sam.mask_decoder import select_masks
 from samref_jax.sam.model import Sam
 from samref_jax.sam.transforms import (
     apply_boxes,
     apply_coords,
+    as_rgb_uint8,
+    normalize_and_pad,
     postprocess_masks,
     resize_longest_side,
 )
@@ -42,54 +43,6 @@ def prompt_bucket(n: int) -> int:
         if n <= b:
             return b
     raise ValueError(f"at most {PROMPT_BUCKETS[-1]} prompt slots are supported, got {n}")
-
-
-def normalize_and_pad(resized: np.ndarray, cfg: SamConfig) -> np.ndarray:
-    """hxwx3 uint8 resized image -> (1, S, S, 3) float32: normalise, then zero-pad (host side,
-    float32 arithmetic exactly as torch does it)."""
-    mean = np.asarray(cfg.pixel_mean, np.float32)
-    std = np.asarray(cfg.pixel_std, np.float32)
-    x = (resized.astype(np.float32) - mean) / std
-    out = np.zeros((1, cfg.img_size, cfg.img_size, 3), np.float32)
-    out[0, : x.shape[0], : x.shape[1]] = x
-    return out
-
-
-def as_rgb_uint8(image: np.ndarray, image_format: str = "RGB") -> np.ndarray:
-    """Accepts HxW (grey), HxWx1, HxWx3, HxWx4 (alpha dropped); uint8 or uint16 (scaled).
-
-    Anything else raises ValueError with a clear message.
-    """
-    arr = np.asarray(image)
-    if arr.dtype == np.bool_ or arr.dtype.kind not in "uif":
-        raise ValueError(f"image must be a numeric array, got dtype {arr.dtype}")
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ValueError(
-            f"image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {tuple(np.shape(image))}"
-        )
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"image is empty: shape {arr.shape}")
-    if arr.dtype == np.uint16:
-        arr = (arr.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)
-    elif arr.dtype.kind == "f":
-        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-            raise ValueError("float images must hold values in [0, 1]")
-        arr = (arr * 255.0 + 0.5).astype(np.uint8)
-    elif arr.dtype != np.uint8:
-        if arr.min() < 0 or arr.max() > 255:
-            raise ValueError(f"integer image of dtype {arr.dtype} has values outside 0..255")
-        arr = arr.astype(np.uint8)
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    elif arr.shape[2] == 4:
-        arr = arr[..., :3]
-    if image_format == "BGR":
-        arr = arr[..., ::-1]
-    elif image_format != "RGB":
-        raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-    return np.ascontiguousarray(arr)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

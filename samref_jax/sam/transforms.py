@@ -1,8 +1,8 @@
 """SAM's pre- and post-processing: resize the longest side, and back.
 
-Host side (NumPy/Pillow): `resize_longest_side`, `apply_coords`, `apply_boxes`.
-Device side (jittable): `upscale_to_frame`, `postprocess_masks`. Normalising and padding the
-frame is the predictors' (`samref_jax.sam.predictor`) and the training step's.
+Host side (NumPy/Pillow): `as_rgb_uint8` (any image array -> HxWx3 uint8),
+`resize_longest_side`, `normalize_and_pad`, `apply_coords`, `apply_boxes`.
+Device side (jittable): `upscale_to_frame`, `postprocess_masks`.
 """
 
 from __future__ import annotations
@@ -78,3 +78,51 @@ def postprocess_masks(
     masks = upscale_to_frame(low_res, config)
     masks = masks[..., : input_hw[0], : input_hw[1]]
     return resize_bilinear(masks, original_hw)
+
+
+def normalize_and_pad(resized: np.ndarray, cfg: SamConfig) -> np.ndarray:
+    """hxwx3 uint8 resized image -> (1, S, S, 3) float32: normalise, then zero-pad (host side,
+    float32 arithmetic exactly as torch does it)."""
+    mean = np.asarray(cfg.pixel_mean, np.float32)
+    std = np.asarray(cfg.pixel_std, np.float32)
+    x = (resized.astype(np.float32) - mean) / std
+    out = np.zeros((1, cfg.img_size, cfg.img_size, 3), np.float32)
+    out[0, : x.shape[0], : x.shape[1]] = x
+    return out
+
+
+def as_rgb_uint8(image: np.ndarray, image_format: str = "RGB") -> np.ndarray:
+    """Accepts HxW (grey), HxWx1, HxWx3, HxWx4 (alpha dropped); uint8 or uint16 (scaled).
+
+    Anything else raises ValueError with a clear message.
+    """
+    arr = np.asarray(image)
+    if arr.dtype == np.bool_ or arr.dtype.kind not in "uif":
+        raise ValueError(f"image must be a numeric array, got dtype {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(
+            f"image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {tuple(np.shape(image))}"
+        )
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"image is empty: shape {arr.shape}")
+    if arr.dtype == np.uint16:
+        arr = (arr.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ValueError("float images must hold values in [0, 1]")
+        arr = (arr * 255.0 + 0.5).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        if arr.min() < 0 or arr.max() > 255:
+            raise ValueError(f"integer image of dtype {arr.dtype} has values outside 0..255")
+        arr = arr.astype(np.uint8)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] == 4:
+        arr = arr[..., :3]
+    if image_format == "BGR":
+        arr = arr[..., ::-1]
+    elif image_format != "RGB":
+        raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+    return np.ascontiguousarray(arr)

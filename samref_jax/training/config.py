@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from samref_jax.model.config import samref_model_config
+from samref_jax.samref.config import samref_model_config
 from samref_jax.training.losses import default_loss_config
 
 

@@ -257,7 +257,7 @@ class _View:
     """Record index -> (augmented example, record index); picklable for Grain workers."""
 
     def __init__(self, config: ml_collections.ConfigDict, source: Any, train_idx: Any) -> None:
-        from samref_jax.model.config import sam_config_from
+        from samref_jax.samref.config import sam_config_from
 
         self.source, self.train_idx = source, np.asarray(train_idx, np.int64)
         self.d = ml_collections.FrozenConfigDict(config.data)
@@ -282,8 +282,8 @@ def _embed_fn(config: ml_collections.ConfigDict, params: Any, devices: list) -> 
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from samref_jax.model.config import sam_config_from
-    from samref_jax.model.samref import SamRef
+    from samref_jax.samref.config import sam_config_from
+    from samref_jax.samref.model import SamRef
     from samref_jax.training import step as S
 
     model = S.model_of(config)
@@ -342,7 +342,7 @@ def build_cache(
     """Embeds ``data.cached_views`` views of every training instance of ``source`` with the
     image encoder of ``params`` and writes them to ``cache_dir`` (module docstring). Returns the
     metadata (written only when ``finalize``, by process 0, after a barrier)."""
-    from samref_jax.model.config import sam_config_from
+    from samref_jax.samref.config import sam_config_from
     from samref_jax.training.distributed import barrier
     from samref_jax.training.pipeline import split_indices
 

@@ -48,8 +48,8 @@ import numpy as np
 from PIL import Image, ImageEnhance
 from scipy import ndimage
 
-from samref_jax.model.config import sam_config_from
 from samref_jax.paths import as_path
+from samref_jax.samref.config import sam_config_from
 
 
 def default_manual_dir(name: str) -> str:

@@ -40,8 +40,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from samref_jax.interaction.clicker import next_click_jax
-from samref_jax.model.config import sam_config_from
-from samref_jax.model.samref import ClickInputs, SamRef, feedback_inputs, init_samref_params
+from samref_jax.samref.config import sam_config_from
+from samref_jax.samref.model import ClickInputs, SamRef, feedback_inputs, init_samref_params
 from samref_jax.training import losses as L
 
 Array = jax.Array
@@ -125,7 +125,7 @@ def init_params(config: ml_collections.ConfigDict, rng: Array) -> Any:
     ``train.init_subtrees=("sam",)`` only SAM comes from the checkpoint and the refiners start
     fresh."""
     if config.train.get("init_checkpoint"):
-        from samref_jax.model.io import load_samref
+        from samref_jax.samref.io import load_samref
 
         params, _, _ = load_samref(config.train.init_checkpoint, rng)
         if tuple(config.train.get("init_subtrees", ())) == ("sam",):

@@ -130,7 +130,7 @@ def _jsonable(metrics: dict) -> dict:
 
 
 def _export(workdir: Path, params: Any, config: ml_collections.ConfigDict, meta: dict) -> Path:
-    from samref_jax.model.io import save_samref
+    from samref_jax.samref.io import save_samref
 
     host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
     return save_samref(workdir / "export", host, config.model, meta)
@@ -144,7 +144,7 @@ class _Evaluator:
 
     def __call__(self, params: Any) -> dict:
         from samref_jax.evaluation import evaluate
-        from samref_jax.model.predictor import SamRefPredictor
+        from samref_jax.samref.predictor import SamRefPredictor
 
         host = jax.tree_util.tree_map(lambda x: jnp.asarray(jax.device_get(x)), params)
         if self.predictor is None:

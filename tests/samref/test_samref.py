@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from samref_jax.checkpoint import CheckpointError, save_model_checkpoint
-from samref_jax.model.config import sam_config_from, samref_model_config
-from samref_jax.model.io import load_samref, save_samref
-from samref_jax.model.predictor import SamRefPredictor
-from samref_jax.model.samref import ClickInputs, SamRef, init_samref_params
+from samref_jax.samref.config import sam_config_from, samref_model_config
+from samref_jax.samref.io import load_samref, save_samref
+from samref_jax.samref.model import ClickInputs, SamRef, init_samref_params
+from samref_jax.samref.predictor import SamRefPredictor
 
 KEY = jax.random.key(0, impl="rbg")
 

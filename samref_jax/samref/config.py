@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from samref_jax.refiners.modules import default_refiners_config
+from samref_jax.refiners.config import default_refiners_config
 from samref_jax.sam.config import SamConfig, sam_config
 
 MODES = ("sam", "global", "full")

@@ -10,7 +10,8 @@ from samref_jax.sam import predictor as pred_mod
 from samref_jax.sam import sam_config
 from samref_jax.sam.build import SamModel
 from samref_jax.sam.model import init_sam_params
-from samref_jax.sam.predictor import PROMPT_BUCKETS, SamPredictor, as_rgb_uint8
+from samref_jax.sam.predictor import PROMPT_BUCKETS, SamPredictor
+from samref_jax.sam.transforms import as_rgb_uint8
 
 
 @pytest.fixture(scope="module")

@@ -262,7 +262,7 @@ def test_concurrent_modes_and_prefetch_give_the_sequential_results(grabcut5, tmp
     # The bundled tiny SAM-REF: modes run in their own forks and threads after one shared
     # embedding, and the next image is embedded in the background while the current one is
     # clicked, with exactly the clicks and IoUs of doing everything one after the other.
-    from samref_jax.model.predictor import PreparedImage, SamRefPredictor
+    from samref_jax.samref.predictor import PreparedImage, SamRefPredictor
 
     p = SamRefPredictor.from_checkpoint("tiny")
     prepared, given = [], []
@@ -325,9 +325,9 @@ def test_cli_evaluate_and_compare(grabcut_dir, tmp_path, monkeypatch, capsys):
             created.append((path, mode))
             return cls(30)
 
-    fake = types.ModuleType("samref_jax.model.predictor")
+    fake = types.ModuleType("samref_jax.samref.predictor")
     fake.SamRefPredictor = FakeSamRefPredictor
-    monkeypatch.setitem(sys.modules, "samref_jax.model.predictor", fake)
+    monkeypatch.setitem(sys.modules, "samref_jax.samref.predictor", fake)
     out = tmp_path / "eval"
     argv = [
         "--checkpoint",

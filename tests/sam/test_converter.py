@@ -20,7 +20,7 @@ from samref_jax.sam.convert import (
 )
 from tests.sam_reference import build_torch_sam, random_torch_sam, state_dict_numpy, torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from samref_jax.checkpoint import CheckpointError, load_model_checkpoint, save_model_checkpoint
-from samref_jax.model.config import from_jsonable, sam_config_from, samref_model_config
-from samref_jax.model.samref import init_samref_params
 from samref_jax.paths import as_path
 from samref_jax.sam.build import config_from_metadata
 from samref_jax.sam.config import sam_config
+from samref_jax.samref.config import from_jsonable, sam_config_from, samref_model_config
+from samref_jax.samref.model import init_samref_params
 
 BUNDLED = {"tiny": "tiny", "tiny-sam": "tiny-sam"}
 _ASSETS = Path(__file__).resolve().parent.parent / "assets" / "checkpoints"

@@ -20,7 +20,7 @@ from samref_jax.sam.config import sam_config
 from samref_jax.sam.predictor import SamPredictor
 from tests.sam_reference import random_torch_sam, segment_anything, torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow  # full-size vit_b models (torch and JAX)
 

@@ -10,8 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from samref_jax.model.config import sam_config_from
-from samref_jax.model.samref import SamRef, next_mask_input
+from samref_jax.samref.config import sam_config_from
+from samref_jax.samref.model import SamRef, next_mask_input
 from samref_jax.training import step as S
 from samref_jax.training.testing import synthetic_batch, tiny_test_config
 
@@ -175,7 +175,7 @@ def test_untrained_refiners_reproduce_sam_through_the_clicks(tiny_checkpoint, gr
     SAM's answer (the feedback rule then hands SAM exactly its own low-res logits)."""
     from samref_jax.data.decode import read_image
     from samref_jax.interaction.clicker import next_click
-    from samref_jax.model.predictor import SamRefPredictor
+    from samref_jax.samref.predictor import SamRefPredictor
 
     image_path = sorted((grabcut_dir / "data_GT").iterdir())[0]
     image = read_image(image_path)

@@ -41,12 +41,16 @@ import ml_collections
 import numpy as np
 
 from samref_jax.host import tune_malloc
-from samref_jax.model.config import MODES, sam_config_from
-from samref_jax.model.io import load_samref, untrained_refiners
-from samref_jax.model.samref import ClickInputs, ClickOutputs, SamRef
 from samref_jax.sam.common import resize_bilinear
-from samref_jax.sam.predictor import as_rgb_uint8, normalize_and_pad
-from samref_jax.sam.transforms import apply_coords, resize_longest_side
+from samref_jax.sam.transforms import (
+    apply_coords,
+    as_rgb_uint8,
+    normalize_and_pad,
+    resize_longest_side,
+)
+from samref_jax.samref.config import MODES, sam_config_from
+from samref_jax.samref.io import load_samref, untrained_refiners
+from samref_jax.samref.model import ClickInputs, ClickOutputs, SamRef
 
 
 @dataclasses.dataclass

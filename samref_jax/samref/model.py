@@ -31,11 +31,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from samref_jax.model.config import MODES, sam_config_from
-from samref_jax.refiners.modules import GlobalDiff, PatchDiff
+from samref_jax.refiners.global_diff import GlobalDiff
+from samref_jax.refiners.patch_diff import PatchDiff
 from samref_jax.refiners.refiner import RefinerContext
 from samref_jax.sam.model import Sam
 from samref_jax.sam.transforms import upscale_to_frame
+from samref_jax.samref.config import MODES, sam_config_from
 
 Array = jax.Array
 

@@ -1,5 +1,5 @@
-"""GlobalDiff and PatchDiff refiners, called once per click (docs/design.md, 'GlobalDiff',
-'PatchDiff window', 'PatchDiff crop and paste')."""
+"""PatchDiff: the local-window refiner, called once per click (docs/design.md, 'PatchDiff window',
+'PatchDiff crop and paste')."""
 
 from __future__ import annotations
 
@@ -8,44 +8,20 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from samref_jax.refiners.clicks import batch_disk_maps, scale_clicks
+from samref_jax.refiners.clicks import draw_disks, work_hw
 from samref_jax.refiners.refiner import (
     DiffRefiner,
-    RefinerContext,
-    RefinerOutput,
-    default_refiner_config,
 )
 from samref_jax.refiners.window import (
     clicks_to_patch,
     crop_patches,
-    default_window_config,
     paste_patches,
     patch_radius,
     select_window,
 )
 
 Array = jax.Array
-
-
-def default_global_diff_config() -> ml_collections.ConfigDict:
-    """GlobalDiff config: the DiffRefiner fields (see ``default_refiner_config``)."""
-    return default_refiner_config()
-
-
-def default_patch_diff_config() -> ml_collections.ConfigDict:
-    """PatchDiff config: DiffRefiner fields + window fields (see ``default_window_config``)."""
-    cfg = default_refiner_config()
-    cfg.update(default_window_config())
-    return cfg
-
-
-def default_refiners_config() -> ml_collections.ConfigDict:
-    """Both refiners: ``global_diff`` and ``patch_diff`` sub-configs."""
-    return ml_collections.ConfigDict(
-        dict(global_diff=default_global_diff_config(), patch_diff=default_patch_diff_config())
-    )
 
 
 class PatchDiffOutput(NamedTuple):
@@ -64,68 +40,6 @@ class PatchDiffOutput(NamedTuple):
     patch_detail: Array
     patch_error_logits: Array
     patch_coarse: Array
-
-
-def _work_hw(cfg: Any, hw: tuple[int, int]) -> tuple[int, int]:
-    return hw if cfg.input_size is None else (int(cfg.input_size), int(cfg.input_size))
-
-
-def _draw_disks(
-    coords: Array, labels: Array, radius: Array, frame_hw: tuple[int, int], work_hw: tuple[int, int]
-) -> Array:
-    """Disks of (B, N, 2) frame clicks with (B,) frame radii, drawn at the working size."""
-    if work_hw != frame_hw:
-        coords = scale_clicks(coords, frame_hw, work_hw)
-        scale = ((work_hw[0] / frame_hw[0]) * (work_hw[1] / frame_hw[1])) ** 0.5
-        radius = radius * scale
-    return batch_disk_maps(coords, labels, work_hw[0], work_hw[1], radius)
-
-
-class GlobalDiff(nn.Module):
-    """Whole-frame refiner. ``cfg``: see :func:`default_global_diff_config`; ``dtype``: compute
-    dtype (None: ``cfg.dtype``), parameters stay float32."""
-
-    cfg: Any
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(
-        self,
-        image: Array | None,
-        coords: Array | None,
-        labels: Array | None,
-        coarse_logits: Array | None,
-        embedding: Array | None,
-        radius: Array | None,
-        context: RefinerContext | None = None,
-        context_only: bool = False,
-        prev_logits: Array | None = None,
-    ) -> RefinerOutput | RefinerContext:
-        """Refine SAM's coarse logits over the whole frame.
-
-        Args:
-          image: (B, H, W, 3) normalised (padded) image.
-          coords: (B, N, 2) click (x, y), pixel-centre frame units; labels: (B, N) 1/0/-1.
-          coarse_logits: (B, H, W) SAM logits S upsampled to the frame.
-          embedding: (B, h, w, E) SAM image embedding (e.g. 64x64x256).
-          radius: (B,) or scalar click-disk radius in frame pixels.
-          context: this image's :class:`RefinerContext` (None: computed here; same numbers).
-          context_only: return the RefinerContext of ``image`` and ``embedding`` (the other
-            arguments may be None): the per-image part, computed once per image.
-          prev_logits: (B, H, W) the previous click's final logits (``prev_mask_input``).
-
-        Returns:
-          RefinerOutput of (B, H, W) float32 maps; ``logits`` is G (or the RefinerContext).
-        """
-        refiner = DiffRefiner(self.cfg, self.dtype, name="refiner")
-        if context_only:
-            return refiner(image, None, None, embedding, context_only=True)
-        b, h, w = coarse_logits.shape
-        radius = jnp.broadcast_to(jnp.asarray(radius, jnp.float32), (b,))
-        disks = _draw_disks(coords, labels, radius, (h, w), _work_hw(self.cfg, (h, w)))
-        return refiner(
-            image, disks, coarse_logits, embedding, context=context, prev_logits=prev_logits
-        )
 
 
 class PatchDiff(nn.Module):
@@ -180,7 +94,7 @@ class PatchDiff(nn.Module):
 
         coords_p = clicks_to_patch(coords, windows[:, None, :], p)
         radius_p = patch_radius(radius, windows, p)
-        disks = _draw_disks(coords_p, labels, radius_p, (p, p), _work_hw(cfg, (p, p)))
+        disks = draw_disks(coords_p, labels, radius_p, (p, p), work_hw(cfg, (p, p)))
 
         prev_p = None
         if cfg.get("prev_mask_input", False):

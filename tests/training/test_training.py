@@ -23,7 +23,7 @@ import pytest
 from samref_jax.training import step as S
 from samref_jax.training.testing import synthetic_batch, tiny_test_config, write_fake_coco_mval
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FRAME = 64
 
 
@@ -127,7 +127,7 @@ def test_overfit_and_frozen_subtrees(compile_cache):
 def test_kill_and_resume_same_losses(tmp_path, compile_cache):
     """Interrupted after step 2 and resumed == uninterrupted, for steps 3 and 4; one trace per
     run; the exported model loads in the predictor."""
-    from samref_jax.model.predictor import SamRefPredictor
+    from samref_jax.samref.predictor import SamRefPredictor
     from samref_jax.training.trainer import train
 
     root = write_fake_coco_mval(tmp_path / "COCO_MVal", n=6)
@@ -241,8 +241,8 @@ def test_sharded_step_matches_single_device():
 def test_bundled_checkpoints_segment_grabcut(name, mode, grabcut_dir):
     from samref_jax.data.folders import read_folder_dataset
     from samref_jax.evaluation import run_sample
-    from samref_jax.model.io import resolve_checkpoint
-    from samref_jax.model.predictor import SamRefPredictor
+    from samref_jax.samref.io import resolve_checkpoint
+    from samref_jax.samref.predictor import SamRefPredictor
 
     path = (
         resolve_checkpoint(name)

@@ -340,7 +340,7 @@ def test_sharded_clicker_has_no_collectives():
     collective at all, in particular none in a loop body or condition (a data-dependent
     ``while_loop`` would all-reduce its condition across devices every iteration), and it gives
     the host clicks."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("XLA_FLAGS", None)
     r = subprocess.run(

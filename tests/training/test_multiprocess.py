@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow  # training runs in several processes
 RUN_TIMEOUT_S = 600  # one training run (compiles dominate on a loaded 2-core CPU)
