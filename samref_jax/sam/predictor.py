@@ -35,6 +35,17 @@ from samref_jax.sam.transforms import (
 )
 
 PROMPT_BUCKETS = (2, 4, 8, 16, 32, 64, 128)
+# Padded number of prompt sets of one `predict_batch` call (coarse: 2..8 sets share a compile);
+# larger batches run in chunks of the last size (each chunk one call of the same function).
+BATCH_BUCKETS = (1, 8, 16, 32, 64)
+
+
+def batch_bucket(n: int) -> int:
+    """Smallest padded batch size holding n prompt sets (n <= BATCH_BUCKETS[-1])."""
+    for b in BATCH_BUCKETS:
+        if n <= b:
+            return b
+    raise ValueError(f"at most {BATCH_BUCKETS[-1]} prompt sets per call, got {n}")
 
 
 def prompt_bucket(n: int) -> int:
@@ -78,8 +89,39 @@ def _finish(masks, iou, multimask_output, input_hw, original_hw, config, return_
     return (full if return_logits else full > 0.0), iou[0], masks[0]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11, 12))
+def _predict_batch(
+    module: Sam,
+    params,
+    embedding,
+    coords,
+    labels,
+    mask_input,
+    has_mask,
+    image_pe,
+    multimask_output,
+    input_hw,
+    original_hw,
+    config,
+    return_logits,
+):
+    """`_decode` of B prompt sets on one image embedding, then `_finish` on each row, in one
+    compiled call (once per padded batch size, prompt size and image size).
+
+    embedding (1, S, S, D); coords (B, K, 2); labels (B, K); mask_input (B, 4S, 4S); has_mask
+    (B,) -> masks (B, C, H, W), scores (B, C), low-res logits (B, C, 4S, 4S).
+    """
+    masks, iou = _decode(module, params, embedding, coords, labels, mask_input, has_mask, image_pe)
+
+    def finish_row(m, i):
+        return _finish(m, i, multimask_output, input_hw, original_hw, config, return_logits)
+
+    return jax.vmap(finish_row)(masks[:, None], iou[:, None])
+
+
 class SamPredictor:
-    """Same semantics and shapes as `segment_anything.SamPredictor` (single prompt set)."""
+    """Same semantics and shapes as `segment_anything.SamPredictor`: `predict` takes one prompt
+    set, `predict_batch` N sets in one call (the official `predict_torch`)."""
 
     def __init__(self, sam_model: SamModel) -> None:
         tune_malloc()  # XLA:CPU's scratch blocks from the heap, not fresh pages (host.py)
@@ -198,4 +240,105 @@ class SamPredictor:
             bool(return_logits),
         )
         full, scores, low_res = (np.asarray(x) for x in out)
+        return full, scores, low_res
+
+    def predict_batch(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """N prompt sets on the current image in one compiled call: the official predictor's
+        `predict_torch`, but in original-image coordinates like :meth:`predict`.
+
+        point_coords (N, K, 2) (x, y) original-image pixels with point_labels (N, K) in {0, 1};
+        boxes (N, 4) XYXY original-image pixels; mask_input (N, 1, 4S, 4S) low-res logits (a
+        previous call's low-res output), used in every row. Row i equals :meth:`predict` on row
+        i's prompts. Returns masks (N, C, H, W) bool (float logits with `return_logits`),
+        scores (N, C) and low-res logits (N, C, 4S, 4S) as NumPy, C = 3 with
+        `multimask_output` else 1. N is padded to a `BATCH_BUCKETS` size, so batches of
+        different sizes share a compile; N above the largest runs in chunks of that size.
+        """
+        self._require_image()
+        sizes: dict[str, int] = {}
+        pc = pl = bx = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_labels must be supplied with point_coords")
+            pc = np.asarray(point_coords, np.float64)
+            pl = np.asarray(point_labels)
+            if pc.ndim != 3 or pc.shape[-1] != 2:
+                raise ValueError(f"point_coords must be (N, K, 2), got shape {pc.shape}")
+            if pl.shape != pc.shape[:2]:
+                raise ValueError(f"point_labels must be (N, K) = {pc.shape[:2]}, got {pl.shape}")
+            sizes["point_coords"] = pc.shape[0]
+        elif point_labels is not None:
+            raise ValueError("point_labels given without point_coords")
+        if boxes is not None:
+            bx = np.asarray(boxes, np.float64)
+            if bx.ndim != 2 or bx.shape[-1] != 4:
+                raise ValueError(f"boxes must be (N, 4) XYXY, got shape {bx.shape}")
+            sizes["boxes"] = bx.shape[0]
+        low = self.config.low_res_mask_size
+        m = None
+        if mask_input is not None:
+            m = np.asarray(mask_input, np.float32)
+            if m.ndim != 4 or m.shape[1:] != (1, low, low):
+                raise ValueError(f"mask_input must be (N, 1, {low}, {low}), got shape {m.shape}")
+            sizes["mask_input"] = m.shape[0]
+        if not sizes:
+            raise ValueError("predict_batch needs point_coords, boxes or mask_input")
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"the prompts disagree on N: {sizes}")
+        n = next(iter(sizes.values()))
+        if n == 0:
+            raise ValueError("predict_batch needs at least one prompt set (N = 0)")
+        rows = [
+            self.encode_prompts(
+                None if pc is None else pc[i],
+                None if pl is None else pl[i],
+                None if bx is None else bx[i],
+            )
+            for i in range(n)
+        ]
+        coords = np.concatenate([r[0] for r in rows])
+        labels = np.concatenate([r[1] for r in rows])
+        if m is None:
+            masks_in = np.zeros((n, low, low), np.float32)
+            has_mask = np.zeros((n,), bool)
+        else:
+            masks_in = m[:, 0]
+            has_mask = np.ones((n,), bool)
+        outs = []
+        chunk = BATCH_BUCKETS[-1]
+        for start in range(0, n, chunk):
+            part = slice(start, min(start + chunk, n))
+            size = part.stop - part.start
+            pad = batch_bucket(size) - size
+
+            def padded(x: np.ndarray, pad: int = pad, part: slice = part) -> jax.Array:
+                # Padding rows repeat the chunk's first row (a valid prompt); they are dropped.
+                x = x[part]
+                return jnp.asarray(np.concatenate([x, np.repeat(x[:1], pad, axis=0)]))
+
+            out = _predict_batch(
+                self.model.module,
+                self.model.params,
+                self.features,
+                padded(coords),
+                padded(labels),
+                padded(masks_in),
+                padded(has_mask),
+                self._image_pe,
+                bool(multimask_output),
+                self.input_size,
+                self.original_size,
+                self.config,
+                bool(return_logits),
+            )
+            outs.append([np.asarray(x)[:size] for x in out])
+        full, scores, low_res = (np.concatenate(parts) for parts in zip(*outs, strict=True))
         return full, scores, low_res

@@ -118,3 +118,76 @@ def test_errors(predictor):
     fresh = SamPredictor(predictor.model)
     with pytest.raises(RuntimeError, match="set_image"):
         fresh.predict(point_coords=np.array([[1, 2]]), point_labels=np.array([1]))
+
+
+def _single_calls(predictor, n, pts, labs, boxes, masks, **kw):
+    outs = [
+        predictor.predict(
+            point_coords=None if pts is None else pts[i],
+            point_labels=None if labs is None else labs[i],
+            box=None if boxes is None else boxes[i],
+            mask_input=None if masks is None else masks[i],
+            **kw,
+        )
+        for i in range(n)
+    ]
+    return [np.stack(x) for x in zip(*outs, strict=True)]
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_predict_batch_equals_single_calls(predictor, multimask):
+    """Row i of one batched call is `predict` on row i's prompts (masks, scores, low-res), for
+    points, boxes, points + boxes and points + mask_input."""
+    rng = np.random.RandomState(2)
+    n = 3
+    c = 3 if multimask else 1
+    kw = dict(multimask_output=multimask, return_logits=True)
+    for prompts in ("points", "boxes", "points+boxes", "points+mask"):
+        pts = labs = boxes = masks = None
+        if "points" in prompts:
+            pts = rng.uniform(0, 90, (n, 2, 2))
+            labs = rng.randint(0, 2, (n, 2))
+        if "boxes" in prompts:
+            xy = rng.uniform(0, 40, (n, 2))
+            boxes = np.concatenate([xy, xy + rng.uniform(20, 50, (n, 2))], axis=1)
+        if "mask" in prompts:
+            masks = rng.normal(0, 3, (n, 1, 32, 32)).astype(np.float32)
+        got = predictor.predict_batch(pts, labs, boxes, masks, **kw)
+        want = _single_calls(predictor, n, pts, labs, boxes, masks, **kw)
+        assert got[0].shape == (n, c, 90, 120) and got[1].shape == (n, c), prompts
+        assert got[2].shape == (n, c, 32, 32), prompts
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=prompts)
+    thresholded = predictor.predict_batch(pts, labs, boxes, masks, multimask_output=multimask)[0]
+    assert thresholded.dtype == bool
+    np.testing.assert_array_equal(thresholded, got[0] > 0)
+
+
+def test_predict_batch_sizes_share_a_compile(predictor):
+    """N = 3 and N = 5 pad to the same batch bucket: one trace for both; N = 70 runs in chunks
+    and still matches the single calls."""
+    rng = np.random.RandomState(3)
+    pts = rng.uniform(0, 90, (5, 1, 2))
+    labs = np.ones((5, 1), np.int32)
+    predictor.predict_batch(pts[:3], labs[:3])
+    before = pred_mod._predict_batch._cache_size()
+    predictor.predict_batch(pts[:5], labs[:5])
+    assert pred_mod._predict_batch._cache_size() == before
+    assert pred_mod.batch_bucket(3) == pred_mod.batch_bucket(5)
+    pts = rng.uniform(0, 90, (70, 1, 2))
+    labs = np.ones((70, 1), np.int32)
+    _, scores, low = predictor.predict_batch(pts, labs, multimask_output=False)
+    assert scores.shape == (70, 1) and low.shape == (70, 1, 32, 32)
+    for i in (0, 63, 64, 69):
+        _, s, lo = predictor.predict(pts[i], labs[i], multimask_output=False)
+        np.testing.assert_allclose(scores[i], s, atol=1e-4)
+        np.testing.assert_allclose(low[i], lo, atol=1e-4)
+
+
+def test_predict_batch_errors(predictor):
+    with pytest.raises(ValueError, match=r"\(N, K, 2\)"):
+        predictor.predict_batch(np.zeros((2, 2)), np.ones((2,)))
+    with pytest.raises(ValueError, match="disagree on N"):
+        predictor.predict_batch(np.zeros((2, 1, 2)), np.ones((2, 1)), boxes=np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="needs point_coords"):
+        predictor.predict_batch()
