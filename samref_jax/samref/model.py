@@ -10,12 +10,21 @@ The data path of one click, all in the padded input frame (F x F, F = 1024 for v
     -> PatchDiff(window from prev F vs G around the last click, crop, refine, paste)
                                                          -> F (B, F, F); mask = F > 0
 
-Feedback (one rule, :func:`next_mask_input`, used by training, the predictor, the evaluator and
-the demo): the final logits F of click t are the refiners' previous-mask input at click t + 1,
-and with ``feedback="refined"`` SAM's next ``mask_input`` is its own low-res logits plus the
-refiners' correction ``F - S`` average-pooled to the low-res grid (with ``"sam"``: SAM's own
-low-res logits). Both paths are differentiable, so a loss at click t + 1 reaches the refiners
-of click t. Untrained refiners return S exactly, so either rule then reproduces SAM.
+State: an image's :class:`ImageContext` (``SamRef.prepare``, once per image) and a
+:class:`ClickState` (the clicks so far and the last click's feedback)::
+
+  ctx = model.apply(v, frame, valid_hw, radius, method=SamRef.prepare)
+  state = ClickState.empty(cfg)
+  state = state.add_click(xy, label)                # (B, 2) frame pixels, (B,) 1/0
+  out, state = model.apply(v, ctx, state, "full", method=SamRef.click)
+
+Feedback (one rule, ``ClickState.feed_back`` with :func:`next_mask_input`, used by training,
+the predictor, the evaluator and the demo): the final logits F of click t are the refiners'
+previous-mask input at click t + 1, and with ``feedback="refined"`` SAM's next ``mask_input``
+is its own low-res logits plus the refiners' correction ``F - S`` average-pooled to the low-res
+grid (with ``"sam"``: SAM's own low-res logits). Both paths are differentiable, so a loss at
+click t + 1 reaches the refiners of click t. Untrained refiners return S exactly, so either
+rule then reproduces SAM.
 
 `mode` chooses how far the path runs: "sam" (refiners off, the baseline), "global", "full".
 Parameters: {"sam": ..., "global_diff": ..., "patch_diff": ...}.
@@ -41,38 +50,21 @@ from samref_jax.samref.config import MODES, sam_config_from
 Array = jax.Array
 
 
-class ClickInputs(NamedTuple):
-    """Inputs of one click step (B = batch; N = click slots; F = frame side).
+class ImageContext(NamedTuple):
+    """One image's inputs, the same for every click (B = batch; F = frame side).
 
-    embedding: (B, S, S, D) cached SAM image embedding.
-    image: (B, F, F, 3) normalised, zero-padded image.
-    coords: (B, N, 2) float32 click (x, y) in frame pixels; labels: (B, N) int32 1/0/-1 (pad).
-    num_clicks: (B,) int32 clicks so far including this one (>= 1); the last is
-        `coords[num_clicks - 1]`.
-    prev_low_res: (B, 4S, 4S) previous SAM low-res logits (mask_input); has_prev: (B,) bool.
-    prev_logits: (B, F, F) previous final logits (a negative constant before the first click).
+    embedding: (B, S, S, D) SAM image embedding (computed once per image).
+    image: (B, F, F, 3) normalised, zero-padded frame.
     valid_hw: (B, 2) int32 unpadded image size in the frame.
     radius: (B,) float32 click-disk radius in frame pixels.
-    image_pe: optional (1, S, S, D) SAM dense positional encoding (``SamRef.dense_pe``); it
-        depends on the parameters only, so an interactive caller computes it once. None: the
-        step computes it (training, where the prompt encoder may train).
-    global_context: optional GlobalDiff :class:`RefinerContext` of this image
-        (``SamRef.global_context``: the image at GlobalDiff's working size and the projected
-        embedding), computed once per image by an interactive caller. None: the step computes
-        it (training, where the projection trains).
-    decoder_layer0: optional per-image part of SAM's decoder's first layer
-        (``SamRef.decoder_layer0``, computed once per image): each click then skips three
-        image-sized products. None: the step computes them (training).
+    image_pe / global_context / decoder_layer0: optional per-image caches an interactive caller
+      computes once (:meth:`SamRef.prepare` with ``caches=True``): SAM's dense positional
+      encoding (1, S, S, D), GlobalDiff's :class:`RefinerContext`, and the per-image part of
+      SAM's decoder's first layer. None: each click computes them (training, where they train).
     """
 
     embedding: Array
     image: Array
-    coords: Array
-    labels: Array
-    num_clicks: Array
-    prev_low_res: Array
-    has_prev: Array
-    prev_logits: Array
     valid_hw: Array
     radius: Array
     image_pe: Array | None = None
@@ -80,42 +72,83 @@ class ClickInputs(NamedTuple):
     decoder_layer0: dict[str, Array] | None = None
 
     @classmethod
-    def first_click(cls, sam_cfg: Any, max_clicks: int, batch: int = 1) -> ClickInputs:
-        """Inputs of a first click at the frame origin on a blank image (shapes and init).
-
-        ``sam_cfg`` is a SamConfig; replace fields with ``._replace(...)``, e.g.
-        ``ClickInputs.first_click(cfg, 24)._replace(embedding=emb, image=img)``.
-        """
-        f, s, b, n = sam_cfg.img_size, sam_cfg.image_embedding_size, batch, int(max_clicks)
+    def blank(cls, config: ml_collections.ConfigDict, batch: int = 1) -> ImageContext:
+        """Zeros of the right shapes (initialisation, shape checks)."""
+        sc = sam_config_from(config)
+        f, s, b = sc.img_size, sc.image_embedding_size, int(batch)
         return cls(
-            embedding=jnp.zeros((b, s, s, sam_cfg.prompt_embed_dim)),
+            embedding=jnp.zeros((b, s, s, sc.prompt_embed_dim)),
             image=jnp.zeros((b, f, f, 3)),
-            coords=jnp.zeros((b, n, 2)),
-            labels=jnp.full((b, n), -1, jnp.int32).at[:, 0].set(1),
-            num_clicks=jnp.ones((b,), jnp.int32),
-            prev_low_res=jnp.zeros((b, 4 * s, 4 * s)),
-            has_prev=jnp.zeros((b,), bool),
-            prev_logits=jnp.full((b, f, f), -20.0, jnp.float32),
             valid_hw=jnp.full((b, 2), f, jnp.int32),
             radius=jnp.ones((b,), jnp.float32),
         )
 
-    def with_clicks(
-        self, coords: Any, labels: Any, prev: ClickOutputs | None = None
-    ) -> ClickInputs:
-        """These inputs with the first ``k`` clicks set and, if given, the previous step fed back.
+
+class ClickState(NamedTuple):
+    """The click loop's state: every click so far and what the last click feeds back.
+
+    coords: (B, N, 2) float32 click (x, y) in frame pixels; labels: (B, N) int32 1/0, -1 on the
+      free slots (N = ``max_clicks``, static, so a jitted step never retraces).
+    num_clicks: (B,) int32 clicks so far (the last is ``coords[num_clicks - 1]``).
+    prev_low_res: (B, 4S, 4S) SAM's next ``mask_input``; has_prev: (B,) bool.
+    prev_logits: (B, F, F) the last click's final logits (a negative constant before any click).
+
+    The loop: ``state = ClickState.empty(cfg)``, then per click
+    ``state = state.add_click(xy, label)`` and ``outputs, state = SamRef.click(ctx, state,
+    mode)``. The returned state carries the feedback of :meth:`feed_back`, the one rule of
+    training, the predictor, the evaluator and the demo.
+    """
+
+    coords: Array
+    labels: Array
+    num_clicks: Array
+    prev_low_res: Array
+    has_prev: Array
+    prev_logits: Array
+
+    @classmethod
+    def empty(cls, config: ml_collections.ConfigDict, batch: int = 1) -> ClickState:
+        """No click yet. ``config``: the SAM-REF model config (``max_clicks``,
+        ``first_prev_logit`` and SAM's sizes)."""
+        sc = sam_config_from(config)
+        f, lr, b = sc.img_size, sc.low_res_mask_size, int(batch)
+        n = int(config.max_clicks)
+        return cls(
+            coords=jnp.zeros((b, n, 2), jnp.float32),
+            labels=jnp.full((b, n), -1, jnp.int32),
+            num_clicks=jnp.zeros((b,), jnp.int32),
+            prev_low_res=jnp.zeros((b, lr, lr), jnp.float32),
+            has_prev=jnp.zeros((b,), bool),
+            prev_logits=jnp.full((b, f, f), float(config.first_prev_logit), jnp.float32),
+        )
+
+    def add_click(self, xy: Array, label: Array) -> ClickState:
+        """This state with one more click per sample (jittable, static shapes).
+
+        Args:
+          xy: (B, 2) click (x, y) in frame pixels; label: (B,) 1 positive, 0 negative.
+
+        Returns:
+          The state with the click in slot ``num_clicks`` (a full state comes back unchanged:
+          no slot left). Elementwise, so a batch sharded over devices needs no collective.
+        """
+        n = self.labels.shape[1]
+        put = jnp.arange(n)[None, :] == self.num_clicks[:, None]  # (B, N); all False when full
+        xy = jnp.asarray(xy, jnp.float32)
+        label = jnp.asarray(label).astype(jnp.int32)
+        return self._replace(
+            coords=jnp.where(put[..., None], xy[:, None, :], self.coords),
+            labels=jnp.where(put, label[:, None], self.labels),
+            num_clicks=jnp.minimum(self.num_clicks + 1, n),
+        )
+
+    def with_clicks(self, coords: Any, labels: Any) -> ClickState:
+        """This state with its clicks replaced by the ``k`` given (host side; the feedback
+        fields are kept).
 
         Args:
           coords: ``(B, k, 2)`` (or ``(k, 2)`` for B = 1) click ``(x, y)`` in frame pixels.
-          labels: ``(B, k)`` (or ``(k,)``) 1 positive, 0 negative; ``k <= N``.
-          prev: the previous step's outputs (anything with ``mask_input`` and
-            ``final_logits``): they become ``prev_low_res`` / ``prev_logits`` (the feedback
-            rule, :func:`feedback_inputs`) and ``has_prev`` is set; ``None``
-            (first click) keeps this tuple's ``prev_*`` fields and clears ``has_prev``.
-
-        Returns:
-          Inputs with clicks padded to the N slots (label -1), ``num_clicks = k``. Shapes and
-          dtypes never change, so a jitted step does not retrace.
+          labels: ``(B, k)`` (or ``(k,)``) 1 positive, 0 negative; ``1 <= k <= N``.
         """
         b, n = self.labels.shape
         coords = np.asarray(coords, np.float32).reshape(b, -1, 2)
@@ -126,22 +159,21 @@ class ClickInputs(NamedTuple):
         c = np.zeros((b, n, 2), np.float32)
         lab = np.full((b, n), -1, np.int32)
         c[:, :k], lab[:, :k] = coords, labels
-        out = self._replace(
+        return self._replace(
             coords=jnp.asarray(c),
             labels=jnp.asarray(lab),
             num_clicks=jnp.full((b,), k, jnp.int32),
-            has_prev=jnp.full((b,), prev is not None),
         )
-        if prev is not None:
-            low, logits = feedback_inputs(prev)
-            out = out._replace(prev_low_res=low, prev_logits=logits)
-        return out
 
-
-def feedback_inputs(prev: Any) -> tuple[Array, Array]:
-    """``(prev_low_res, prev_logits)`` of the next click from this click's outputs (anything with
-    ``mask_input`` and ``final_logits``): the one feedback rule of training and inference."""
-    return prev.mask_input.astype(jnp.float32), prev.final_logits.astype(jnp.float32)
+    def feed_back(self, outputs: ClickOutputs) -> ClickState:
+        """The feedback rule: this click's final logits become the refiners' previous mask, and
+        ``outputs.mask_input`` (:func:`next_mask_input`) SAM's next ``mask_input``."""
+        b = self.labels.shape[0]
+        return self._replace(
+            prev_low_res=outputs.mask_input.astype(jnp.float32),
+            prev_logits=outputs.final_logits.astype(jnp.float32),
+            has_prev=jnp.ones((b,), bool),
+        )
 
 
 class ClickOutputs(NamedTuple):
@@ -153,8 +185,8 @@ class ClickOutputs(NamedTuple):
     window: (B, 4) PatchDiff window (x0, y0, x1, y1) in frame pixel edges (zeros unless "full").
     global_error_logits: (B, F, F) GlobalDiff error head (zeros in "sam" mode).
     patch: PatchDiffOutput or None (only in "full" mode), for patch losses.
-    mask_input: (B, 4S, 4S) SAM's mask input for the next click (:func:`next_mask_input`):
-      feed it back as ``prev_low_res`` (``ClickInputs.with_clicks`` does).
+    mask_input: (B, 4S, 4S) SAM's mask input for the next click (:func:`next_mask_input`;
+      ``ClickState.feed_back`` feeds it back).
     """
 
     low_res: Array
@@ -169,58 +201,107 @@ class ClickOutputs(NamedTuple):
 
 
 class SamRef(nn.Module):
-    """SAM + GlobalDiff + PatchDiff. `config`: a FrozenConfigDict from `samref_model_config`."""
+    """SAM + GlobalDiff + PatchDiff. `config`: a FrozenConfigDict from `samref_model_config`;
+    `mask_cond`: see `PromptEncoder` (the training step sets False: per-row select)."""
 
     config: ml_collections.FrozenConfigDict
     dtype: Any = jnp.float32
+    mask_cond: bool = True
 
     def setup(self) -> None:
         self.sam_config = sam_config_from(self.config)
-        self.sam = Sam(self.sam_config, self.dtype)
+        self.sam = Sam(self.sam_config, self.dtype, self.mask_cond)
         # The refiners compute in the model's dtype when it is lower than float32 (bf16
         # training); otherwise in their configs' dtype. Parameters stay float32.
         rdt = None if jnp.dtype(self.dtype) == jnp.float32 else self.dtype
         self.global_diff = GlobalDiff(self.config.refiners.global_diff, rdt)
         self.patch_diff = PatchDiff(self.config.refiners.patch_diff, rdt)
 
-    def __call__(self, x: ClickInputs, mode: str = "full") -> ClickOutputs:
+    def __call__(
+        self, ctx: ImageContext, state: ClickState, mode: str = "full"
+    ) -> tuple[ClickOutputs, ClickState]:
         """Init entry point: one full click (creates every parameter)."""
         self.sam.embed_image(jnp.zeros((1,) + (self.sam_config.img_size,) * 2 + (3,)))
-        return self.click(x, mode)
+        return self.click(ctx, state, mode)
 
     def embed_image(self, images: Array) -> Array:
         """(B, F, F, 3) preprocessed -> (B, S, S, D)."""
         return self.sam.embed_image(images)
 
     def dense_pe(self) -> Array:
-        """(1, S, S, D) SAM's dense positional encoding, for ``ClickInputs.image_pe``."""
+        """(1, S, S, D) SAM's dense positional encoding, for ``ImageContext.image_pe``."""
         return self.sam.dense_pe()
 
     def global_context(self, image: Array, embedding: Array) -> RefinerContext:
-        """GlobalDiff's per-image inputs, for ``ClickInputs.global_context``: image (B, F, F, 3)
+        """GlobalDiff's per-image inputs, for ``ImageContext.global_context``: image (B, F, F, 3)
         preprocessed, embedding (B, S, S, D) -> RefinerContext (the same numbers the step
         computes when it is not given)."""
         return self.global_diff(image, None, None, None, embedding, None, context_only=True)
 
     def decoder_layer0(self, embedding: Array, image_pe: Array | None = None) -> dict[str, Array]:
-        """Per-image part of SAM's decoder's first layer, for ``ClickInputs.decoder_layer0``:
+        """Per-image part of SAM's decoder's first layer, for ``ImageContext.decoder_layer0``:
         embedding (B, S, S, D) -> dict of (B, S*S, D / 2) arrays, transposed for the token-to-image
         keys and values (``Sam.layer0_projections``)."""
         return self.sam.layer0_projections(embedding, image_pe)
 
-    def click(self, x: ClickInputs, mode: str = "full") -> ClickOutputs:
-        """One interaction round. `mode` is static: "sam", "global" or "full"."""
+    def prepare(
+        self,
+        image: Array,
+        valid_hw: Array,
+        radius: Array,
+        embedding: Array | None = None,
+        caches: bool = True,
+    ) -> ImageContext:
+        """One image's :class:`ImageContext`: the per-image work, done once before its clicks.
+
+        Args:
+          image: (B, F, F, 3) normalised, zero-padded frame.
+          valid_hw: (B, 2) int32 unpadded size in the frame; radius: (B,) click-disk radius in
+            frame pixels.
+          embedding: (B, S, S, D) SAM's embedding if already known (cached); None: computed.
+          caches: also compute the per-image caches (positional encoding, GlobalDiff's inputs,
+            the decoder's first-layer projections); False leaves them to each click (training).
+        """
+        if embedding is None:
+            embedding = self.embed_image(image)
+        ctx = ImageContext(embedding, image, valid_hw, jnp.asarray(radius, jnp.float32))
+        if not caches:
+            return ctx
+        image_pe = self.dense_pe()
+        return ctx._replace(
+            image_pe=image_pe,
+            global_context=self.global_context(image, embedding),
+            decoder_layer0=self.decoder_layer0(embedding, image_pe),
+        )
+
+    def click(
+        self, ctx: ImageContext, state: ClickState, mode: str = "full"
+    ) -> tuple[ClickOutputs, ClickState]:
+        """One interaction round on the clicks of ``state`` (its last click is the new one).
+
+        Args:
+          ctx: the image's :class:`ImageContext`; state: the clicks so far and the previous
+            click's feedback (:class:`ClickState`); mode: static, "sam", "global" or "full".
+
+        Returns:
+          (outputs, next state): the next state is ``state.feed_back(outputs)``, to which the
+          next click is added.
+        """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        out = self._round(ctx, state, mode)
+        return out, state.feed_back(out)
+
+    def _round(self, ctx: ImageContext, x: ClickState, mode: str) -> ClickOutputs:
         b = x.coords.shape[0]
         masks, iou = self.sam.predict_masks(
-            x.embedding,
+            ctx.embedding,
             x.coords,
             x.labels,
             x.prev_low_res,
             x.has_prev,
-            x.image_pe,
-            x.decoder_layer0,
+            ctx.image_pe,
+            ctx.decoder_layer0,
         )
         # Click 1: SAM's best multimask output by predicted IoU; later: the single-mask token.
         best_multi = 1 + jnp.argmax(iou[:, 1:], axis=-1)
@@ -236,13 +317,13 @@ class SamRef(nn.Module):
                 low_res, sam_logits, sam_logits, sam_logits, score, window, zeros, None, low_res
             )
         g = self.global_diff(
-            x.image,
+            ctx.image,
             x.coords,
             x.labels,
             sam_logits,
-            x.embedding,
-            x.radius,
-            x.global_context,
+            ctx.embedding,
+            ctx.radius,
+            ctx.global_context,
             prev_logits=x.prev_logits,
         )
         fb = str(self.config.get("feedback", "sam"))
@@ -254,15 +335,15 @@ class SamRef(nn.Module):
         last = jnp.clip(x.num_clicks - 1, 0, x.coords.shape[1] - 1)
         last_xy = jnp.take_along_axis(x.coords, last[:, None, None], axis=1)[:, 0]
         p = self.patch_diff(
-            x.image,
+            ctx.image,
             x.coords,
             x.labels,
             g.logits,
             x.prev_logits,
-            x.embedding,
-            x.radius,
+            ctx.embedding,
+            ctx.radius,
             last_xy,
-            x.valid_hw,
+            ctx.valid_hw,
         )
         nxt = next_mask_input(low_res, sam_logits, p.logits, fb)
         return ClickOutputs(
@@ -302,19 +383,22 @@ def init_samref_params(
 ) -> dict[str, Any]:
     """Random SAM-REF params (small: 1 sample). `sam_params` replaces the SAM subtree."""
     model = SamRef(ml_collections.FrozenConfigDict(config))
-    x = ClickInputs.first_click(sam_config_from(config), int(config.max_clicks))
+    ctx = ImageContext.blank(config)
+    x = ClickState.empty(config).add_click(jnp.zeros((1, 2)), jnp.ones((1,)))
     if sam_params is None:
-        params = jax.jit(lambda r: model.init(r, x, "full")["params"])(rng)
+        params = jax.jit(lambda r: model.init(r, ctx, x, "full")["params"])(rng)
     else:
         # Initialise only the refiners; SAM params are given (avoids a 90M-param random init).
-        shapes = jax.eval_shape(lambda: model.init(rng, x, "full"))["params"]
+        shapes = jax.eval_shape(lambda: model.init(rng, ctx, x, "full"))["params"]
         params = {"sam": sam_params}
         for name in ("global_diff", "patch_diff"):
-            params[name] = _init_refiner(model, name, x, rng, shapes[name])
+            params[name] = _init_refiner(model, name, ctx, x, rng, shapes[name])
     return dict(params)
 
 
-def _init_refiner(model: SamRef, name: str, x: ClickInputs, rng: Array, shapes: Any) -> Any:
+def _init_refiner(
+    model: SamRef, name: str, ctx: ImageContext, x: ClickState, rng: Array, shapes: Any
+) -> Any:
     """Initialises one refiner's params with SAM stubbed by zeros (shapes only matter)."""
     rngs = jax.random.split(rng, 2)
     sc = sam_config_from(model.config)
@@ -324,7 +408,7 @@ def _init_refiner(model: SamRef, name: str, x: ClickInputs, rng: Array, shapes: 
         mod = GlobalDiff(model.config.refiners.global_diff)
         p = jax.jit(
             lambda r: mod.init(
-                r, x.image, x.coords, x.labels, z, x.embedding, x.radius, prev_logits=z - 20.0
+                r, ctx.image, x.coords, x.labels, z, ctx.embedding, ctx.radius, prev_logits=z - 20.0
             )["params"]
         )(rngs[0])
     else:
@@ -332,15 +416,15 @@ def _init_refiner(model: SamRef, name: str, x: ClickInputs, rng: Array, shapes: 
         p = jax.jit(
             lambda r: mod.init(
                 r,
-                x.image,
+                ctx.image,
                 x.coords,
                 x.labels,
                 z,
                 z - 20.0,
-                x.embedding,
-                x.radius,
+                ctx.embedding,
+                ctx.radius,
                 x.coords[:, 0],
-                x.valid_hw,
+                ctx.valid_hw,
             )["params"]
         )(rngs[1])
     chex_equal = jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(shapes)

@@ -50,7 +50,7 @@ from samref_jax.sam.transforms import (
 )
 from samref_jax.samref.config import MODES, sam_config_from
 from samref_jax.samref.io import load_samref, untrained_refiners
-from samref_jax.samref.model import ClickInputs, ClickOutputs, SamRef
+from samref_jax.samref.model import ClickOutputs, ClickState, ImageContext, SamRef
 
 
 @dataclasses.dataclass
@@ -70,32 +70,38 @@ class ClickResult:
     score: float
 
 
-@dataclasses.dataclass
-class _State:
+@dataclasses.dataclass(frozen=True)
+class _Click:
+    """One entry of the undo history: the clicks so far (original pixels), the model's
+    ``ClickState`` after them (feedback included) and their result."""
+
     coords: list[tuple[float, float]]
     labels: list[int]
-    mask_input: Any  # (1, 4S, 4S) SAM's next mask input (``ClickOutputs.mask_input``)
-    final_logits: Any  # (1, F, F) final frame logits, fed back as the next prev_logits
-    result: ClickResult | None
+    state: ClickState
+    result: ClickResult
 
 
 @dataclasses.dataclass(frozen=True)
 class PreparedImage:
     """One image's per-click-independent work, from `SamRefPredictor.prepare_image`.
 
-    frame_image: (1, F, F, 3) normalised, padded frame; embedding: (1, S, S, C) SAM's image
-    embedding; global_context: GlobalDiff's per-image inputs; original_size / input_size:
-    (H, W) of the image and of its resized copy inside the frame; params: the parameters used;
-    decoder_layer0: the per-image part of SAM's decoder's first layer (``SamRef.decoder_layer0``).
+    context: the image's ``ImageContext`` (frame (1, F, F, 3), SAM's embedding (1, S, S, C),
+    the per-image caches); original_size / input_size: (H, W) of the image and of its resized
+    copy inside the frame; params: the parameters it was computed with.
     """
 
-    frame_image: jax.Array
-    embedding: jax.Array
-    global_context: Any
+    context: ImageContext
     original_size: tuple[int, int]
     input_size: tuple[int, int]
     params: Any
-    decoder_layer0: Any = None
+
+    @property
+    def frame_image(self) -> jax.Array:
+        return self.context.image
+
+    @property
+    def embedding(self) -> jax.Array:
+        return self.context.embedding
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -124,22 +130,12 @@ class SamRefPredictor:
         self.model = model = SamRef(self.config, dtype)
 
         @jax.jit
-        def embed(params, images):
-            return model.apply({"params": params}, images, method=SamRef.embed_image)
+        def prepare(params, image, valid_hw, radius):
+            # The per-image work: SAM's embedding and the per-image caches (ImageContext).
+            return model.apply({"params": params}, image, valid_hw, radius, method=SamRef.prepare)
 
-        self._embed = embed
-        self._pe_fn = jax.jit(
-            lambda params: model.apply({"params": params}, method=SamRef.dense_pe)
-        )
-
-        @jax.jit
-        def per_image(params, image, emb, image_pe):
-            # The rest of the per-image work: GlobalDiff's inputs and the decoder's first layer.
-            context = model.apply({"params": params}, image, emb, method=SamRef.global_context)
-            layer0 = model.apply({"params": params}, emb, image_pe, method=SamRef.decoder_layer0)
-            return context, layer0
-
-        self._per_image_fn = per_image
+        self._prepare_fn = prepare
+        self._empty_state = ClickState.empty(self.config)  # the same for every image
         self.reset_image()
         self.params = params
         self.set_mode(mode)
@@ -177,33 +173,38 @@ class SamRefPredictor:
     def params(self, params: dict[str, Any]) -> None:
         """New parameters; a current image is re-embedded with them (its clicks are kept)."""
         self._params = params
-        # SAM's dense positional encoding depends on the parameters only: computed once here.
-        self._image_pe = self._pe_fn(params)
-        if self.frame_image is not None:
-            self._embed_frame()
-
-    def _embed_frame(self) -> None:
-        """Recomputes the current image's per-image work (new parameters); keeps the clicks."""
-        self._use(self._prepare_frame(self.frame_image, self.original_size, self.input_size))
+        if self.context is not None:
+            self._use(self._prepare_frame(self.frame_image, self.original_size, self.input_size))
 
     def _prepare_frame(
         self, frame: jax.Array, original_size: tuple[int, int], input_size: tuple[int, int]
     ) -> PreparedImage:
-        params = self._params
-        embedding = self._embed(params, frame)
-        context, layer0 = self._per_image_fn(params, frame, embedding, self._image_pe)
-        # Wait for them: the embedding is the expensive step, and callers time this.
-        jax.block_until_ready((embedding, context, layer0))
-        return PreparedImage(frame, embedding, context, original_size, input_size, params, layer0)
+        f = self.sam_config.img_size
+        radius = float(self.config.click_radius) * f / max(original_size)
+        ctx = self._prepare_fn(
+            self._params,
+            frame,
+            jnp.asarray([input_size], jnp.int32),
+            jnp.asarray([radius], jnp.float32),
+        )
+        # Wait for it: the embedding is the expensive step, and callers time this.
+        jax.block_until_ready(ctx)
+        return PreparedImage(ctx, original_size, input_size, self._params)
 
     def _use(self, prepared: PreparedImage) -> None:
-        self._first_inputs = None
-        self.frame_image = prepared.frame_image
-        self.embedding = prepared.embedding
-        self._global_context = prepared.global_context
-        self._decoder_layer0 = prepared.decoder_layer0
+        self.context = prepared.context
         self.original_size = prepared.original_size
         self.input_size = prepared.input_size
+
+    @property
+    def frame_image(self) -> jax.Array | None:
+        """(1, F, F, 3) the current image's normalised, padded frame (None: no image)."""
+        return None if self.context is None else self.context.image
+
+    @property
+    def embedding(self) -> jax.Array | None:
+        """(1, S, S, C) the current image's SAM embedding (None: no image)."""
+        return None if self.context is None else self.context.embedding
 
     # ----------------------------------------------------------------------------- state
     def set_mode(self, mode: str) -> None:
@@ -223,22 +224,16 @@ class SamRefPredictor:
         (the evaluator runs its modes this way: one fork's host work overlaps another's device
         step). A new image or new parameters on one fork do not reach the others.
         """
-        if self.embedding is not None:
-            self._first_click_inputs()  # built once here, shared by every fork of this image
         other = copy.copy(self)
         other._history = list(self._history)
         other.set_mode(self.mode if mode is None else mode)
         return other
 
     def reset_image(self) -> None:
-        self._first_inputs: ClickInputs | None = None
-        self.embedding = None
-        self.frame_image = None
-        self._global_context = None
-        self._decoder_layer0 = None
+        self.context: ImageContext | None = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
-        self._history: list[_State] = []
+        self._history: list[_Click] = []
 
     def prepare_image(self, image: np.ndarray) -> PreparedImage:
         """The per-image work for `image` (SAM's embedding, GlobalDiff's inputs), returned
@@ -294,44 +289,22 @@ class SamRefPredictor:
             model = self.model
 
             @jax.jit
-            def step(params, x: ClickInputs):
-                out: ClickOutputs = model.apply({"params": params}, x, mode, method=SamRef.click)
+            def step(params, ctx: ImageContext, state: ClickState, xy, label):
+                state = state.add_click(xy, label)
+                out: ClickOutputs
+                out, state = model.apply({"params": params}, ctx, state, mode, method=SamRef.click)
                 # Only the distinct maps (final, then SAM, then GlobalDiff): in "sam" mode all
                 # three are SAM's logits, in "global" the final one is GlobalDiff's.
                 distinct = [out.final_logits, out.sam_logits, out.global_logits][: _NUM_MAPS[mode]]
                 maps = jnp.stack(distinct, 1)
-                return out.mask_input, out.final_logits, maps[0], out.window[0], out.score[0]
+                return state, maps[0], out.window[0], out.score[0]
 
             self._steps[mode] = step
         return self._steps[mode]
 
-    def _first_click_inputs(self) -> ClickInputs:
-        """This image's step inputs before any click (built once per image and parameters)."""
-        if self._first_inputs is None:
-            n, f = int(self.config.max_clicks), self.sam_config.img_size
-            s = self.sam_config.low_res_mask_size
-            self._first_inputs = ClickInputs(
-                embedding=self.embedding,
-                image=self.frame_image,
-                coords=jnp.zeros((1, n, 2), jnp.float32),
-                labels=jnp.full((1, n), -1, jnp.int32),
-                num_clicks=jnp.ones((1,), jnp.int32),
-                prev_low_res=jnp.zeros((1, s, s), jnp.float32),
-                has_prev=jnp.zeros((1,), bool),
-                prev_logits=jnp.full((1, f, f), float(self.config.first_prev_logit), jnp.float32),
-                valid_hw=jnp.asarray([self.input_size], jnp.int32),
-                radius=jnp.asarray(
-                    [float(self.config.click_radius) * f / max(self.original_size)], jnp.float32
-                ),
-                image_pe=self._image_pe,
-                global_context=self._global_context,
-                decoder_layer0=self._decoder_layer0,
-            )
-        return self._first_inputs
-
     def click(self, x: float, y: float, positive: bool = True) -> ClickResult:
         """Adds a click at (x, y) original pixels and returns the new masks."""
-        if self.embedding is None:
+        if self.context is None:
             raise RuntimeError("set an image with .set_image(...) before clicking")
         h, w = self.original_size
         if not (np.isfinite(x) and np.isfinite(y)) or not (0 <= x < w and 0 <= y < h):
@@ -345,11 +318,12 @@ class SamRefPredictor:
         if len(coords) > n_max:
             raise ValueError(f"at most {n_max} clicks per object (config max_clicks)")
         f = self.sam_config.img_size
-        inputs = self._first_click_inputs().with_clicks(
-            apply_coords(np.array(coords), (h, w), f), labels, prev
-        )
+        state = prev.state if prev else self._empty_state
+        xy = apply_coords(np.array([[float(x), float(y)]]), (h, w), f)
         step = self._step_fn(self.mode)
-        mask_input, final, maps, window, score = step(self.params, inputs)
+        state, maps, window, score = step(
+            self.params, self.context, state, jnp.asarray(xy, jnp.float32), jnp.asarray(labels[-1:])
+        )
         orig = np.asarray(_to_original(maps, self.input_size, self.original_size))
         win = None
         if self.mode == "full":
@@ -365,5 +339,5 @@ class SamRefPredictor:
             window=win,
             score=float(score),
         )
-        self._history.append(_State(coords, labels, mask_input, final, result))
+        self._history.append(_Click(coords, labels, state, result))
         return result

@@ -2,17 +2,19 @@
 
 Layout: a 1-D ``('data',)`` mesh over all devices (of all processes); the ``TrainState`` is
 replicated, the batch is sharded along its leading axis. The step is ``jax.jit`` with explicit
-``NamedSharding``s, so gradients and metrics (means over the global batch) are reduced across
-devices by XLA's collectives -- the SPMD equivalent of ``shard_map`` + ``lax.pmean``
-(docs/design.md, 'Training step').
+``NamedSharding``s; inside it a ``jax.shard_map`` (:func:`data_parallel_grads`) runs the unroll
+and its gradient per device on the device's slice, and one ``lax.pmean`` after it averages
+loss, metrics and gradients (means over the global batch), so no collective runs inside any
+loop (docs/design.md, 'Training step'; tests/training/test_sharded_hlo.py).
 
 Inside the step (:func:`unrolled_loss`):
 
 1. ``E = embed_image(image)`` (under ``stop_gradient`` when the encoder is not trainable);
 2. ``lax.scan`` over T rounds: ``SamRef.click`` -> per-round losses (``losses.round_losses``)
    -> the next click from :func:`next_click_jax` on the round's final mask vs GT (discrete, no
-   gradient) -> SAM's next mask input and the final logits are fed back by the model's one
-   feedback rule (``samref.feedback_inputs``; ``model.feedback``), differentiably unless
+   gradient), added to the ``ClickState`` that ``SamRef.click`` returned with SAM's next mask
+   input and the final logits fed back by the model's one feedback rule
+   (``ClickState.feed_back``; ``model.feedback``), differentiably unless
    ``train.stop_grad_feedback``: the refined mask of round t is an input of round t + 1.
 
 Trainable subtrees (``train.trainable``, '/'-joined path prefixes such as ``"sam/mask_decoder"``
@@ -29,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -41,10 +44,13 @@ from jax.sharding import PartitionSpec as P
 
 from samref_jax.interaction.clicker import next_click_jax
 from samref_jax.samref.config import sam_config_from
-from samref_jax.samref.model import ClickInputs, SamRef, feedback_inputs, init_samref_params
+from samref_jax.samref.model import ClickState, ImageContext, SamRef, init_samref_params
 from samref_jax.training import losses as L
 
 Array = jax.Array
+
+# The mesh axis the batch is sharded over.
+DATA_AXIS = "data"
 
 # Incremented every time the step function is traced (tests assert one trace per run).
 TRACE_COUNT = {"train_step": 0}
@@ -115,9 +121,11 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.Grad
 # --------------------------------------------------------------------------------- model
 
 
-def model_of(config: ml_collections.ConfigDict) -> SamRef:
+def model_of(config: ml_collections.ConfigDict, training: bool = False) -> SamRef:
+    """The SamRef module of ``config``; ``training`` selects per row in SAM's prompt encoder
+    instead of a batch-wide ``cond`` (``PromptEncoder.mask_cond``; same numbers)."""
     dtype = jnp.bfloat16 if config.train.dtype == "bfloat16" else jnp.float32
-    return SamRef(ml_collections.FrozenConfigDict(config.model), dtype)
+    return SamRef(ml_collections.FrozenConfigDict(config.model), dtype, mask_cond=not training)
 
 
 def init_params(config: ml_collections.ConfigDict, rng: Array) -> Any:
@@ -179,7 +187,6 @@ def unrolled_loss(
     sam_cfg = sam_config_from(config.model)
     n_slots = int(config.model.max_clicks)
     f = sam_cfg.img_size
-    s = sam_cfg.low_res_mask_size
     b = batch["image"].shape[0]
     if T > n_slots:
         raise ValueError(f"train.rounds={T} exceeds model.max_clicks={n_slots}")
@@ -197,10 +204,11 @@ def unrolled_loss(
     ):
         emb = jax.lax.stop_gradient(emb)
 
+    # The image context (caches left to the click: they train) and the first click.
+    ctx = ImageContext(emb, image, batch["valid_hw"], batch["radius"])
     fy, fx = batch["first_click"][:, 0], batch["first_click"][:, 1]
-    coords = jnp.zeros((b, n_slots, 2), jnp.float32)
-    coords = coords.at[:, 0].set(jnp.stack([fx, fy], -1).astype(jnp.float32))
-    labels = jnp.full((b, n_slots), -1, jnp.int32).at[:, 0].set(1)
+    first_xy = jnp.stack([fx, fy], -1).astype(jnp.float32)
+    state0 = ClickState.empty(config.model, b).add_click(first_xy, jnp.ones((b,), jnp.int32))
     ys = jnp.arange(f)[None, :, None]
     xs = jnp.arange(f)[None, None, :]
 
@@ -209,58 +217,24 @@ def unrolled_loss(
         # collective (an indexed scatter over the batch compiles to an all-gather).
         return (ys == cy[:, None, None]) & (xs == cx[:, None, None])
 
-    clicked = mark(fy, fx)
-    carry0 = dict(
-        coords=coords,
-        labels=labels,
-        clicked=clicked,
-        prev_low_res=jnp.zeros((b, s, s), jnp.float32),
-        prev_logits=jnp.full((b, f, f), float(config.model.first_prev_logit), jnp.float32),
-        has_prev=jnp.zeros((b,), bool),
-    )
     stop_fb = bool(config.train.stop_grad_feedback)
 
     def body(carry, t):
-        x = ClickInputs(
-            embedding=emb,
-            image=image,
-            coords=carry["coords"],
-            labels=carry["labels"],
-            num_clicks=jnp.full((b,), t + 1, jnp.int32),
-            prev_low_res=carry["prev_low_res"],
-            has_prev=carry["has_prev"],
-            prev_logits=carry["prev_logits"],
-            valid_hw=batch["valid_hw"],
-            radius=batch["radius"],
-        )
-        out = model.apply({"params": params}, x, mode, method=SamRef.click)
+        state, clicked = carry
+        out, state = model.apply({"params": params}, ctx, state, mode, method=SamRef.click)
         terms = L.round_losses(out, gt, valid, mode, lc)
         pred = jax.lax.stop_gradient(out.final_logits) > 0
         iou = L.iou_per_sample(pred, gt, valid)
-        cy, cx, pos = jax.vmap(next_click_jax)(gt, pred, carry["clicked"], valid)
-        slot = jnp.minimum(t + 1, n_slots - 1)
-        write = t + 1 < n_slots
-        new_xy = jnp.stack([cx, cy], -1).astype(jnp.float32)
-        coords = jnp.where(write, carry["coords"].at[:, slot].set(new_xy), carry["coords"])
-        labels = jnp.where(
-            write, carry["labels"].at[:, slot].set(pos.astype(jnp.int32)), carry["labels"]
-        )
-        clicked = carry["clicked"] | mark(cy, cx)
-        fb = jax.lax.stop_gradient if stop_fb else (lambda a: a)
-        prev_low_res, prev_logits = feedback_inputs(out)
-        new = dict(
-            coords=coords,
-            labels=labels,
-            clicked=clicked,
-            prev_low_res=fb(prev_low_res),
-            prev_logits=fb(prev_logits),
-            has_prev=jnp.ones((b,), bool),
-        )
+        cy, cx, pos = jax.vmap(next_click_jax)(gt, pred, clicked, valid)
+        if stop_fb:
+            state = jax.lax.stop_gradient(state)
+        state = state.add_click(jnp.stack([cx, cy], -1), pos)
         # Per-sample values leave the loop; the batch means (collectives once sharded) are
         # taken after it.
-        return new, (terms, iou)
+        return (state, clicked | mark(cy, cx)), (terms, iou)
 
     unroll = bool(config.train.get("scan_unroll", False))
+    carry0 = (state0, mark(fy, fx))
     _, (terms, ious) = jax.lax.scan(body, carry0, jnp.arange(T), unroll=unroll)
     terms = {k: jnp.mean(v, axis=1) for k, v in terms.items()}  # (T, B) -> (T,)
     ious = jnp.mean(ious, axis=1)
@@ -276,7 +250,7 @@ def unrolled_loss(
 def make_mesh(devices: Any | None = None) -> jax.sharding.Mesh:
     """1-D ``('data',)`` mesh over ``devices`` (default: all devices of all processes)."""
     devices = jax.devices() if devices is None else list(devices)
-    return jax.sharding.Mesh(np.asarray(devices), ("data",))
+    return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -284,13 +258,57 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P("data"))
+    return NamedSharding(mesh, P(DATA_AXIS))
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, Array]:
     """This process's slice of the global batch -> global arrays sharded along 'data'."""
     sh = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+
+
+def data_parallel_grads(
+    fn: Callable[..., tuple[Array, dict[str, Array], Any]], mesh: jax.sharding.Mesh
+) -> Callable[..., tuple[Array, dict[str, Array], Any]]:
+    """Run ``fn(params, batch, round_weights) -> (loss, metrics, grads)`` on each device's slice
+    of the batch (``jax.shard_map`` over ``'data'``) and average the results across devices
+    with one ``lax.pmean`` after it.
+
+    ``fn`` sees plain per-device arrays: the batch (B / n, ...) and full copies of ``params``
+    and ``round_weights``, so nothing inside it (the T-round scan, its backward pass, SAM's
+    prompt encoder) can reduce across devices; the only collective of the returned function is
+    the final all-reduce. Loss and metrics are batch means, so with equal slices the mean of the
+    per-device means is the global mean, and the gradient of the global mean is the mean of the
+    per-device gradients. Outputs are replicated.
+    """
+
+    def per_device(params: Any, batch: dict[str, Array], round_weights: Array | None):
+        return jax.lax.pmean(fn(params, batch, round_weights), DATA_AXIS)
+
+    # check_vma=False: ``fn`` is ordinary single-device code (its scan carries start from
+    # constants), and the gradient it takes inside is per device -- with the check on, the
+    # gradient of the replicated ``params`` would be summed across devices where they are used,
+    # inside the scan's backward. The pmean makes every output replicated, as out_specs says.
+    return jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(P(), P(DATA_AXIS), P()),
+        out_specs=P(),
+        check_vma=False,
+    )
+
+
+def _loss_and_grads(config: ml_collections.ConfigDict) -> Callable[..., Any]:
+    """``fn(params, batch, round_weights) -> (loss, metrics, grads)`` of :func:`unrolled_loss`."""
+    model = model_of(config, training=True)
+
+    def fn(params: Any, batch: dict[str, Array], round_weights: Array | None = None):
+        (loss, metrics), grads = jax.value_and_grad(unrolled_loss, has_aux=True)(
+            params, batch, model, config, round_weights
+        )
+        return loss, metrics, grads
+
+    return fn
 
 
 def make_train_step(
@@ -300,15 +318,18 @@ def make_train_step(
     donate: bool = True,
 ) -> Any:
     """``step(state, batch) -> (state, metrics)``, jit-compiled with state replicated and the
-    batch sharded over ``mesh``; the state is donated."""
-    model = model_of(config)
+    batch sharded over ``mesh``; the state is donated.
+
+    Loss, metrics and gradients come from :func:`data_parallel_grads` (per-device unroll, one
+    all-reduce after it); the optimizer update then runs replicated on every device.
+    """
     tx = make_optimizer(config, params_template)
     rep, bsh = replicated(mesh), batch_sharding(mesh)
+    grads_fn = data_parallel_grads(_loss_and_grads(config), mesh)
 
     def step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
         TRACE_COUNT["train_step"] += 1
-        grad_fn = jax.value_and_grad(unrolled_loss, has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params, batch, model, config)
+        _, metrics, grads = grads_fn(state.params, batch, None)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -325,19 +346,17 @@ def make_train_step(
 
 
 def make_grad_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
-    """``grads(params, batch, round_weights) -> (loss, metrics, grads)`` (tests, diagnostics)."""
-    model = model_of(config)
-
-    def fn(params, batch, round_weights=None):
-        (loss, metrics), grads = jax.value_and_grad(unrolled_loss, has_aux=True)(
-            params, batch, model, config, round_weights
-        )
-        return loss, metrics, grads
-
+    """``grads(params, batch, round_weights) -> (loss, metrics, grads)`` (tests, diagnostics);
+    with ``mesh``, data-parallel exactly as in :func:`make_train_step`."""
+    fn = _loss_and_grads(config)
     if mesh is None:
         return jax.jit(fn)
     rep, bsh = replicated(mesh), batch_sharding(mesh)
-    return jax.jit(fn, in_shardings=(rep, bsh, rep), out_shardings=(rep, rep, rep))
+    return jax.jit(
+        data_parallel_grads(fn, mesh),
+        in_shardings=(rep, bsh, rep),
+        out_shardings=(rep, rep, rep),
+    )
 
 
 def put_replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:

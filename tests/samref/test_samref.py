@@ -15,7 +15,7 @@ import pytest
 from samref_jax.checkpoint import CheckpointError, save_model_checkpoint
 from samref_jax.samref.config import sam_config_from, samref_model_config
 from samref_jax.samref.io import load_samref, save_samref
-from samref_jax.samref.model import ClickInputs, SamRef, init_samref_params
+from samref_jax.samref.model import ClickState, ImageContext, SamRef, init_samref_params
 from samref_jax.samref.predictor import SamRefPredictor
 
 KEY = jax.random.key(0, impl="rbg")
@@ -41,27 +41,35 @@ def _inputs(cfg, params, n_clicks=2, batch=2, seed=0):
     coords[:, :n_clicks] = rng.uniform(10, 100, (batch, n_clicks, 2))
     labels[:, :n_clicks] = rng.randint(0, 2, (batch, n_clicks))
     labels[:, 0] = 1
-    return model, ClickInputs(
+    ctx = ImageContext(
         embedding=emb,
         image=img,
+        valid_hw=jnp.asarray([[128, 96]] * batch, jnp.int32),
+        radius=jnp.full((batch,), 3.0),
+    )
+    state = ClickState(
         coords=jnp.asarray(coords),
         labels=jnp.asarray(labels),
         num_clicks=jnp.full((batch,), n_clicks, jnp.int32),
         prev_low_res=jnp.asarray(rng.randn(batch, 32, 32).astype(np.float32)),
         has_prev=jnp.asarray([n_clicks > 1] * batch),
         prev_logits=jnp.asarray(rng.randn(batch, f, f).astype(np.float32) * 3),
-        valid_hw=jnp.asarray([[128, 96]] * batch, jnp.int32),
-        radius=jnp.full((batch,), 3.0),
     )
+    return model, ctx, state
+
+
+def _click(model, mode):
+    """(params, ctx, state) -> this click's outputs."""
+    return lambda p, c, x: model.apply({"params": p}, c, x, mode, method=SamRef.click)[0]
 
 
 @pytest.mark.parametrize("mode", ["sam", "global", "full"])
 def test_shapes_and_jit(setup, mode):
     cfg, params = setup
-    model, x = _inputs(cfg, params)
-    fn = lambda p, x: model.apply({"params": p}, x, mode, method=SamRef.click)
-    out = fn(params, x)
-    out_j = jax.jit(fn)(params, x)
+    model, c, x = _inputs(cfg, params)
+    fn = _click(model, mode)
+    out = fn(params, c, x)
+    out_j = jax.jit(fn)(params, c, x)
     chex.assert_shape(out.low_res, (2, 32, 32))
     for a in (out.sam_logits, out.global_logits, out.final_logits, out.global_error_logits):
         chex.assert_shape(a, (2, 128, 128))
@@ -78,9 +86,9 @@ def test_shapes_and_jit(setup, mode):
 
 def test_untrained_refiners_return_sam(setup):
     cfg, params = setup
-    model, x = _inputs(cfg, params, n_clicks=3)
-    sam = model.apply({"params": params}, x, "sam", method=SamRef.click)
-    full = model.apply({"params": params}, x, "full", method=SamRef.click)
+    model, c, x = _inputs(cfg, params, n_clicks=3)
+    sam = _click(model, "sam")(params, c, x)
+    full = _click(model, "full")(params, c, x)
     s, f = np.asarray(sam.final_logits), np.asarray(full.final_logits)
     assert np.abs(f - s).max() <= 0.05 * np.abs(s).max() + 0.02
     assert ((f > 0) == (s > 0)).mean() >= 0.99
@@ -95,21 +103,21 @@ def test_cached_global_context_gives_identical_outputs(setup, mode):
     params = jax.tree_util.tree_map(
         lambda a: a + 0.05 * jax.random.normal(KEY, a.shape, a.dtype), params
     )
-    model, x = _inputs(cfg, params, n_clicks=3)
+    model, c, x = _inputs(cfg, params, n_clicks=3)
     context_fn = lambda p, i, e: model.apply({"params": p}, i, e, method=SamRef.global_context)
-    fn = lambda p, x: model.apply({"params": p}, x, mode, method=SamRef.click)
+    fn = _click(model, mode)
     for f, cf in ((fn, context_fn), (jax.jit(fn), jax.jit(context_fn))):
-        context = cf(params, x.image, x.embedding)
+        context = cf(params, c.image, c.embedding)
         chex.assert_shape(context.image, (2, 128, 128, 3))
         chex.assert_shape(context.embedding[..., 0], (2, 64, 64))
-        want, got = f(params, x), f(params, x._replace(global_context=context))
+        want, got = f(params, c, x), f(params, c._replace(global_context=context), x)
         for a, b in zip(
             jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got), strict=True
         ):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Another image's context gives another result: the step really reads it.
-    other = context_fn(params, x.image[::-1], x.embedding[::-1])
-    moved = fn(params, x._replace(global_context=other)).global_logits
+    other = context_fn(params, c.image[::-1], c.embedding[::-1])
+    moved = fn(params, c._replace(global_context=other), x).global_logits
     assert not np.array_equal(np.asarray(moved), np.asarray(want.global_logits))
 
 
@@ -122,38 +130,38 @@ def test_cached_decoder_layer0_gives_the_same_outputs(setup, mode):
     params = jax.tree_util.tree_map(
         lambda a: a + 0.05 * jax.random.normal(KEY, a.shape, a.dtype), params
     )
-    model, x = _inputs(cfg, params, n_clicks=3)
+    model, c, x = _inputs(cfg, params, n_clicks=3)
     x = x._replace(has_prev=jnp.asarray([True, False]))  # one row with a mask input, one without
     pe = model.apply({"params": params}, method=SamRef.dense_pe)
-    x = x._replace(image_pe=pe)
+    c = c._replace(image_pe=pe)
     layer0_fn = lambda p, e, pe: model.apply({"params": p}, e, pe, method=SamRef.decoder_layer0)
-    fn = lambda p, x: model.apply({"params": p}, x, mode, method=SamRef.click)
+    fn = _click(model, mode)
     for f, lf in ((fn, layer0_fn), (jax.jit(fn), jax.jit(layer0_fn))):
-        layer0 = lf(params, x.embedding, pe)
+        layer0 = lf(params, c.embedding, pe)
         assert sorted(layer0) == ["i2t_q", "t2i_k", "t2i_v"]
         scfg = sam_config_from(cfg)
         n, i = scfg.image_embedding_size**2, scfg.prompt_embed_dim // 2
         chex.assert_shape(layer0["i2t_q"], (2, n, i))
         chex.assert_shape([layer0["t2i_k"], layer0["t2i_v"]], (2, i, n))  # the layout read
-        want, got = f(params, x), f(params, x._replace(decoder_layer0=layer0))
+        want, got = f(params, c, x), f(params, c._replace(decoder_layer0=layer0), x)
         for a, b in ((want.low_res, got.low_res), (want.final_logits, got.final_logits)):
             a, b = np.asarray(a), np.asarray(b)
             assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
             assert ((a > 0) == (b > 0)).mean() >= 0.999
         np.testing.assert_allclose(np.asarray(want.score), np.asarray(got.score), atol=1e-5)
     # Another image's products give another result: the step really reads them.
-    other = layer0_fn(params, x.embedding[::-1], pe)
-    moved = fn(params, x._replace(decoder_layer0=other)).low_res
+    other = layer0_fn(params, c.embedding[::-1], pe)
+    moved = fn(params, c._replace(decoder_layer0=other), x).low_res
     assert np.abs(np.asarray(moved) - np.asarray(want.low_res)).max() > 1e-3
 
 
 def test_first_click_picks_best_multimask(setup):
     cfg, params = setup
-    model, x = _inputs(cfg, params, n_clicks=1)
-    out = model.apply({"params": params}, x, "sam", method=SamRef.click)
+    model, c, x = _inputs(cfg, params, n_clicks=1)
+    out = _click(model, "sam")(params, c, x)
     sc = model.apply(
         {"params": params},
-        x.embedding,
+        c.embedding,
         x.coords,
         x.labels,
         x.prev_low_res,
@@ -165,12 +173,12 @@ def test_first_click_picks_best_multimask(setup):
 
 def test_gradients_reach_refiners_not_frozen_encoder(setup):
     cfg, params = setup
-    model, x = _inputs(cfg, params)
+    model, c, x = _inputs(cfg, params)
     gt = (jnp.arange(128)[None, :, None] < 64).astype(jnp.float32) * jnp.ones((2, 128, 128))
 
     def loss(p):
-        emb = jax.lax.stop_gradient(model.apply({"params": p}, x.image, method=SamRef.embed_image))
-        out = model.apply({"params": p}, x._replace(embedding=emb), "full", method=SamRef.click)
+        emb = jax.lax.stop_gradient(model.apply({"params": p}, c.image, method=SamRef.embed_image))
+        out = _click(model, "full")(p, c._replace(embedding=emb), x)
         bce = lambda z: jnp.mean(jnp.logaddexp(0, z) - gt * z)
         return (
             bce(out.final_logits)
@@ -201,72 +209,103 @@ def test_twenty_clicks_trace_step_once(setup):
     cfg, params = setup
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.max_clicks = 24
-    model, x = _inputs(cfg, params, n_clicks=1, batch=1)
+    model, c, _ = _inputs(cfg, params, n_clicks=1, batch=1)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
-    def step(p, x):
-        return model.apply({"params": p}, x, "full", method=SamRef.click)
+    def step(p, c, x, xy, label):
+        return model.apply({"params": p}, c, x.add_click(xy, label), "full", method=SamRef.click)
 
-    out = None
-    coords = [[5 + 5 * k, 100 - 4 * k] for k in range(1, 21)]
-    labels = [k % 2 for k in range(1, 21)]
+    state = ClickState.empty(cfg)
     for k in range(1, 21):
-        out = step(params, x.with_clicks(coords[:k], labels[:k], out))
+        xy = jnp.asarray([[5.0 + 5 * k, 100.0 - 4 * k]])
+        out, state = step(params, c, state, xy, jnp.asarray([k % 2]))
     jax.block_until_ready(out)
+    assert int(state.num_clicks[0]) == 20 and bool(state.has_prev[0])
 
 
-def test_with_clicks_pads_and_feeds_back(setup):
+def test_click_state_adds_pads_and_feeds_back(setup):
     cfg, _ = setup
-    sc = sam_config_from(cfg)
-    x = ClickInputs.first_click(sc, 6, batch=2)
-    y = x.with_clicks([[[1, 2], [3, 4]], [[5, 6], [7, 8]]], [[1, 0], [1, 1]])
-    np.testing.assert_array_equal(y.labels, [[1, 0, -1, -1, -1, -1], [1, 1, -1, -1, -1, -1]])
-    np.testing.assert_array_equal(y.coords[1, :3], [[5, 6], [7, 8], [0, 0]])
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.max_clicks = 3
+    x = ClickState.empty(cfg, batch=2)
+    assert not x.has_prev.any() and (np.asarray(x.num_clicks) == 0).all()
+    np.testing.assert_array_equal(x.prev_logits, np.full((2, 128, 128), cfg.first_prev_logit))
+    y = x.add_click(jnp.asarray([[1.0, 2.0], [5.0, 6.0]]), jnp.asarray([1, 1]))
+    y = y.add_click(jnp.asarray([[3.0, 4.0], [7.0, 8.0]]), jnp.asarray([0, 1]))
+    np.testing.assert_array_equal(y.labels, [[1, 0, -1], [1, 1, -1]])
+    np.testing.assert_array_equal(y.coords[1], [[5, 6], [7, 8], [0, 0]])
     np.testing.assert_array_equal(y.num_clicks, [2, 2])
-    assert not y.has_prev.any() and y.prev_logits is x.prev_logits
-    prev = types.SimpleNamespace(mask_input=x.prev_low_res + 1, final_logits=x.prev_logits + 2)
-    z = x.with_clicks(np.ones((2, 3, 2)), np.ones((2, 3)), prev)
-    assert z.has_prev.all()
-    np.testing.assert_array_equal(z.prev_low_res, prev.mask_input)
-    np.testing.assert_array_equal(z.prev_logits, prev.final_logits)
-    # Same shapes and dtypes as the first-click inputs: a jitted step never retraces.
+    full = y.add_click(jnp.ones((2, 2)), jnp.ones(2)).add_click(jnp.zeros((2, 2)), jnp.zeros(2))
+    np.testing.assert_array_equal(full.labels, [[1, 0, 1], [1, 1, 1]])  # no slot left: kept
+    np.testing.assert_array_equal(full.num_clicks, [3, 3])
+    w = x.with_clicks([[[1, 2], [3, 4]], [[5, 6], [7, 8]]], [[1, 0], [1, 1]])
+    for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(y), strict=True):
+        np.testing.assert_array_equal(a, b)
+    out = types.SimpleNamespace(mask_input=x.prev_low_res + 1, final_logits=x.prev_logits + 2)
+    z = y.feed_back(out)
+    assert z.has_prev.all() and z.labels is y.labels
+    np.testing.assert_array_equal(z.prev_low_res, out.mask_input)
+    np.testing.assert_array_equal(z.prev_logits, out.final_logits)
+    # Same shapes and dtypes after every transition: a jitted step never retraces.
     same = jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), x, z)
     assert all(jax.tree.leaves(same))
-    for bad in ([], np.ones((7, 2))):
+    for bad in ([], np.ones((4, 2))):
         with pytest.raises(ValueError, match="clicks"):
-            ClickInputs.first_click(sc, 6).with_clicks(bad, np.ones(len(bad)))
+            ClickState.empty(cfg).with_clicks(bad, np.ones(len(bad)))
 
 
-def test_first_click_inputs_are_not_weakly_typed(setup):
+def test_empty_state_is_not_weakly_typed(setup):
     # A weakly typed leaf (e.g. a Python-float fill) would retrace the step on click 2, when
     # the fed-back outputs arrive with strong types.
     cfg, params = setup
     model = SamRef(ml_collections.FrozenConfigDict(cfg))
-    x = ClickInputs.first_click(sam_config_from(cfg), int(cfg.max_clicks))
-    assert not any(leaf.weak_type for leaf in jax.tree_util.tree_leaves(x))
+    x = ClickState.empty(cfg)
+    c = ImageContext.blank(cfg)
+    assert not any(leaf.weak_type for leaf in jax.tree_util.tree_leaves((x, c)))
 
     @jax.jit
     @chex.assert_max_traces(n=1)
-    def step(p, x):
-        return model.apply({"params": p}, x, "full", method=SamRef.click)
+    def step(p, c, x):
+        return model.apply({"params": p}, c, x, "full", method=SamRef.click)
 
-    out = step(params, x)
-    x = x._replace(prev_low_res=out.low_res, prev_logits=out.final_logits)
-    jax.block_until_ready(step(params, x._replace(has_prev=jnp.asarray([True]))))
+    _, x = step(params, c, x.add_click(jnp.zeros((1, 2)), jnp.ones(1)))
+    jax.block_until_ready(step(params, c, x.add_click(jnp.ones((1, 2)), jnp.zeros(1))))
+
+
+def test_prepare_matches_the_parts(setup):
+    """``SamRef.prepare``: the embedding and the per-image caches, as computed one by one."""
+    cfg, params = setup
+    model, c, _ = _inputs(cfg, params, batch=1)
+    ctx = jax.jit(
+        lambda p: model.apply({"params": p}, c.image, c.valid_hw, c.radius, method=SamRef.prepare)
+    )(params)
+    np.testing.assert_allclose(ctx.embedding, c.embedding, atol=1e-5)
+    bare = model.apply(
+        {"params": params},
+        c.image,
+        c.valid_hw,
+        c.radius,
+        c.embedding,
+        False,
+        method=SamRef.prepare,
+    )
+    assert bare.image_pe is None and bare.global_context is None and bare.decoder_layer0 is None
+    pe = model.apply({"params": params}, method=SamRef.dense_pe)
+    np.testing.assert_allclose(ctx.image_pe, pe, atol=1e-6)
+    assert sorted(ctx.decoder_layer0) == ["i2t_q", "t2i_k", "t2i_v"]
 
 
 def test_bf16_close_to_fp32(setup):
     cfg, params = setup
-    _, x = _inputs(cfg, params)
+    _, c, x = _inputs(cfg, params)
     bf = ml_collections.ConfigDict(cfg.to_dict())
     bf.refiners.global_diff.dtype = "bfloat16"
     bf.refiners.patch_diff.dtype = "bfloat16"
     m32 = SamRef(ml_collections.FrozenConfigDict(cfg))
     m16 = SamRef(ml_collections.FrozenConfigDict(bf), dtype=jnp.bfloat16)
-    f = lambda m: jax.jit(lambda p, x: m.apply({"params": p}, x, "full", method=SamRef.click))
-    o32 = f(m32)(params, x)
-    o16 = f(m16)(params, x)
+    o32 = jax.jit(_click(m32, "full"))(params, c, x)
+    o16 = jax.jit(_click(m16, "full"))(params, c, x)
     a, b = np.asarray(o32.final_logits), np.asarray(o16.final_logits, np.float32)
     assert np.abs(a - b).max() <= 0.1 * np.abs(a).max() + 0.1
     assert ((a > 0) == (b > 0)).mean() >= 0.97
@@ -343,7 +382,7 @@ def test_predictor_click_undo_reset(ckpt):
     # A fork: same image and embedding, its own clicks and mode; the original is untouched.
     q = p.fork("sam")
     assert q.embedding is p.embedding and q.mode == "sam" and p.mode == "full"
-    assert q._first_click_inputs() is p._first_click_inputs()  # built once per image
+    assert q.context is p.context  # the image context is computed once per image
     assert q.click(20, 20).window is None and len(q.clicks) == 2 and len(p.clicks) == 1
     q.reset()
     assert len(p.clicks) == 1
