@@ -327,8 +327,8 @@ register(
     description="Segment IMAGE with SAM-REF from the given clicks. Writes OUT/mask.png "
     "(0/255, the image's size) and OUT/overlay.png (mask, clicks, PatchDiff window) and prints "
     "their paths.",
-    example="samref segment samref_jax/assets/examples/shapes_on_grass.png \\\n"
-    "      --click 150,110,+ --click 100,150,+ --out out/quickstart",
+    example="samref segment samref_jax/assets/examples/blob_on_stripes.png \\\n"
+    "      --click 125,100,+ --click 120,215,- --out out/quickstart",
 )
 register("eval", "NoC evaluation on a dataset (RITM protocol), resumable", forward=_forward_eval)
 register("compare", "merge evaluation runs into one table and plot", forward=_forward_compare)

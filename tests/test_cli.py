@@ -70,6 +70,7 @@ ALL_COMMANDS = [
     "segment",
     "eval",
     "compare",
+    "prepare-coco",
     "train",
     "cache-embeddings",
     "launch-local",
@@ -291,7 +292,12 @@ def test_readme_first_command(jax_cache_env, tmp_path):
     image = Image.open(REPO / args[0])
     for name in ("mask.png", "overlay.png"):
         assert Image.open(tmp_path / "quickstart" / name).size == image.size
-    assert np.asarray(Image.open(tmp_path / "quickstart" / "mask.png")).any()
+    mask = np.asarray(Image.open(tmp_path / "quickstart" / "mask.png")) > 127
+    # The overlay must be visibly right: the example's ground truth is bundled next to it.
+    gt = np.asarray(Image.open((REPO / args[0]).with_name(Path(args[0]).stem + "_mask.png")))
+    gt = gt > 127
+    iou = (mask & gt).sum() / (mask | gt).sum()
+    assert iou >= 0.8, f"README quick-start mask IoU {iou:.3f} against the example's mask"
 
 
 # ---------------------------------------------------------------------------------- viz
