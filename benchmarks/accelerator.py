@@ -32,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks._common import device_median, fmt_flops, fmt_time  # noqa: E402
+
 # Dense bf16 peak FLOP/s per device (vendor data sheets; without sparsity).
 PEAK_FLOPS: dict[str, float] = {
     "NVIDIA H100 SXM": 989.4e12,
@@ -70,19 +72,6 @@ def peak_key(device_kind: str) -> str | None:
     return None
 
 
-def _median_s(fn, runs: int, warmup: int = 1) -> float:
-    import jax
-
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def _flops(lowered) -> float:
     """XLA's FLOP count of the unoptimised HLO of a ``jax.stages.Lowered``."""
     ca = lowered.cost_analysis()
@@ -113,21 +102,9 @@ def cpu_flops(fn, *args) -> float:
     return _flops(jax.jit(fn).lower(*_on_cpu(args)))
 
 
-def _fl(x: float) -> str:
-    """FLOPs with a unit."""
-    for unit, v in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if x >= v:
-            return f"{x / v:.2f} {unit}"
-    return f"{x:.0f} FLOP"
-
-
-def _ms(s: float) -> str:
-    return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.2f} s"
-
-
 def _configs(smoke: bool):
     """(training config, encoder SamConfig) of the run."""
-    from samref_jax.model.config import sam_config_from
+    from samref_jax.samref.config import sam_config_from
 
     if smoke:
         from samref_jax.training.testing import tiny_test_config
@@ -166,14 +143,14 @@ def bench_encoder(sam_cfg, runs: int) -> list[list[str]]:
         model = Sam(sam_cfg, dtype=dtype)
         raw = lambda p, x, m=model: m.apply({"params": p}, x, method=Sam.embed_image)
         compiled = jax.jit(raw).lower(params, x).compile()
-        t = _median_s(lambda c=compiled: c(params, x), runs)
+        t, _ = device_median(lambda c=compiled: c(params, x), runs)
         base = base or t
         rows.append(
             [
                 f"image encoder {sam_cfg.name} {f}x{f}, batch 1, {name}",
-                _ms(t),
+                fmt_time(t),
                 f"{base / t:.2f}x vs float32",
-                _fl(cpu_flops(raw, params, x)),
+                fmt_flops(cpu_flops(raw, params, x)),
             ]
         )
     return rows
@@ -185,15 +162,15 @@ def bench_clicks(model_cfg, params, clicks: int) -> list[list[str]]:
     import ml_collections
     import numpy as np
 
-    from samref_jax.model.config import sam_config_from
-    from samref_jax.model.samref import ClickInputs, SamRef
+    from samref_jax.samref.config import sam_config_from
+    from samref_jax.samref.model import ClickState, ImageContext, SamRef
 
     sc = sam_config_from(model_cfg)
     model = SamRef(ml_collections.FrozenConfigDict(model_cfg))
     f, s = sc.img_size, sc.image_embedding_size
     n = int(model_cfg.max_clicks)
     rng = np.random.RandomState(0)
-    x0 = ClickInputs.first_click(sc, n)._replace(
+    ctx = ImageContext(
         embedding=jnp.asarray(rng.randn(1, s, s, sc.prompt_embed_dim).astype(np.float32)),
         image=jnp.asarray(rng.randn(1, f, f, 3).astype(np.float32)),
         valid_hw=jnp.asarray([[f * 3 // 4, f]], jnp.int32),
@@ -204,24 +181,28 @@ def bench_clicks(model_cfg, params, clicks: int) -> list[list[str]]:
     labels[0] = 1
     rows, base = [], None
     for mode in ("sam", "full"):
-        raw = lambda p, x, mode=mode: model.apply({"params": p}, x, mode, method=SamRef.click)
+
+        def raw(p, x, mode=mode):
+            return model.apply({"params": p}, ctx, x, mode, method=SamRef.click)
+
+        x0 = ClickState.empty(model_cfg).with_clicks(coords[:1], labels[:1])
         compiled = jax.jit(raw).lower(params, x0).compile()
         jax.block_until_ready(compiled(params, x0))
-        times, prev = [], None
+        times, state = [], ClickState.empty(model_cfg)
         for k in range(1, clicks + 1):
             kk = min(k, n)
-            xi = x0.with_clicks(coords[:kk], labels[:kk], prev)
+            xi = state.with_clicks(coords[:kk], labels[:kk])
             t = time.perf_counter()
-            prev = jax.block_until_ready(compiled(params, xi))
+            _, state = jax.block_until_ready(compiled(params, xi))
             times.append(time.perf_counter() - t)
         med = statistics.median(times)
         base = base or med
         rows.append(
             [
                 f"one click, mode {mode} (cached embedding, median of {clicks})",
-                _ms(med),
+                fmt_time(med),
                 f"{med / base:.2f}x sam",
-                _fl(cpu_flops(raw, params, x0)),
+                fmt_flops(cpu_flops(raw, params, x0)),
             ]
         )
     return rows
@@ -244,7 +225,7 @@ def bench_train_step(config, params, steps: int) -> tuple[list[list[str]], dict]
     import jax
     import numpy as np
 
-    from samref_jax.model.config import sam_config_from
+    from samref_jax.samref.config import sam_config_from
     from samref_jax.training import step as S
     from samref_jax.training.testing import synthetic_batch
 
@@ -280,11 +261,11 @@ def bench_train_step(config, params, steps: int) -> tuple[list[list[str]], dict]
         f"device(s), {config.train.dtype}, trainable {trainable}"
     )
     rows = [
-        [desc, _ms(dt), f"{gb / dt:.2f} images/s", f"{gb * T / dt:.2f} clicks/s"],
+        [desc, fmt_time(dt), f"{gb / dt:.2f} images/s", f"{gb * T / dt:.2f} clicks/s"],
         [
             "train step: XLA FLOPs per device, MFU",
-            _fl(flops),
-            f"{_fl(flops / dt)}/s achieved",
+            fmt_flops(flops),
+            f"{fmt_flops(flops / dt)}/s achieved",
             f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a (no peak for this device)",
         ],
     ]
@@ -324,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         if key
         else "peak used for MFU: none (device not in the table)"
     )
-    from samref_jax.model.samref import init_samref_params
+    from samref_jax.samref.model import init_samref_params
 
     def partial(new_rows: list[list[str]]) -> list[list[str]]:
         # each row as soon as it is measured, so a run cut short still reports something

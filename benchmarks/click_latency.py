@@ -38,9 +38,10 @@ def main() -> None:
     import jax.numpy as jnp
     import ml_collections
 
-    from samref_jax.model.config import MODES, sam_config_from, samref_model_config
-    from samref_jax.model.samref import ClickInputs, SamRef, init_samref_params
-    from samref_jax.refiners.modules import GlobalDiff, PatchDiff
+    from samref_jax.refiners.global_diff import GlobalDiff
+    from samref_jax.refiners.patch_diff import PatchDiff
+    from samref_jax.samref.config import MODES, sam_config_from, samref_model_config
+    from samref_jax.samref.model import ClickState, ImageContext, SamRef, init_samref_params
 
     cfg = samref_model_config(args.model_type)
     params = init_samref_params(cfg, jax.random.key(0, impl="rbg"))
@@ -52,12 +53,12 @@ def main() -> None:
     # As SamRefPredictor does: SAM's dense positional encoding computed once, not per click,
     # and GlobalDiff's per-image inputs once per image.
     image_pe = jax.jit(lambda p: model.apply({"params": p}, method=SamRef.dense_pe))(params)
-    x = ClickInputs.first_click(sc, n)._replace(
-        image_pe=image_pe,
+    x = ImageContext(
         embedding=jnp.asarray(rng.randn(1, s, s, d).astype(np.float32)),
         image=jnp.asarray(rng.randn(1, f, f, 3).astype(np.float32)),
         valid_hw=jnp.asarray([[768, 1024]], jnp.int32),
         radius=jnp.full((1,), 8.0),
+        image_pe=image_pe,
     )
     context_fn = jax.jit(
         lambda p, i, e: model.apply({"params": p}, i, e, method=SamRef.global_context)
@@ -74,27 +75,30 @@ def main() -> None:
     labels = (rng.rand(n) > 0.3).astype(np.int32)
     labels[0] = 1
 
+    empty = ClickState.empty(cfg)
+
     def inputs(k: int, prev):
-        return x.with_clicks(coords[:k], labels[:k], prev)
+        # The clicks so far on the state the previous click returned (its feedback).
+        return (empty if prev is None else prev[1]).with_clicks(coords[:k], labels[:k])
 
     # Modes are interleaved click by click (each with its own chain of previous outputs), so
     # that every mode sees the same machine conditions; the ratios are of medians.
     steps, flops, prev, times = {}, {}, {}, {m: [] for m in MODES}
     for mode in MODES:
         steps[mode] = jax.jit(
-            lambda p, x, mode=mode: model.apply({"params": p}, x, mode, method=SamRef.click)
+            lambda p, c, st, mode=mode: model.apply({"params": p}, c, st, mode, method=SamRef.click)
         )
-        ca = steps[mode].lower(params, x).compile().cost_analysis()
+        ca = steps[mode].lower(params, x, empty).compile().cost_analysis()
         ca = ca[0] if isinstance(ca, list) else ca
         flops[mode] = float(ca.get("flops", float("nan")))
-        first = jax.block_until_ready(steps[mode](params, inputs(1, None)))
-        jax.block_until_ready(steps[mode](params, inputs(2, first)))  # warm: both input kinds
+        first = jax.block_until_ready(steps[mode](params, x, inputs(1, None)))
+        jax.block_until_ready(steps[mode](params, x, inputs(2, first)))  # warm: both kinds
         prev[mode] = None
     for k in range(1, args.clicks + 1):
         for mode in MODES:
             xi = inputs(k, prev[mode])
             t = time.perf_counter()
-            prev[mode] = jax.block_until_ready(steps[mode](params, xi))
+            prev[mode] = jax.block_until_ready(steps[mode](params, x, xi))
             times[mode].append(time.perf_counter() - t)
     medians = {m: float(np.median(t)) for m, t in times.items()}
     rows = [

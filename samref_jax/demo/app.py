@@ -69,6 +69,9 @@ class UserState:
     clicks: list[tuple[float, float, bool]] = dataclasses.field(default_factory=list)
     results: list[Any] = dataclasses.field(default_factory=list)  # ClickResult per click
     last_click_s: float | None = None
+    # This user's own click loop: a fork of the shared predictor holding this image's context
+    # and click states (shared parameters and compiled steps).
+    predictor: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def result(self) -> Any | None:
@@ -82,12 +85,12 @@ class UserState:
 
 
 class DemoBackend:
-    """One shared predictor for every user, used under a lock.
+    """One loaded model for every user; each user (browser tab) has its own click loop.
 
-    The predictor holds one image embedding and one click history at a time; the backend
-    remembers which (image, mode, clicks) it holds and only re-embeds when another image is
-    needed (another user's) and only replays clicks when they differ (mode switch, undo
-    after another user clicked). With a single user the embedding is computed once per image.
+    ``load`` forks the shared predictor (``SamRefPredictor.fork``: parameters and compiled steps
+    shared) and sets the user's image on the fork, so each user's image context and click
+    states live in their ``UserState``: users never wait for each other's clicks, an image is
+    embedded once, and clicks are never replayed except to switch mode.
     """
 
     def __init__(self, predictor: Any, workdir: str | Path | None = None) -> None:
@@ -95,8 +98,6 @@ class DemoBackend:
         self.lock = threading.Lock()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="samref_demo_"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._image_key: str | None = None
-        self._applied: tuple | None = None  # (image key, mode, clicks) now in the predictor
         self.embeddings = 0  # number of set_image calls (the test checks "once per image")
         self._compiled: set[tuple[int, int, str]] = set()  # (h, w, mode) clicked at least once
 
@@ -125,31 +126,14 @@ class DemoBackend:
         if min(image.shape[:2]) < 2:
             raise UserError(f"'{p.name}' is too small ({image.shape[1]}x{image.shape[0]}).")
         s = UserState(key=uuid.uuid4().hex, name=p.name, image=image, mode=mode)
-        with self.lock:
-            self._set_image(s)
-        return s
-
-    def _set_image(self, s: UserState) -> None:
+        s.predictor = self.predictor.fork(mode)
         try:
-            self.predictor.set_image(s.image)
+            s.predictor.set_image(s.image)
         except ValueError as e:
             raise UserError(f"Could not use '{s.name}': {e}") from None
-        self.embeddings += 1
-        self._image_key = s.key
-        self._applied = (s.key, self.predictor.mode, ())
-
-    def _sync(self, s: UserState, clicks: Sequence[tuple[float, float, bool]]) -> list[Any] | None:
-        """Make the predictor hold ``s``'s image, mode and ``clicks``; replayed results or None."""
-        want = (s.key, s.mode, tuple(clicks))
-        if self._applied == want:
-            return None
-        if self._image_key != s.key:
-            self._set_image(s)
-        self.predictor.set_mode(s.mode)
-        self.predictor.reset()
-        results = [self.predictor.click(x, y, positive=pos) for x, y, pos in clicks]
-        self._applied = want
-        return results
+        with self.lock:
+            self.embeddings += 1
+        return s
 
     def click(self, s: UserState | None, x: float, y: float, positive: bool) -> UserState:
         """Add a click at (x, y) original pixels."""
@@ -158,20 +142,16 @@ class DemoBackend:
         h, w = s.image.shape[:2]
         if not (0 <= x < w and 0 <= y < h):
             raise UserError(f"Click ({x:.0f}, {y:.0f}) is outside the {w}x{h} image.")
+        t0 = time.perf_counter()
+        try:
+            r = s.predictor.click(x, y, positive=positive)
+        except ValueError as e:  # e.g. more clicks than the model's click slots
+            raise UserError(str(e)) from None
+        s.last_click_s = time.perf_counter() - t0
         with self.lock:
-            replayed = self._sync(s, s.clicks)
-            if replayed is not None:
-                s.results = replayed
-            t0 = time.perf_counter()
-            try:
-                r = self.predictor.click(x, y, positive=positive)
-            except ValueError as e:  # e.g. more clicks than the model's click slots
-                raise UserError(str(e)) from None
-            s.last_click_s = time.perf_counter() - t0
             self._compiled.add((*s.image.shape[:2], s.mode))
-            s.clicks.append((float(x), float(y), bool(positive)))
-            s.results.append(r)
-            self._applied = (s.key, s.mode, tuple(s.clicks))
+        s.clicks.append((float(x), float(y), bool(positive)))
+        s.results.append(r)
         return s
 
     def undo(self, s: UserState | None) -> UserState:
@@ -179,23 +159,16 @@ class DemoBackend:
             raise UserError("Nothing to undo: upload an image or pick an example first.")
         if not s.clicks:
             raise UserError("Nothing to undo: no clicks yet.")
-        with self.lock:
-            in_sync = self._applied == (s.key, s.mode, tuple(s.clicks))
-            s.clicks.pop()
-            s.results.pop()
-            if in_sync:
-                self.predictor.undo()
-                self._applied = (s.key, s.mode, tuple(s.clicks))
+        s.clicks.pop()
+        s.results.pop()
+        s.predictor.undo()
         return s
 
     def reset(self, s: UserState | None) -> UserState:
         if s is None:
             raise UserError("Nothing to reset: upload an image or pick an example first.")
-        with self.lock:
-            s.clicks, s.results = [], []
-            if self._image_key == s.key:
-                self.predictor.reset()
-                self._applied = (s.key, self.predictor.mode, ())
+        s.clicks, s.results = [], []
+        s.predictor.reset()
         return s
 
     def set_mode(self, s: UserState | None, mode: str) -> UserState | None:
@@ -204,9 +177,10 @@ class DemoBackend:
         if s is None:
             return None
         s.mode = mode
-        if s.clicks:
-            with self.lock:
-                s.results = self._sync(s, s.clicks) or s.results
+        s.predictor.set_mode(mode)
+        if s.clicks:  # the states depend on the mode (what was fed back): click again
+            s.predictor.reset()
+            s.results = [s.predictor.click(x, y, positive=pos) for x, y, pos in s.clicks]
         return s
 
     # --------------------------------------------------------------------------- pictures

@@ -8,6 +8,7 @@ Skips with the reason when one of them is missing. The screenshot after two clic
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import shutil
@@ -261,10 +262,17 @@ class _FakePredictor:
         self.mode = "full"
         self.embeds = 0
         self.hist = []
+        self.root = self
+
+    def fork(self, mode=None):
+        other = copy.copy(self)
+        other.hist = list(self.hist)
+        other.mode = mode or self.mode
+        return other
 
     def set_image(self, image):
         self.image = image
-        self.embeds += 1
+        self.root.embeds += 1
         self.hist = []
 
     def set_mode(self, mode):
@@ -309,24 +317,25 @@ def test_backend_embeds_once_per_image(tmp_path):
     m1 = s.result.mask.copy()
     be.click(s, 30, 20, True)
     be.click(s, 12, 12, False)
-    assert fake.embeds == 1 and len(fake.hist) == 3
+    assert fake.embeds == 1 and len(s.predictor.hist) == 3 and fake.hist == []
     be.undo(s)
     be.undo(s)
     np.testing.assert_array_equal(s.result.mask, m1)
-    assert len(fake.hist) == 1  # predictor.undo, no replay
-    be.set_mode(s, "sam")  # replays the clicks in the new mode, same embedding
+    assert len(s.predictor.hist) == 1  # predictor.undo, no replay
+    be.set_mode(s, "sam")  # clicks again in the new mode, same embedding
     assert fake.embeds == 1 and s.result.window is None and s.result.mask.sum() < m1.sum()
     path = be.mask_file(s)
     mask = np.asarray(Image.open(path))
     assert mask.shape == (40, 50) and set(np.unique(mask)) <= {0, 255}
 
-    t = be.load(b)  # another user: its own embedding
+    t = be.load(b)  # another user: its own embedding and click loop
     be.click(t, 5, 5, True)
     assert fake.embeds == 2
-    be.click(s, 20, 20, True)  # back to the first user: re-embed and replay
-    assert fake.embeds == 3 and len(s.clicks) == 2 and len(fake.hist) == 2
+    be.click(s, 20, 20, True)  # back to the first user: no re-embedding, no replay
+    assert fake.embeds == 2 and len(s.clicks) == 2 and len(s.predictor.hist) == 2
+    assert len(t.predictor.hist) == 1 and t.predictor.image.shape == (30, 20, 3)
     be.reset(s)
-    assert s.result is None and fake.hist == []
+    assert s.result is None and s.predictor.hist == [] and len(t.predictor.hist) == 1
 
     with pytest.raises(UserError, match="outside"):
         be.click(s, 50, 3, True)
