@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from samref_jax.loading import (
+    DTYPES,
     LoadError,
     check_checkpoint,
     load_predictor,
@@ -206,6 +207,13 @@ def _configure_segment(p: argparse.ArgumentParser) -> None:
         help=f"checkpoint directory or bundled name (default: {DEFAULT_CHECKPOINT})",
     )
     p.add_argument("--mode", choices=MODES, default="full", help="refiners used (default: full)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="compute dtype (parameters stay float32); bfloat16 agreement with float32 on "
+        "GrabCut: docs/evaluation.md (default: float32)",
+    )
     p.add_argument("--out", required=True, help="output folder (created if needed)")
 
 
@@ -217,7 +225,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     h, w = image.shape[:2]
     check_clicks_inside(clicks, w, h)
     out = check_out_folder(args.out)
-    predictor = load_predictor(args.checkpoint, args.mode)
+    predictor = load_predictor(args.checkpoint, args.mode, args.dtype)
 
     from samref_jax import viz
 
@@ -239,7 +247,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     if result.window is not None:
         window = "(" + ", ".join(f"{v:.0f}" for v in result.window) + ")"
     print(
-        f"samref segment: {len(clicks)} click(s), mode {args.mode}, mask covers "
+        f"samref segment: {len(clicks)} click(s), mode {args.mode}, {args.dtype}, mask covers "
         f"{100 * result.mask.mean():.1f}% of {w}x{h}, SAM score {result.score:.3f}, "
         f"PatchDiff window {window}",
         file=sys.stderr,

@@ -8,9 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["BUNDLED_NAMES", "LoadError", "check_checkpoint", "load_predictor", "short_reason"]
+__all__ = [
+    "BUNDLED_NAMES",
+    "DTYPES",
+    "LoadError",
+    "check_checkpoint",
+    "load_predictor",
+    "short_reason",
+]
 
 BUNDLED_NAMES = ("tiny", "tiny-sam")
+# Compute dtypes of the predictor (`--dtype`): parameters stay float32 either way.
+DTYPES = ("float32", "bfloat16")
 
 
 class LoadError(Exception):
@@ -48,13 +57,20 @@ def check_checkpoint(name_or_path: str) -> None:
         raise LoadError(f"checkpoint is not a directory: {p}")
 
 
-def load_predictor(name_or_path: str, mode: str = "full"):
-    """``SamRefPredictor.from_checkpoint`` with checkpoint errors turned into :class:`LoadError`."""
+def load_predictor(name_or_path: str, mode: str = "full", dtype: str = "float32"):
+    """``SamRefPredictor.from_checkpoint`` with checkpoint errors turned into :class:`LoadError`.
+
+    ``dtype``: the compute dtype, one of :data:`DTYPES` (parameters stay float32).
+    """
+    if dtype not in DTYPES:
+        raise LoadError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check_checkpoint(name_or_path)
+    import jax.numpy as jnp
+
     from samref_jax.checkpoint import CheckpointError
     from samref_jax.samref.predictor import SamRefPredictor
 
     try:
-        return SamRefPredictor.from_checkpoint(name_or_path, mode=mode)
+        return SamRefPredictor.from_checkpoint(name_or_path, mode=mode, dtype=jnp.dtype(dtype))
     except CheckpointError as e:
         raise LoadError(f"cannot load checkpoint {name_or_path}: {short_reason(e)}") from None

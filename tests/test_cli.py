@@ -324,3 +324,66 @@ def test_viz_mask_and_overlay():
         viz.overlay(image, mask[:10])
     strip = viz.side_by_side([Image.fromarray(image)] * 3, ["a", "b", "c"])
     assert strip.size == (3 * 80 + 2 * 4, 60)
+
+
+# -------------------------------------------------------------------------------- dtype
+@pytest.mark.slow
+def test_dtype_bfloat16_segment_and_eval(grabcut_dir, tmp_path, capsys):
+    # `--dtype bfloat16` as documented: segment one GrabCut image, evaluate two; the dtype is
+    # in run.json and metrics.json, and a resume with float32 is refused in one line (exit 2).
+    import json
+
+    image = grabcut_dir / "data_GT" / "banana1.bmp"
+    seg = ["segment", str(image), "--checkpoint", "tiny", "--dtype", "bfloat16"]
+    seg += ["--click", "300,250,+", "--click", "100,100,-", "--out", str(tmp_path / "seg")]
+    assert cli.main(seg) == 0, capsys.readouterr().err[-2000:]
+    assert "mode full, bfloat16, mask covers" in capsys.readouterr().err
+    mask = np.asarray(Image.open(tmp_path / "seg" / "mask.png"))
+    assert mask.shape == np.asarray(Image.open(image)).shape[:2] and mask.any()
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--checkpoint", "tiny", "--dataset", "GrabCut", "--data-dir"]
+    argv += [str(grabcut_dir.parent), "--mode", "full", "--max-clicks", "2", "--limit", "2"]
+    argv += ["--overlays", "0", "--no-progress", "--output", str(out)]
+    assert cli.main([*argv, "--dtype", "bfloat16"]) == 0, capsys.readouterr().err[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_samples"] == 2 and metrics["metadata"]["dtype"] == "bfloat16"
+    assert json.loads((out / "run.json").read_text())["dtype"] == "bfloat16"
+    capsys.readouterr()
+    assert cli.main([*argv, "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("samref eval: error: ") and "\n" not in err, err
+    assert "holds another run (dtype: 'bfloat16' -> 'float32')" in err, err
+    assert cli.main([*argv, "--dtype", "bfloat16"]) == 0  # the same run resumes (done)
+
+
+def test_dtype_identity_of_earlier_runs():
+    # run.json files written before the dtype was recorded were float32 runs.
+    from samref_jax.evaluation.evaluator import _identity_diff
+
+    old = {"method": "samref", "mode": "sam"}
+    assert _identity_diff(old, {**old, "dtype": "float32"}) == []
+    assert _identity_diff(old, {**old, "dtype": "bfloat16"}) == ["dtype"]
+    assert _identity_diff({**old, "dtype": "bfloat16"}, old) == ["dtype"]
+
+
+def test_dtype_needs_the_samref_model(tmp_path, capsys):
+    argv = ["eval", "--method", "opencv-grabcut", "--dtype", "bfloat16", "--output", str(tmp_path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "samref eval: error: --dtype bfloat16 needs the SAM-REF model (--checkpoint, no "
+        "--predictor-factory)"
+    ), err
+
+
+def test_dtype_reaches_the_model():
+    import jax.numpy as jnp
+
+    from samref_jax.evaluation.evaluate import _make_predictor
+
+    assert cli.load_predictor("tiny", "sam", "bfloat16").model.dtype == jnp.bfloat16
+    assert _make_predictor(None, "tiny", "sam", "bfloat16").model.dtype == jnp.bfloat16
+    assert cli.load_predictor("tiny", "sam").model.dtype == jnp.float32
+    with pytest.raises(cli.LoadError, match="dtype must be one of float32, bfloat16"):
+        cli.load_predictor("tiny", "sam", "float16")

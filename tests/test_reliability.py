@@ -268,7 +268,7 @@ def eval_cli(monkeypatch, capsys):
 
     made = []
 
-    def fake(factory, checkpoint, mode):
+    def fake(factory, checkpoint, mode, dtype="float32"):
         made.append((checkpoint, mode))
         return _Disk(**fake.kwargs)
 
@@ -684,13 +684,15 @@ def test_fuzz_cli_entry_points(tmp_path, monkeypatch, capsys, shared_predictor):
     eval_cli = importlib.import_module("samref_jax.evaluation.evaluate")
     rng = np.random.default_rng(1234)
 
-    def use_shared(name, mode="full"):
+    def use_shared(name, mode="full", dtype="float32"):
         cli.check_checkpoint(name)
         shared_predictor.set_mode(mode)
         return shared_predictor
 
     monkeypatch.setattr(cli, "load_predictor", use_shared)
-    monkeypatch.setattr(eval_cli, "_make_predictor", lambda f, c, mode: use_shared(c, mode))
+    monkeypatch.setattr(
+        eval_cli, "_make_predictor", lambda f, c, mode, dtype="float32": use_shared(c, mode)
+    )
 
     def call(main, argv):
         capsys.readouterr()

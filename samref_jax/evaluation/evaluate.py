@@ -11,6 +11,10 @@ Evaluate a checkpoint::
 (``--mode sam full``) share one image embedding per image (the predictor needs ``set_mode``)
 and write ``OUT/<mode>/``.
 
+``--dtype bfloat16`` runs the model's computations in bfloat16 (parameters stay float32); the
+dtype is part of the run's identity (``run.json``, ``metrics.json`` metadata), so a resume with
+another dtype is refused like one with another mode.
+
 Evaluate the classical OpenCV GrabCut peer (no checkpoint; ``pip install samref-jax[opencv]``;
 see :mod:`samref_jax.evaluation.grabcut`), a row ``opencv-grabcut`` in ``compare`` tables::
 
@@ -32,6 +36,7 @@ from typing import Any
 
 from samref_jax.evaluation.evaluator import evaluate
 from samref_jax.evaluation.report import compare, write_metrics_markdown
+from samref_jax.loading import DTYPES
 from samref_jax.paths import as_path
 
 __all__ = ["build_parser", "compare", "compare_main", "evaluate", "load_samples", "main"]
@@ -72,13 +77,17 @@ def load_samples(
     return read_folder_dataset(dataset, _resolve_root(dataset, data_dir), split)
 
 
-def _make_predictor(factory: str | None, checkpoint: str | None, mode: str) -> Any:
+def _make_predictor(
+    factory: str | None, checkpoint: str | None, mode: str, dtype: str = "float32"
+) -> Any:
     if factory:
         module, _, name = factory.partition(":")
         return getattr(importlib.import_module(module), name or "make_predictor")(checkpoint, mode)
-    from samref_jax.samref.predictor import SamRefPredictor  # lazy: heavy, and optional here
+    import jax.numpy as jnp  # lazy: heavy, and optional here
 
-    return SamRefPredictor.from_checkpoint(checkpoint, mode=mode)
+    from samref_jax.samref.predictor import SamRefPredictor
+
+    return SamRefPredictor.from_checkpoint(checkpoint, mode=mode, dtype=jnp.dtype(dtype))
 
 
 def build_parser(prog: str = "samref-eval") -> argparse.ArgumentParser:
@@ -111,6 +120,13 @@ def build_parser(prog: str = "samref-eval") -> argparse.ArgumentParser:
         choices=MODES,
         default=["full"],
         help="predictor mode(s); several share one embedding per image",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="compute dtype of the model (parameters stay float32); part of the run's "
+        "identity: a resume with another dtype is refused (default: float32)",
     )
     p.add_argument("--max-clicks", type=int, default=20)
     p.add_argument(
@@ -247,6 +263,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise EvalError(f"--stop-iou must be in (0, 1], got {args.stop_iou}")
     if args.overlays < 0:
         raise EvalError(f"--overlays must be 0 or more, got {args.overlays}")
+    if args.dtype != "float32" and (args.method != "samref" or args.predictor_factory):
+        raise EvalError(
+            f"--dtype {args.dtype} needs the SAM-REF model (--checkpoint, no --predictor-factory)"
+        )
     out = as_path(args.output)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--output is not a folder: {out}")
@@ -347,6 +367,8 @@ def _main(argv: list[str], prog: str) -> int:
         raise EvalError("give --checkpoint DIR (or a bundled name: tiny, tiny-sam)")
     else:
         identity.update(_checkpoint_identity(args.checkpoint, args.max_clicks))
+    if peer is None:
+        identity["dtype"] = args.dtype
     try:
         samples = load_samples(args.dataset, args.data_dir, args.split, args.tfds_dir)
     except (DataError, OSError, ValueError) as e:
@@ -376,7 +398,9 @@ def _main(argv: list[str], prog: str) -> int:
         predictor = peer
     else:
         try:
-            predictor = _make_predictor(args.predictor_factory, args.checkpoint, modes[0])
+            predictor = _make_predictor(
+                args.predictor_factory, args.checkpoint, modes[0], args.dtype
+            )
         except CheckpointError as e:
             raise EvalError(f"cannot load checkpoint {args.checkpoint}: {_one_line(e)}") from None
 
@@ -387,7 +411,7 @@ def _main(argv: list[str], prog: str) -> int:
         "data": str(args.tfds_dir or args.data_dir),
         "limit": args.limit,
         "command": f"{prog} " + " ".join(argv),
-        **(peer.metadata() if peer is not None else {}),
+        **(peer.metadata() if peer is not None else {"dtype": args.dtype}),
     }
     if len(modes) == 1:
         metadata.update(mode=modes[0], label=args.label or modes[0])

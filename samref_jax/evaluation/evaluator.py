@@ -248,8 +248,16 @@ def check_resumable(folder: Path, identity: Mapping | None, max_clicks: int) -> 
             )
 
 
+# Identity keys added after runs were written, at the value those runs had: a run.json without
+# the key resumes with that value and is refused with another.
+_IDENTITY_DEFAULTS = {"dtype": "float32"}
+
+
 def _identity_diff(old: Mapping, new: Mapping) -> list[str]:
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    def get(d: Mapping, k: str) -> Any:
+        return d.get(k, _IDENTITY_DEFAULTS.get(k))
+
+    return sorted(k for k in set(old) | set(new) if get(old, k) != get(new, k))
 
 
 class _Run:
@@ -297,7 +305,11 @@ class _Run:
             raise ResumeError(f"{path} is damaged (not a JSON object); use a new output folder")
         diff = _identity_diff(old, new)
         if diff:
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+            shown = ", ".join(
+                f"{k}: {old.get(k, _IDENTITY_DEFAULTS.get(k))!r} -> "
+                f"{new.get(k, _IDENTITY_DEFAULTS.get(k))!r}"
+                for k in diff[:4]
+            )
             raise ResumeError(
                 f"{output_dir} holds another run ({shown}); use a new output folder to "
                 "evaluate this one"
