@@ -26,6 +26,40 @@ def median_time(fn: Callable[[], object], runs: int, warmup: int = 1) -> tuple[f
     return statistics.median(times), times
 
 
+def device_median(fn: Callable[[], object], runs: int, warmup: int = 1) -> tuple[float, object]:
+    """(median wall time in s of ``runs`` calls of ``fn()``, the first call's output), each call
+    waited for with ``jax.block_until_ready``, after ``warmup`` (>= 1) untimed calls; with
+    ``runs == 0`` the last warm-up call's time (compiled beforehand: no compile in it)."""
+    import jax
+
+    out, times = None, []
+    for i in range(max(warmup, 1)):
+        t = time.perf_counter()
+        res = jax.block_until_ready(fn())
+        times = [time.perf_counter() - t]
+        out = res if i == 0 else out
+    if runs > 0:
+        times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def fmt_flops(x: float) -> str:
+    """FLOPs with a unit."""
+    for unit, v in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= v:
+            return f"{x / v:.2f} {unit}"
+    return f"{x:.0f} FLOP"
+
+
+def fmt_time(s: float) -> str:
+    """Seconds as "12.3 ms" below 10 s, else "12.34 s"."""
+    return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.2f} s"
+
+
 def table(headers: list[str], rows: list[list[object]]) -> str:
     """A GitHub markdown table."""
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks._common import device_median, fmt_flops, fmt_time  # noqa: E402
 
 TARGET_RATIO = 0.15
 TARGET_CLICKER = 0.10
@@ -56,38 +57,10 @@ def _config(sam: str, frame: int | None, rounds: int | None, batch: int, dtype: 
     return cfg
 
 
-def _median(fn, runs: int) -> tuple[float, object]:
-    """(median time of ``runs`` calls after a first call, the first call's output); with
-    ``runs == 0`` the first call's time (already compiled: no compile in it)."""
-    import jax
-
-    t = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    times = [time.perf_counter() - t]
-    if runs > 0:
-        times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
-
-
 def _flops_compiled(compiled) -> float:
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, list) else ca
     return float((ca or {}).get("flops", float("nan")))
-
-
-def _fl(x: float) -> str:
-    for unit, v in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if x >= v:
-            return f"{x / v:.2f} {unit}"
-    return f"{x:.0f} FLOP"
-
-
-def _ms(s: float) -> str:
-    return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.2f} s"
 
 
 def cpu_model() -> str:
@@ -108,8 +81,8 @@ def run(a: argparse.Namespace) -> dict:
 
     from benchmarks.accelerator import PEAK_FLOPS, _on_cpu, peak_key
     from samref_jax.interaction.clicker import next_click_jax
-    from samref_jax.model.config import sam_config_from
-    from samref_jax.model.samref import SamRef
+    from samref_jax.samref.config import sam_config_from
+    from samref_jax.samref.model import SamRef
     from samref_jax.training import step as S
     from samref_jax.training.testing import synthetic_batch
 
@@ -141,9 +114,9 @@ def run(a: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         compiled = jax.jit(fn, **(jit_kw or {})).lower(*args).compile()
         compile_s[name] = time.perf_counter() - t0
-        t, out = _median(lambda: compiled(*args), a.runs)
+        t, out = device_median(lambda: compiled(*args), a.runs)
         rows[name] = {"s": t, "flops": flops(fn, compiled, *args)}
-        print(f"measured {name}: {_ms(t)} (compile {compile_s[name]:.1f} s)", flush=True)
+        print(f"measured {name}: {fmt_time(t)} (compile {compile_s[name]:.1f} s)", flush=True)
         return out
 
     # 1. encoder (forward only; the recipe freezes it)
@@ -189,7 +162,7 @@ def run(a: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s[name] = time.perf_counter() - t0
-        t, _ = _median(lambda c=compiled, b=batch: c(state, b), a.runs)
+        t, _ = device_median(lambda c=compiled, b=batch: c(state, b), a.runs)
         if on_cpu:
             fl = _flops_compiled(compiled)
         else:
@@ -197,7 +170,7 @@ def run(a: argparse.Namespace) -> dict:
 
             fl = train_step_flops(cfg, state, batch)
         rows[name] = {"s": t, "flops": fl}
-        print(f"measured {name}: {_ms(t)} (compile {compile_s[name]:.1f} s)", flush=True)
+        print(f"measured {name}: {fmt_time(t)} (compile {compile_s[name]:.1f} s)", flush=True)
 
     full, fast = rows["step, encoder in the step"]["s"], rows["step, cached embedding"]["s"]
     for r in rows.values():
@@ -227,7 +200,8 @@ def report(res: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         share = f"{100 * r['s'] / fast:.1f}%"
-        cells = [name, _ms(r["s"]), share, _fl(r["flops"]), f"{_fl(r['flops'] / r['s'])}/s"]
+        rate = f"{fmt_flops(r['flops'] / r['s'])}/s"
+        cells = [name, fmt_time(r["s"]), share, fmt_flops(r["flops"]), rate]
         if mfu:
             cells.append(f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a")
         lines.append("| " + " | ".join(cells) + " |")

@@ -28,6 +28,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-train") -> int:
     from absl import flags
     from ml_collections import config_flags
 
+    from samref_jax.training import distributed
     from samref_jax.training.flag_args import parse_flags
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -36,15 +37,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-train") -> int:
         "config", None, "training config file", flag_values=fv, lock_config=False
     )
     flags.DEFINE_string("workdir", None, "run directory (resumed if it exists)", flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize()", flag_values=fv)
-    flags.DEFINE_string("coordinator", None, "multi-process coordinator HOST:PORT", flag_values=fv)
-    flags.DEFINE_integer("num_processes", None, "number of processes", flag_values=fv)
-    flags.DEFINE_integer("process_id", None, "this process's id", flag_values=fv)
+    distributed.define_flags(fv)
     flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
     flags.DEFINE_bool("print_config", False, "print the resolved config and exit", flag_values=fv)
-    flags.DEFINE_float(
-        "init_timeout", 300.0, "seconds to wait for the other processes", flag_values=fv
-    )
     flags.DEFINE_bool(
         "allow_config_change",
         False,
@@ -76,21 +71,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-train") -> int:
         return 2
     import jax
 
-    from samref_jax.training import distributed
-
-    coordinator, num_processes, process_id = distributed.resolve(
-        fv.coordinator, fv.num_processes, fv.process_id
-    )
-    if coordinator or num_processes is not None or process_id is not None:
-        try:
-            distributed.initialize(
-                coordinator, num_processes, process_id, timeout_s=fv.init_timeout
-            )
-        except (distributed.CoordinatorUnreachableError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return 3
-    elif fv.distributed:
-        jax.distributed.initialize(initialization_timeout=int(fv.init_timeout))
+    status = distributed.start_from_flags(fv)
+    if status:
+        return status
     from samref_jax.training.checkpointing import TrainCheckpointError
     from samref_jax.training.trainer import train
 

@@ -34,14 +34,16 @@ from samref_jax.sam.prompt_encoder import PromptEncoder
 
 
 class Sam(nn.Module):
-    """Segment Anything v1. `dtype` is the compute dtype (params stay float32)."""
+    """Segment Anything v1. `dtype` is the compute dtype (params stay float32); `mask_cond`:
+    see `PromptEncoder` (False in training: per-row select, no batch-wide cond)."""
 
     config: SamConfig
     dtype: Dtype = jnp.float32
+    mask_cond: bool = True
 
     def setup(self) -> None:
         self.image_encoder = ImageEncoderViT(self.config, self.dtype)
-        self.prompt_encoder = PromptEncoder(self.config, self.dtype)
+        self.prompt_encoder = PromptEncoder(self.config, self.dtype, self.mask_cond)
         self.mask_decoder = MaskDecoder(self.config, self.dtype)
 
     def __call__(self) -> None:  # Used by `init` only: creates every parameter.

@@ -86,10 +86,18 @@ class PositionEmbeddingRandom(nn.Module):
 
 
 class PromptEncoder(nn.Module):
-    """Embeds points/boxes (sparse tokens) and a low-res mask (dense prompt)."""
+    """Embeds points/boxes (sparse tokens) and a low-res mask (dense prompt).
+
+    ``mask_cond`` (static) says how rows without a mask skip the mask convolutions: True
+    (inference) puts them under one ``cond`` on "any row has a mask", so a batch without masks
+    (the first click) does not run them; False (training) always runs them and selects per row
+    with ``jnp.where``. Both give the same values in every row; the select has no batch-wide
+    predicate, which a batch sharded over devices would have to all-reduce in every round.
+    """
 
     config: SamConfig
     dtype: Dtype = jnp.float32
+    mask_cond: bool = True
 
     def setup(self) -> None:
         cfg = self.config
@@ -152,9 +160,12 @@ class PromptEncoder(nn.Module):
             feats = jnp.where(has_mask[:, None, None, None], mdl.mask_features(masks), 0)
             return feats.astype(zeros.dtype)
 
-        features = nn.cond(
-            jnp.any(has_mask), with_masks, lambda mdl, m, z: z, self, mask_input, zeros
-        )
+        if self.mask_cond:
+            features = nn.cond(
+                jnp.any(has_mask), with_masks, lambda mdl, m, z: z, self, mask_input, zeros
+            )
+        else:
+            features = with_masks(self, mask_input, zeros)
         bias = jnp.where(has_mask[:, None], conv["bias"][None], self.no_mask_embed)
         return DenseFactors(features, kernel, bias)
 
@@ -189,7 +200,7 @@ class PromptEncoder(nn.Module):
                 dense = jnp.where(has_mask[:, None, None, None], mdl.embed_masks(masks), no_mask)
                 return dense.astype(no_mask.dtype)
 
-            if self.is_initializing():
+            if self.is_initializing() or not self.mask_cond:
                 dense = with_masks(self, mask_input, no_mask)
             else:
                 # The mask convolutions run only when some row has a mask (under vmap both

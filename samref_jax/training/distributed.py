@@ -26,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+from typing import Any
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -161,3 +162,45 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
         multihost_utils.sync_global_devices(f"{name}_{n}")
     else:
         client.wait_at_barrier(f"samref_{name}_{n}", int(timeout_s * 1000))
+
+
+def define_flags(flag_values: Any) -> None:
+    """The multi-process flags of the command-line tools (``train/main.py``, ``samref
+    cache-embeddings``) on an absl ``FlagValues``: --distributed, --coordinator,
+    --num_processes, --process_id, --init_timeout (read by :func:`start_from_flags`)."""
+    from absl import flags
+
+    fv = flag_values
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize()", flag_values=fv)
+    flags.DEFINE_string("coordinator", None, "multi-process coordinator HOST:PORT", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "number of processes", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "this process's id", flag_values=fv)
+    flags.DEFINE_float(
+        "init_timeout", 300.0, "seconds to wait for the other processes", flag_values=fv
+    )
+
+
+def start_from_flags(flag_values: Any) -> int:
+    """Joins the other processes as the flags of :func:`define_flags` (or the ``JAX_*``
+    variables) say, before the first JAX computation; returns 0, or 3 after one error line on
+    stderr when the coordinator is unreachable or the arguments are incomplete.
+
+    Coordinator, process count or id given: :func:`initialize` (bounded, explained failure);
+    otherwise ``--distributed``: ``jax.distributed.initialize()`` finds them itself (TPU pods);
+    otherwise one process, nothing to do.
+    """
+    fv = flag_values
+    coordinator, num_processes, process_id = resolve(
+        fv.coordinator, fv.num_processes, fv.process_id
+    )
+    if coordinator or num_processes is not None or process_id is not None:
+        try:
+            initialize(coordinator, num_processes, process_id, timeout_s=fv.init_timeout)
+        except (CoordinatorUnreachableError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 3
+    elif fv.distributed:
+        import jax
+
+        jax.distributed.initialize(initialization_timeout=int(fv.init_timeout))
+    return 0
