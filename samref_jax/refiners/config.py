@@ -17,6 +17,10 @@ def default_patch_diff_config() -> ml_collections.ConfigDict:
     """PatchDiff config: DiffRefiner fields + window fields (see ``default_window_config``)."""
     cfg = default_refiner_config()
     cfg.update(default_window_config())
+    # The image patch is cropped from a copy of the image at image_scale x the frame
+    # (``ImageContext.detail_image``), so detail lost when the image was shrunk to the frame
+    # reaches PatchDiff; 1: crop from the frame itself.
+    cfg.image_scale = 1
     return cfg
 
 

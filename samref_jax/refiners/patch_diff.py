@@ -61,6 +61,7 @@ class PatchDiff(nn.Module):
         radius: Array,
         last_click_xy: Array,
         valid_hw: Array,
+        detail_image: Array | None = None,
     ) -> PatchDiffOutput:
         """Select a window, refine it at P x P, paste it back.
 
@@ -74,6 +75,9 @@ class PatchDiff(nn.Module):
           radius: (B,) or scalar click-disk radius in frame pixels.
           last_click_xy: (B, 2) last click (x, y), pixel-centre frame units.
           valid_hw: (B, 2) int (height, width) of the unpadded image in the frame.
+          detail_image: optional (B, kH, kW, 3) the same normalised image at k = ``image_scale``
+            times the frame's resolution: the image patch is cropped from it (required when
+            ``cfg.image_scale > 1``).
 
         Returns:
           PatchDiffOutput.
@@ -88,7 +92,17 @@ class PatchDiff(nn.Module):
         windows = jax.lax.stop_gradient(windows)
 
         stride = (h / embedding.shape[1], w / embedding.shape[2])
-        img_p = crop_patches(image, windows, p, 1.0, cfg.image_sampling_ratio)
+        k = int(cfg.get("image_scale", 1))
+        if k > 1:
+            if detail_image is None or detail_image.shape[1:3] != (k * h, k * w):
+                got = None if detail_image is None else detail_image.shape
+                raise ValueError(
+                    f"patch_diff.image_scale={k} needs a detail image of {(b, k * h, k * w, 3)}, "
+                    f"got {got}"
+                )
+            img_p = crop_patches(detail_image, windows, p, 1.0 / k, cfg.image_sampling_ratio)
+        else:
+            img_p = crop_patches(image, windows, p, 1.0, cfg.image_sampling_ratio)
         coarse_p = crop_patches(global_logits, windows, p, 1.0, cfg.logit_sampling_ratio)
         emb_p = crop_patches(embedding, windows, int(cfg.embed_patch_size), stride)
 

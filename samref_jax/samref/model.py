@@ -57,6 +57,8 @@ class ImageContext(NamedTuple):
     image: (B, F, F, 3) normalised, zero-padded frame.
     valid_hw: (B, 2) int32 unpadded image size in the frame.
     radius: (B,) float32 click-disk radius in frame pixels.
+    detail_image: (B, kF, kF, 3) the image normalised at k = ``refiners.patch_diff.image_scale``
+      times the frame, PatchDiff's image source (None when k = 1).
     image_pe / global_context / decoder_layer0: optional per-image caches an interactive caller
       computes once (:meth:`SamRef.prepare` with ``caches=True``): SAM's dense positional
       encoding (1, S, S, D), GlobalDiff's :class:`RefinerContext`, and the per-image part of
@@ -67,6 +69,7 @@ class ImageContext(NamedTuple):
     image: Array
     valid_hw: Array
     radius: Array
+    detail_image: Array | None = None
     image_pe: Array | None = None
     global_context: RefinerContext | None = None
     decoder_layer0: dict[str, Array] | None = None
@@ -76,11 +79,13 @@ class ImageContext(NamedTuple):
         """Zeros of the right shapes (initialisation, shape checks)."""
         sc = sam_config_from(config)
         f, s, b = sc.img_size, sc.image_embedding_size, int(batch)
+        k = detail_scale(config)
         return cls(
             embedding=jnp.zeros((b, s, s, sc.prompt_embed_dim)),
             image=jnp.zeros((b, f, f, 3)),
             valid_hw=jnp.full((b, 2), f, jnp.int32),
             radius=jnp.ones((b,), jnp.float32),
+            detail_image=jnp.zeros((b, k * f, k * f, 3)) if k > 1 else None,
         )
 
 
@@ -251,6 +256,7 @@ class SamRef(nn.Module):
         radius: Array,
         embedding: Array | None = None,
         caches: bool = True,
+        detail_image: Array | None = None,
     ) -> ImageContext:
         """One image's :class:`ImageContext`: the per-image work, done once before its clicks.
 
@@ -261,10 +267,12 @@ class SamRef(nn.Module):
           embedding: (B, S, S, D) SAM's embedding if already known (cached); None: computed.
           caches: also compute the per-image caches (positional encoding, GlobalDiff's inputs,
             the decoder's first-layer projections); False leaves them to each click (training).
+          detail_image: (B, kF, kF, 3) the image at ``image_scale`` k x the frame (k > 1 only).
         """
         if embedding is None:
             embedding = self.embed_image(image)
-        ctx = ImageContext(embedding, image, valid_hw, jnp.asarray(radius, jnp.float32))
+        radius = jnp.asarray(radius, jnp.float32)
+        ctx = ImageContext(embedding, image, valid_hw, radius, detail_image)
         if not caches:
             return ctx
         image_pe = self.dense_pe()
@@ -344,11 +352,17 @@ class SamRef(nn.Module):
             ctx.radius,
             last_xy,
             ctx.valid_hw,
+            ctx.detail_image,
         )
         nxt = next_mask_input(low_res, sam_logits, p.logits, fb)
         return ClickOutputs(
             low_res, sam_logits, g.logits, p.logits, score, p.window, g.error_logits, p, nxt
         )
+
+
+def detail_scale(config: ml_collections.ConfigDict) -> int:
+    """k: PatchDiff crops its image patch from a copy at k x the frame (1: the frame)."""
+    return int(config.refiners.patch_diff.get("image_scale", 1))
 
 
 def next_mask_input(low_res: Array, sam_logits: Array, final_logits: Array, feedback: str) -> Array:
@@ -425,6 +439,7 @@ def _init_refiner(
                 ctx.radius,
                 x.coords[:, 0],
                 ctx.valid_hw,
+                ctx.detail_image,
             )["params"]
         )(rngs[1])
     chex_equal = jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(shapes)

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import os
+import types
 import warnings
 from typing import Any
 
@@ -41,16 +41,16 @@ import ml_collections
 import numpy as np
 
 from samref_jax.host import tune_malloc
-from samref_jax.sam.common import resize_bilinear
 from samref_jax.sam.transforms import (
     apply_coords,
     as_rgb_uint8,
+    frame_to_original,
     normalize_and_pad,
     resize_longest_side,
 )
 from samref_jax.samref.config import MODES, sam_config_from
 from samref_jax.samref.io import load_samref, untrained_refiners
-from samref_jax.samref.model import ClickOutputs, ClickState, ImageContext, SamRef
+from samref_jax.samref.model import ClickOutputs, ClickState, ImageContext, SamRef, detail_scale
 
 
 @dataclasses.dataclass
@@ -104,10 +104,12 @@ class PreparedImage:
         return self.context.embedding
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _to_original(logits: jax.Array, input_hw: tuple[int, int], original_hw: tuple[int, int]):
-    """(B, F, F) frame logits -> (B, H, W): crop the padding, torch-bilinear resize."""
-    return resize_bilinear(logits[:, : input_hw[0], : input_hw[1]], original_hw)
+def _to_original(
+    logits: jax.Array, input_hw: tuple[int, int], original_hw: tuple[int, int]
+) -> np.ndarray:
+    """(B, F, F) frame logits -> (B, H, W): crop the padding, torch-bilinear resize (compiled
+    tiles shared by every image size: `frame_to_original`)."""
+    return frame_to_original(logits, input_hw, original_hw)
 
 
 # Distinct frame maps a mode produces (see SamRef.click): final, SAM, GlobalDiff.
@@ -130,9 +132,16 @@ class SamRefPredictor:
         self.model = model = SamRef(self.config, dtype)
 
         @jax.jit
-        def prepare(params, image, valid_hw, radius):
+        def prepare(params, image, valid_hw, radius, detail):
             # The per-image work: SAM's embedding and the per-image caches (ImageContext).
-            return model.apply({"params": params}, image, valid_hw, radius, method=SamRef.prepare)
+            return model.apply(
+                {"params": params},
+                image,
+                valid_hw,
+                radius,
+                detail_image=detail,
+                method=SamRef.prepare,
+            )
 
         self._prepare_fn = prepare
         self._empty_state = ClickState.empty(self.config)  # the same for every image
@@ -174,18 +183,20 @@ class SamRefPredictor:
         """New parameters; a current image is re-embedded with them (its clicks are kept)."""
         self._params = params
         if self.context is not None:
-            self._use(self._prepare_frame(self.frame_image, self.original_size, self.input_size))
+            self._use(self._prepare_frame(self.context, self.original_size, self.input_size))
 
     def _prepare_frame(
-        self, frame: jax.Array, original_size: tuple[int, int], input_size: tuple[int, int]
+        self, images: Any, original_size: tuple[int, int], input_size: tuple[int, int]
     ) -> PreparedImage:
+        """``images``: anything with ``image`` (1, F, F, 3) and ``detail_image`` (or None)."""
         f = self.sam_config.img_size
         radius = float(self.config.click_radius) * f / max(original_size)
         ctx = self._prepare_fn(
             self._params,
-            frame,
+            images.image,
             jnp.asarray([input_size], jnp.int32),
             jnp.asarray([radius], jnp.float32),
+            images.detail_image,
         )
         # Wait for it: the embedding is the expensive step, and callers time this.
         jax.block_until_ready(ctx)
@@ -251,8 +262,14 @@ class SamRefPredictor:
         f = self.sam_config.img_size
         resized = resize_longest_side(image, f)
         frame = jnp.asarray(normalize_and_pad(resized, self.sam_config))
+        detail = None
+        k = detail_scale(self.config)
+        if k > 1:  # PatchDiff's image source: the image at k x the frame, from the original
+            big = resize_longest_side(image, k * f)
+            detail = jnp.asarray(normalize_and_pad(big, self.sam_config, k * f))
         original = (int(image.shape[0]), int(image.shape[1]))
-        return self._prepare_frame(frame, original, (int(resized.shape[0]), int(resized.shape[1])))
+        images = types.SimpleNamespace(image=frame, detail_image=detail)
+        return self._prepare_frame(images, original, (int(resized.shape[0]), int(resized.shape[1])))
 
     def set_image(self, image: np.ndarray | PreparedImage) -> None:
         """HxWx3 uint8 RGB (grey, RGBA and 16-bit images are converted), or the result of
@@ -260,7 +277,7 @@ class SamRefPredictor:
         if not isinstance(image, PreparedImage):
             image = self.prepare_image(image)
         elif image.params is not self._params:  # prepared before new parameters were set
-            image = self._prepare_frame(image.frame_image, image.original_size, image.input_size)
+            image = self._prepare_frame(image.context, image.original_size, image.input_size)
         self._use(image)
         self.reset()
 

@@ -178,7 +178,8 @@ def unrolled_loss(
     """Mean (over the batch) weighted loss of T unrolled rounds, and per-round metrics.
 
     ``batch``: image uint8 (B, F, F, 3); gt int8 (B, F, F) (1/0/-1, -1 also on padding);
-    valid_hw int32 (B, 2); first_click int32 (B, 2) (y, x); radius float32 (B,).
+    valid_hw int32 (B, 2); first_click int32 (B, 2) (y, x); radius float32 (B,); with
+    ``refiners.patch_diff.image_scale`` k > 1 also detail_image uint8 (B, kF, kF, 3).
     ``round_weights`` (T,) overrides ``loss.round_weights`` (a traced value: tests vary it).
     """
     mode = str(config.mode)
@@ -205,7 +206,11 @@ def unrolled_loss(
         emb = jax.lax.stop_gradient(emb)
 
     # The image context (caches left to the click: they train) and the first click.
-    ctx = ImageContext(emb, image, batch["valid_hw"], batch["radius"])
+    detail = None
+    if "detail_image" in batch:  # PatchDiff's image source at image_scale k x the frame
+        k = batch["detail_image"].shape[1] // f
+        detail = preprocess_frame(batch["detail_image"], batch["valid_hw"] * k, sam_cfg)
+    ctx = ImageContext(emb, image, batch["valid_hw"], batch["radius"], detail)
     fy, fx = batch["first_click"][:, 0], batch["first_click"][:, 1]
     first_xy = jnp.stack([fx, fy], -1).astype(jnp.float32)
     state0 = ClickState.empty(config.model, b).add_click(first_xy, jnp.ones((b,), jnp.int32))
