@@ -1,22 +1,42 @@
-"""Accelerator recipe: SAM-REF on SAM ViT-B (1024 frame), frozen image encoder.
+"""Accelerator recipe: SAM-REF on SAM ViT-B (1024 frame), frozen image encoder, COCO + LVIS.
 
-Command (one host; on a multi-host TPU pod add ``--distributed``, or
-``--coordinator HOST:PORT --num_processes N --process_id I`` on GPU clusters)::
+The whole path on a pod (P hosts; host I runs every multi-host command with its own index; on
+TPU pods ``--distributed`` finds the others, on GPU clusters give ``--coordinator HOST:PORT
+--num_processes P --process_id I``; ``gs://B`` is any bucket or shared folder)::
 
-    samref convert --checkpoint sam_vit_b_01ec64.pth --output checkpoints/vit_b   # SAM weights
-    samref train --config configs/samref_vit_b.py --workdir runs/vit_b \\
-        --config.train.init_checkpoint=checkpoints/vit_b \\
-        --config.data.name=SBD --config.data.manual_dir=/data/SBD/dataset \\
-        --config.data.data_dir=/data/tfds
+    # 1. SAM weights -> a JAX checkpoint (once)
+    samref convert --checkpoint sam_vit_b_01ec64.pth --output gs://B/checkpoints/vit_b
+    # 2. COCO + LVIS records, one per image (every host: the shards j with j % P == I)
+    samref prepare-coco --name coco_lvis --data-dir gs://B/tfds \
+        --annotations gs://B/lvis/lvis_v1_train.json \
+        --annotations gs://B/coco/annotations/instances_train2017.json \
+        --images gs://B/coco/train2017 --num-shards 64 --process-index $I --process-count $P
+    # 3. optional, frozen encoder: its embeddings of data.cached_views views per image (every host)
+    samref cache-embeddings --config configs/samref_vit_b.py --distributed \
+        --config.train.init_checkpoint=gs://B/checkpoints/vit_b \
+        --config.data.data_dir=gs://B/tfds --config.data.cached_views=2
+    # 4. train (every host; add --config.data.use_cached_embeddings=True
+    #    --config.data.cached_views=2 to train on the cache of step 3)
+    python -m train.main --config configs/samref_vit_b.py --workdir gs://B/runs/vit_b \
+        --distributed --config.train.init_checkpoint=gs://B/checkpoints/vit_b \
+        --config.data.data_dir=gs://B/tfds
+    # 5. evaluate the exported model (one host)
+    samref eval --checkpoint gs://B/runs/vit_b/export --dataset GrabCut --data-dir /data \
+        --mode sam full --max-clicks 20 --output runs/grabcut_vit_b
 
-It prepares the TFDS/ArrayRecord copy of ``data.name`` once (any builder of
-``samref_jax.data``: SBD, PascalVOC, COCO_MVal, ...), then trains the SAM mask decoder and both
+``data.format = "coco"`` reads the records of step 2 (``data.name`` = its ``--name``); each
+example is one instance of an image (at least ``data.coco.min_area`` = 1000 pixels; with
+probability ``merge_prob`` = 0.15 a union of up to ``max_merged`` = 2 touching instances; COCO
+crowd regions ignored in the losses), augmented as every dataset is. The folder datasets still
+work: ``--config.data.format=folder --config.data.name=SBD
+--config.data.manual_dir=/data/SBD/dataset``. The run trains the SAM mask decoder and both
 refiners end to end over ``train.rounds`` = 6 unrolled clicks on a ('data',) mesh of every
 device (``per_device_batch_size`` x devices images per step), AdamW with warmup and cosine
 decay, bf16 compute (SAM and both refiners; float32 parameters), and writes checkpoints,
 metrics.jsonl, eval.jsonl, curves.png and the exported model ``WORKDIR/export``
-(``SamRefPredictor.from_checkpoint``). Not run here (no accelerator in this environment): the
-settings follow the SAM-REF/RITM lineage and are untuned.
+(``SamRefPredictor.from_checkpoint``). Not run at this size here: each command is tested at
+small size (docs/training.md, 'COCO + LVIS at scale'); the settings follow the SAM-REF/RITM
+lineage and are untuned.
 """
 
 from __future__ import annotations
@@ -38,8 +58,12 @@ def get_config(sam_type: str = "vit_b") -> ml_collections.ConfigDict:
     config.model.refiners.global_diff.input_size = None
 
     d = config.data
-    d.name = "SBD"
+    d.format = "coco"  # `samref prepare-coco --name coco_lvis` (LVIS v1 + COCO 2017 train)
+    d.name = "coco_lvis"
     d.split = "train"
+    d.coco.min_area = 1000.0  # RITM's COCO+LVIS setting (it filters after augmenting)
+    d.coco.merge_prob = 0.15
+    d.coco.max_merged = 2
     d.per_device_batch_size = 4
     d.heldout_every = 0  # evaluate on a separate benchmark (samref eval) instead
     d.num_workers = 8

@@ -1,16 +1,25 @@
-"""Accelerator recipe: SAM-REF on SAM ViT-H (1024 frame), frozen image encoder.
+"""Accelerator recipe: SAM-REF on SAM ViT-H (1024 frame), frozen image encoder, COCO + LVIS.
 
-Command (as ``samref_vit_b.py``, with ViT-H weights)::
+The same path as ``samref_vit_b.py`` (convert, prepare-coco, optional cache-embeddings, train,
+eval), with ViT-H weights; the COCO + LVIS records of step 2 serve both recipes::
 
-    samref convert --checkpoint sam_vit_h_4b8939.pth --output checkpoints/vit_h
-    samref train --config configs/samref_vit_h.py --workdir runs/vit_h \\
-        --config.train.init_checkpoint=checkpoints/vit_h \\
-        --config.data.name=SBD --config.data.manual_dir=/data/SBD/dataset \\
-        --config.data.data_dir=/data/tfds
+    samref convert --checkpoint sam_vit_h_4b8939.pth --output gs://B/checkpoints/vit_h
+    samref prepare-coco --name coco_lvis --data-dir gs://B/tfds \
+        --annotations gs://B/lvis/lvis_v1_train.json \
+        --annotations gs://B/coco/annotations/instances_train2017.json \
+        --images gs://B/coco/train2017 --num-shards 64 --process-index $I --process-count $P
+    samref cache-embeddings --config configs/samref_vit_h.py --distributed \
+        --config.train.init_checkpoint=gs://B/checkpoints/vit_h \
+        --config.data.data_dir=gs://B/tfds --config.data.cached_views=2   # optional
+    python -m train.main --config configs/samref_vit_h.py --workdir gs://B/runs/vit_h \
+        --distributed --config.train.init_checkpoint=gs://B/checkpoints/vit_h \
+        --config.data.data_dir=gs://B/tfds
+    samref eval --checkpoint gs://B/runs/vit_h/export --dataset GrabCut --data-dir /data \
+        --mode sam full --max-clicks 20 --output runs/grabcut_vit_h
 
 Same recipe as ViT-B with a smaller per-device batch (the frozen ViT-H encoder runs inside the
 step under ``stop_gradient``; its activations are not kept for the backward pass) and a lower
-learning rate. Not run here (no accelerator in this environment).
+learning rate. Not run at this size here.
 """
 
 from __future__ import annotations

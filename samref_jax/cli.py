@@ -6,6 +6,7 @@ everything; ``samref COMMAND --help`` describes each command with an example.
     # out/mask.png (0/255, the image's size) and out/overlay.png (mask, clicks, PatchDiff window)
     samref eval --checkpoint tiny --dataset GrabCut --data-dir DATA --output runs/eval
     samref compare --output runs/eval runs/eval/*/metrics.json
+    samref prepare-coco --name coco_lvis --data-dir DATA --annotations X.json --images DIR
     samref train --config configs/tiny_cpu.py --workdir runs/tiny [--config.a.b=v ...]
     samref cache-embeddings --config configs/X.py --workdir runs/x
     samref launch-local --num_processes 2 -- --config configs/tiny_cpu.py --workdir runs/mp
@@ -21,9 +22,9 @@ status 2, without a traceback.
 Subcommands live in a small registry: add one with :func:`register`, either with a
 ``configure(parser)`` that adds its arguments and a ``run(args) -> int``, or with
 ``forward(argv, prog) -> int`` for a command that parses its own arguments (``convert``,
-``eval``, ``compare``, ``train``, ``cache-embeddings``, ``launch-local``: the functions behind
-``convert_weights.py``, ``samref-eval``, ``python -m train.main`` ...). :func:`main` builds the
-argparse subparsers from it.
+``eval``, ``compare``, ``prepare-coco``, ``train``, ``cache-embeddings``, ``launch-local``: the
+functions behind ``convert_weights.py``, ``samref-eval``, ``python -m train.main`` ...).
+:func:`main` builds the argparse subparsers from it.
 """
 
 from __future__ import annotations
@@ -303,6 +304,12 @@ def _forward_compare(argv: list[str], prog: str) -> int:
     return compare_main(argv, prog=prog)
 
 
+def _forward_prepare_coco(argv: list[str], prog: str) -> int:
+    from samref_jax.data.coco_tfds import main as prepare_coco_main
+
+    return prepare_coco_main(argv, prog=prog)
+
+
 def _forward_train(argv: list[str], prog: str) -> int:
     from train.main import main as train_main
 
@@ -340,6 +347,11 @@ register(
 )
 register("eval", "NoC evaluation on a dataset (RITM protocol), resumable", forward=_forward_eval)
 register("compare", "merge evaluation runs into one table and plot", forward=_forward_compare)
+register(
+    "prepare-coco",
+    "convert COCO/LVIS instance JSON + images to training records (sharded)",
+    forward=_forward_prepare_coco,
+)
 register("train", "train a model from a config file (ml_collections)", forward=_forward_train)
 register(
     "cache-embeddings",

@@ -11,7 +11,10 @@ Fields:
     worker processes; 0 = in process), augmentation (scale_min, scale_max, flip, jitter,
     min_object_pixels, zoom_in), first_click_frac (first click among pixels whose distance to the
     background is >= frac * max); use_cached_embeddings, cached_views, cache_dtype, cache_dir
-    (training on cached frozen-encoder embeddings, ``samref_jax.training.embedding_cache``).
+    (training on cached frozen-encoder embeddings, ``samref_jax.training.embedding_cache``);
+    format ("folder" | "coco") and coco (COCO-format data, ``samref_jax.data.coco``: annotations,
+    images, dedup_iou, num_shards for preparing it; min_area, merge_prob, max_merged for the
+    instance drawn per example).
   train: trainable (path prefixes), rounds (T), num_steps, max_minutes (wall clock; 0 = none),
     lr, warmup_steps, end_lr_factor, b1, b2, weight_decay, clip_norm, dtype ("float32" |
     "bfloat16"), stop_grad_feedback, init_checkpoint, log_every, checkpoint_every_steps,
@@ -54,6 +57,20 @@ def base_config(sam_type: str = "tiny") -> ml_collections.ConfigDict:
             cached_views=8,  # augmented views cached per instance
             cache_dtype="bfloat16",  # embedding storage: "float32" | "bfloat16"
             cache_dir="",  # "" = <data_dir>/embeddings/<builder>/<split>-<fingerprint>
+            # "folder": a benchmark folder (name = its layout); "coco": COCO-format instance
+            # data prepared by `samref prepare-coco` (name = its --name), one record per image
+            format="folder",
+            coco=ml_collections.ConfigDict(
+                dict(
+                    annotations=(),  # JSON files (LVIS first): prepare on first use if set
+                    images=(),  # image folders for them
+                    dedup_iou=0.8,  # a later file's instance with this IoU is a duplicate
+                    num_shards=1,  # shards when the trainer prepares the data itself
+                    min_area=1000.0,  # instances below (original pixels) are never sampled
+                    merge_prob=0.15,  # probability that the object is a union of instances
+                    max_merged=2,  # at most this many touching instances in the union
+                )
+            ),
         )
     )
     c.train = ml_collections.ConfigDict(

@@ -122,6 +122,9 @@ def decode_record(record: bytes) -> dict[str, np.ndarray]:
 
 def _fingerprint_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     d, m, t = config.data, config.model, config.train
+    coco = {}
+    if str(d.get("format", "folder") or "folder") == "coco":  # the instance drawn per view
+        coco = {"coco": {k: d.coco.get(k) for k in ("min_area", "merge_prob", "max_merged")}}
     aug = (
         "scale_min",
         "scale_max",
@@ -145,6 +148,7 @@ def _fingerprint_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "compute_dtype": str(t.dtype),
         "init_checkpoint": str(t.get("init_checkpoint") or ""),
         "init_subtrees": list(t.get("init_subtrees", ()) or ()),
+        **coco,
     }
 
 
@@ -155,9 +159,11 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _builder_name(name: str) -> str:
+def _builder_name(name: str, data_format: str = "folder") -> str:
     from samref_jax.data.folders import get_layout
 
+    if data_format == "coco":  # samref prepare-coco's builder and dataset name
+        return f"samref_coco_{name}"
     return "samref_" + get_layout(name).name.lower()
 
 
@@ -172,12 +178,17 @@ def cache_location(config: ml_collections.ConfigDict, data_dir: Any | None) -> e
         )
     split = str(d.split or "default")
     return (
-        as_path(data_dir) / "embeddings" / _builder_name(d.name) / f"{split}-{fingerprint(config)}"
+        as_path(data_dir)
+        / "embeddings"
+        / _builder_name(d.name, str(d.get("format") or "folder"))
+        / f"{split}-{fingerprint(config)}"
     )
 
 
 def source_data_dir(source: Any) -> epath.Path | None:
     """The TFDS ``data_dir`` a prepared source was read from (``<data_dir>/<builder>/<ver>``)."""
+    if hasattr(source, "shards") and hasattr(source, "data_dir"):  # coco_tfds.CocoSource
+        return as_path(source.data_dir)
     info = getattr(source, "dataset_info", None)
     path = getattr(info, "data_dir", None)
     return as_path(path).parent.parent if path else None
@@ -267,14 +278,17 @@ class _View:
         self._last: tuple[int, Any] = (-1, None)  # the V views of an instance are consecutive
 
     def __call__(self, r: int) -> dict[str, np.ndarray]:
-        from samref_jax.training.pipeline import augment
+        from samref_jax.training.pipeline import _Subset, training_example
 
         k, v = divmod(int(r), self.views)
         inst = int(self.train_idx[k])
         if self._last[0] != inst:
             self._last = (inst, self.source[inst])
         rng = np.random.default_rng((self.seed, _VIEW_SEED, inst, v))
-        return augment(self._last[1], rng, self.frame, self.d, self.radius)
+        # A folder sample: augment(sample, rng, ...); a COCO image record: one of its instances
+        # drawn with the same rng first (fallback records from the training images).
+        pool = _Subset(self.source, self.train_idx)
+        return training_example(self._last[1], rng, self.frame, self.d, self.radius, pool)
 
 
 def _embed_fn(config: ml_collections.ConfigDict, params: Any, devices: list) -> tuple[Any, Any]:

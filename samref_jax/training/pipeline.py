@@ -203,6 +203,10 @@ def _paste_record(pool: Any, rng: np.random.Generator, d: Any, avoid_id: Any, ob
             break
     if obj and "gt" not in rec:  # a COCO image record: one of its instances
         rec = coco_sample(rec, rng, d, pool)
+    elif "gt" not in rec:  # a COCO image record as a background: its decoded pixels
+        from samref_jax.data.coco import decode_image_bytes
+
+        rec = {"image": decode_image_bytes(rec["image"], rec["hw"]), "id": rec["id"]}
     return rec
 
 

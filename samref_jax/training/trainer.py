@@ -54,6 +54,9 @@ RESUME_SAFE = (
     "data.data_dir",
     "data.manual_dir",
     "data.cache_dir",
+    "data.coco.annotations",
+    "data.coco.images",
+    "data.coco.num_shards",
     "eval.",
 )
 
@@ -64,6 +67,11 @@ ADDED_KEYS = {
     "data.cached_views": None,  # any value: unused without cached embeddings
     "data.cache_dtype": None,
     "data.cache_dir": None,
+    "data.format": "folder",
+    **dict.fromkeys(  # any value: unused with the folder format
+        "data.coco." + k
+        for k in "annotations images dedup_iou num_shards min_area merge_prob max_merged".split()
+    ),
     "train.init_subtrees": [],
 }
 
