@@ -9,9 +9,12 @@ Fields:
     ``WORKDIR/../tfds``), split, per_device_batch_size, heldout_every (instances with
     index % heldout_every == 0 are held out for periodic eval; 0: none), num_workers (Grain
     worker processes; 0 = in process), augmentation (scale_min, scale_max, flip, jitter,
-    min_object_pixels, zoom_in), first_click_frac (first click among pixels whose distance to the
-    background is >= frac * max); use_cached_embeddings, cached_views, cache_dtype, cache_dir
-    (training on cached frozen-encoder embeddings, ``samref_jax.training.embedding_cache``);
+    min_object_pixels, zoom_in), copy_paste_prob, copy_paste_scale, copy_paste_distractor_prob,
+    copy_paste_max_cover (the object pasted onto another record, ``pipeline.copy_paste``),
+    first_click_frac (first click drawn uniformly among the object pixels whose distance to the
+    background is >= frac * max: 0.5 in every config; 1.0 = the centre); use_cached_embeddings,
+    cached_views, cache_dtype, cache_dir (training on cached frozen-encoder embeddings,
+    ``samref_jax.training.embedding_cache``);
     format ("folder" | "coco") and coco (COCO-format data, ``samref_jax.data.coco``: annotations,
     images, dedup_iou, num_shards for preparing it; min_area, merge_prob, max_merged for the
     instance drawn per example).
@@ -51,6 +54,11 @@ def base_config(sam_type: str = "tiny") -> ml_collections.ConfigDict:
             flip=True,
             jitter=0.2,
             min_object_pixels=16,
+            # Copy-paste (pipeline.copy_paste): the object onto another record's image
+            copy_paste_prob=0.0,  # probability per example; 0 = off
+            copy_paste_scale=(0.75, 1.25),  # the pasted object's extra scale, U(lo, hi)
+            copy_paste_distractor_prob=0.5,  # then also another record's object over it
+            copy_paste_max_cover=0.3,  # the distractor covers at most this of the object
             first_click_frac=0.5,
             # Frozen encoder: train on cached views (python -m samref_jax.training.cache_embeddings)
             use_cached_embeddings=False,

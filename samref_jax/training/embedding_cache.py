@@ -125,6 +125,10 @@ def _fingerprint_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     coco = {}
     if str(d.get("format", "folder") or "folder") == "coco":  # the instance drawn per view
         coco = {"coco": {k: d.coco.get(k) for k in ("min_area", "merge_prob", "max_merged")}}
+    paste = {}  # only when on: caches built before copy-paste existed keep their fingerprint
+    if float(d.get("copy_paste_prob", 0.0) or 0.0) > 0:  # pasted views (pipeline.copy_paste)
+        keys = ("prob", "scale", "distractor_prob", "max_cover")
+        paste = {"copy_paste": {k: d.get("copy_paste_" + k) for k in keys}}
     aug = (
         "scale_min",
         "scale_max",
@@ -149,6 +153,7 @@ def _fingerprint_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "init_checkpoint": str(t.get("init_checkpoint") or ""),
         "init_subtrees": list(t.get("init_subtrees", ()) or ()),
         **coco,
+        **paste,
     }
 
 

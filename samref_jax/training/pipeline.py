@@ -3,9 +3,10 @@
 See docs/design.md, 'TFDS without TensorFlow'.
 
 ``MapDataset.source(ArrayRecordDataSource)`` (training indices) -> shuffle (per epoch, seeded)
--> repeat -> ``random_map(augment)`` (random scale, crop, flip, colour jitter, resize-and-pad to
-the frame, first click inside the object) -> batch (this process's share of the global batch)
--> this process's batches -> ``to_iter_dataset`` (optionally ``mp_prefetch`` worker processes).
+-> repeat -> ``random_map(augment)`` (random scale, crop, flip, optionally copy-paste onto another
+record, colour jitter, resize-and-pad to the frame, first click inside the object; docs/training.md,
+'Augmentations') -> batch (this process's share of the global batch) -> this process's batches
+-> ``to_iter_dataset`` (optionally ``mp_prefetch`` worker processes).
 
 Several processes: global batch ``g`` is the concatenation, in process order, of the local
 batches ``g * P + p`` of the one shuffled stream, and process ``p`` reads (and augments) only its

@@ -72,6 +72,10 @@ ADDED_KEYS = {
         "data.coco." + k
         for k in "annotations images dedup_iou num_shards min_area merge_prob max_merged".split()
     ),
+    "data.copy_paste_prob": 0.0,
+    "data.copy_paste_scale": None,  # any value: unused without copy-paste
+    "data.copy_paste_distractor_prob": None,
+    "data.copy_paste_max_cover": None,
     "train.init_subtrees": [],
 }
 
