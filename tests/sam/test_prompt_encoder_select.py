@@ -11,14 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samref_jax.sam import Sam, sam_config
+from samref_jax.sam import sam_config
+from samref_jax.sam.prompt_encoder import PromptEncoder
 
 CFG = sam_config("tiny")
 
 
 @pytest.fixture(scope="module")
 def params():
-    return jax.jit(Sam(CFG).init)(jax.random.key(0))["params"]
+    # The prompt encoder alone (SAM's other parts play no role here).
+    coords, labels, mask, has_mask = _inputs([True])
+    return PromptEncoder(CFG).init(jax.random.key(0), coords, labels, mask, has_mask)["params"]
 
 
 def _inputs(has_mask):
@@ -32,11 +35,11 @@ def _inputs(has_mask):
 
 def _prompt(mask_cond):
     def fn(p, coords, labels, mask, has_mask):
-        m = Sam(CFG, mask_cond=mask_cond)
+        m = PromptEncoder(CFG, mask_cond=mask_cond)
 
         def enc(mod):
-            _, _, dense = mod.prompt_encoder(coords, labels, mask, has_mask)
-            factors = mod.prompt_encoder.dense_factors(mask, has_mask)
+            _, _, dense = mod(coords, labels, mask, has_mask)
+            factors = mod.dense_factors(mask, has_mask)
             return dense, factors.features, factors.bias
 
         return m.apply({"params": p}, method=enc)
