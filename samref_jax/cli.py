@@ -17,7 +17,8 @@ or a bundled model name (``tiny``, ``tiny-sam``); the default is ``tiny``.
 
 User errors (a missing or unreadable image, a malformed click, a click outside the image, a
 missing checkpoint) print one line ``samref <command>: error: ...`` on stderr and exit with
-status 2, without a traceback.
+status 2, without a traceback. Ctrl-C prints one line ``samref <command>: ... interrupted ...``
+(``segment`` and ``eval`` say what was kept) and exits with status 130.
 
 Subcommands live in a small registry: add one with :func:`register`, either with a
 ``configure(parser)`` that adds its arguments and a ``run(args) -> int``, or with
@@ -37,6 +38,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from samref_jax.loading import (
     DTYPES,
@@ -226,24 +228,32 @@ def _run_segment(args: argparse.Namespace) -> int:
     h, w = image.shape[:2]
     check_clicks_inside(clicks, w, h)
     out = check_out_folder(args.out)
-    predictor = load_predictor(args.checkpoint, args.mode, args.dtype)
-
-    from samref_jax import viz
-
-    try:
-        predictor.set_image(image)
-        result = None
-        for x, y, positive in clicks:
-            result = predictor.click(x, y, positive=positive)
-    except ValueError as e:
-        raise CliError(str(e)) from None
     mask_path, overlay_path = out / "mask.png", out / "overlay.png"
+    written: list[Path] = []
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        viz.mask_image(result.mask).save(mask_path)
-        viz.overlay(image, result.mask, clicks, result.window).save(overlay_path)
-    except OSError as e:  # e.g. the disk filled up, or permissions changed meanwhile
-        raise CliError(f"cannot write to --out {out}: {e.strerror or e}") from None
+        predictor = load_predictor(args.checkpoint, args.mode, args.dtype)
+
+        from samref_jax import viz
+
+        try:
+            predictor.set_image(image)
+            result = None
+            for x, y, positive in clicks:
+                result = predictor.click(x, y, positive=positive)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_png(viz.mask_image(result.mask), mask_path)
+            written.append(mask_path)
+            _write_png(viz.overlay(image, result.mask, clicks, result.window), overlay_path)
+            written.append(overlay_path)
+        except OSError as e:  # e.g. the disk filled up, or permissions changed meanwhile
+            raise CliError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
+        what = f"wrote {mask_path}, not {overlay_path}" if written else f"wrote nothing to {out}"
+        print(f"samref segment: interrupted; {what}", file=sys.stderr)
+        return 130
     window = "none"
     if result.window is not None:
         window = "(" + ", ".join(f"{v:.0f}" for v in result.window) + ")"
@@ -256,6 +266,17 @@ def _run_segment(args: argparse.Namespace) -> int:
     print(mask_path)
     print(overlay_path)
     return 0
+
+
+def _write_png(image: Any, path: Path) -> None:
+    """Saves a PIL image as PNG at `path` through a temporary file in the same folder: an
+    interrupted write leaves the old file (or none), never a torn one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------- demo
@@ -436,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, LoadError) as e:
         print(f"samref {cmd.name}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
+        print(f"samref {cmd.name}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -416,7 +416,7 @@ def test_eval_ctrl_c_is_one_line_and_keeps_finished_samples(tmp_path, eval_cli):
     eval_cli.fake.kwargs = {"interrupt_at": 2}
     args = ["--checkpoint", "tiny", "--data-dir", data, "--max-clicks", "2", "--output", out]
     rc, err = eval_cli(*args, "--no-prefetch")
-    assert rc == 2
+    assert rc == 130
     _one_error_line(err, "interrupted; finished samples are kept")
     assert len((out / "samples.jsonl").read_text().splitlines()) == 2
 
@@ -457,6 +457,57 @@ def test_segment_checks_out_before_any_compute(tmp_path, segment_no_model):
     rc, err = segment_no_model("--click", "5,5,+", "--out", tmp_path / "o")
     assert rc == 2
     _one_error_line(err, "mask.png is a folder")
+
+
+class _InterruptedPredictor:
+    """A stand-in predictor whose click (or nothing) raises KeyboardInterrupt, as Ctrl-C does."""
+
+    def __init__(self, interrupt_click: bool) -> None:
+        self.interrupt_click = interrupt_click
+
+    def set_image(self, image):
+        self.shape = image.shape[:2]
+
+    def click(self, x, y, positive=True):
+        if self.interrupt_click:
+            raise KeyboardInterrupt
+        from samref_jax.samref.predictor import ClickResult
+
+        mask = np.zeros(self.shape, bool)
+        mask[2:8, 3:9] = True
+        logits = mask.astype(np.float32)
+        return ClickResult(
+            mask=mask, logits=logits, sam_mask=mask, global_mask=mask, window=None, score=0.5
+        )
+
+
+@pytest.mark.parametrize("at", ["click", "overlay"])
+def test_segment_ctrl_c_is_one_line_and_exit_130(tmp_path, segment_no_model, monkeypatch, at):
+    """Ctrl-C during the clicks writes nothing; during the overlay keeps the finished mask.png
+    (files are written through a temporary name: none torn, no temporary left)."""
+    from PIL import Image
+
+    from samref_jax import cli, viz
+
+    monkeypatch.setattr(cli, "load_predictor", lambda *a, **k: _InterruptedPredictor(at == "click"))
+
+    def interrupted_overlay(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(viz, "overlay", interrupted_overlay)
+    out = tmp_path / "o"
+    rc, err = segment_no_model("--click", "5,5,+", "--out", out)
+    assert rc == 130
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("samref segment: interrupted; "), err
+    if at == "click":
+        assert lines[0].endswith(f"wrote nothing to {out}")
+        assert not out.exists() or not any(out.iterdir())
+    else:
+        assert lines[0].endswith(f"wrote {out / 'mask.png'}, not {out / 'overlay.png'}")
+        assert sorted(p.name for p in out.iterdir()) == ["mask.png"]
+        assert np.asarray(Image.open(out / "mask.png")).max() == 255
 
 
 @pytest.mark.parametrize(

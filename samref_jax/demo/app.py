@@ -17,9 +17,11 @@ stack trace in the page); unexpected errors are logged on the server with their 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -52,6 +54,9 @@ MODE_LABELS = {
 SIGN_POSITIVE = "object (+)"
 SIGN_NEGATIVE = "background (-)"
 MAX_DISPLAY = 1024  # longest side of the picture shown in the page (clicks are scaled back)
+# Mask files kept on disk: each user's latest only, for at most this many users (the oldest
+# users' files go first). Gradio serves copies from its own cache (cleaned by `delete_cache`).
+MAX_MASK_USERS = 64
 
 
 class UserError(Exception):
@@ -96,8 +101,11 @@ class DemoBackend:
     def __init__(self, predictor: Any, workdir: str | Path | None = None) -> None:
         self.predictor = predictor
         self.lock = threading.Lock()
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="samref_demo_"))
+        # Without a workdir: a temporary folder removed at exit (or when the backend goes).
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="samref_demo_")
+        self.workdir = Path(workdir or self._tmp.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._mask_users: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.embeddings = 0  # number of set_image calls (the test checks "once per image")
         self._compiled: set[tuple[int, int, str]] = set()  # (h, w, mode) clicked at least once
 
@@ -216,14 +224,29 @@ class DemoBackend:
         return viz.side_by_side(panels, titles)
 
     def mask_file(self, s: UserState) -> Path | None:
-        """Write the current mask as a 0/255 PNG of the image's size; its path (None: no mask)."""
+        """Write the current mask as a 0/255 PNG of the image's size; its path (None: no mask).
+
+        Each call writes a new path (so the page fetches the new mask) and removes this user's
+        earlier files, and the files of all but the `MAX_MASK_USERS` most recent users: the
+        folder stays bounded however long the server runs.
+        """
         r = s.result
         if r is None:
             return None
-        folder = self.workdir / s.key / f"{len(s.clicks):02d}_{uuid.uuid4().hex[:8]}"
+        user = self.workdir / s.key
+        folder = user / f"{len(s.clicks):02d}_{uuid.uuid4().hex[:8]}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{Path(s.name).stem}_mask.png"
         viz.mask_image(r.mask).save(path)
+        with self.lock:
+            for old in user.iterdir():
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+            self._mask_users[s.key] = None
+            self._mask_users.move_to_end(s.key)
+            while len(self._mask_users) > MAX_MASK_USERS:
+                key, _ = self._mask_users.popitem(last=False)
+                shutil.rmtree(self.workdir / key, ignore_errors=True)
         return path
 
     def describe(self, s: UserState) -> str:
@@ -395,7 +418,8 @@ def build_app(
             return gr.skip(), gr.skip(), gr.skip(), f"Mode: {MODE_LABELS[mode]}.", gr.skip()
         return outputs(s, None if s.clicks else f"Mode: {MODE_LABELS[mode]}.")
 
-    with gr.Blocks(title=title) as demo:
+    # Gradio copies each mask it serves into its cache: every 30 min, drop copies over 1 h old.
+    with gr.Blocks(title=title, delete_cache=(1800, 3600)) as demo:
         gr.Markdown(
             f"## {title}\n"
             "Upload an image (or pick an example), then **left-click** to add a point "

@@ -217,8 +217,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-eval") -> int:
 
     Every user error (unknown dataset, missing data or checkpoint, a missing, mis-sized or
     unreadable sample file, --max-clicks outside the model's click slots, a damaged or foreign
-    output folder, Ctrl-C) is one line on stderr and exit status 2; the inputs are checked
-    before the model is loaded. Samples finished before an error stay in ``samples.jsonl``.
+    output folder) is one line on stderr and exit status 2; Ctrl-C is one line and exit status
+    130. The inputs are checked before the model is loaded. Samples finished before an error
+    or Ctrl-C stay in ``samples.jsonl``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
@@ -234,7 +235,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-eval") -> int:
             "same command again to resume)",
             file=sys.stderr,
         )
-        return 2
+        return 130  # the shell's status for SIGINT
 
 
 def compare_main(argv: Sequence[str] | None = None, prog: str = "samref compare") -> int:

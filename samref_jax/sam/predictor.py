@@ -10,7 +10,9 @@ Example:
 Shapes: masks (C, H, W) bool (or float logits with `return_logits`), scores (C,), low-res
 logits (C, 256, 256), C = 3 with `multimask_output` else 1. Coordinates are (x, y) in the
 original image. The encoder is compiled once per model; the prompt path once per padded prompt
-size (2, 4, 8, ... slots), so successive clicks do not recompile.
+size (2, 4, 8, ... slots), so successive clicks do not recompile; the resize to the image's
+size runs in a bounded set of compiled tiles (`frame_to_original`), so new image sizes do not
+recompile either.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from samref_jax.sam.transforms import (
     apply_boxes,
     apply_coords,
     as_rgb_uint8,
+    frame_to_original,
     normalize_and_pad,
-    postprocess_masks,
     resize_longest_side,
+    upscale_to_frame,
 )
 
 PROMPT_BUCKETS = (2, 4, 8, 16, 32, 64, 128)
@@ -80,16 +83,24 @@ def _decode(module: Sam, params, embedding, coords, labels, mask_input, has_mask
     )
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
-def _finish(masks, iou, multimask_output, input_hw, original_hw, config, return_logits):
-    """Output slice, postprocessing to the original size and thresholding, in one call
-    (compiled once per image size)."""
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _finish(masks, iou, multimask_output, config):
+    """Output slice and upscaling to the frame in one call, whatever the image size: frame
+    logits (C, F, F), scores (C,), low-res logits (C, 4S, 4S). The rest of SAM's
+    postprocessing (crop, resize to the image's size) is `frame_to_original`, whose compiled
+    programs do not depend on the image size either."""
     masks, iou = select_masks(masks, iou, multimask_output)
-    full = postprocess_masks(masks, input_hw, original_hw, config)[0]
-    return (full if return_logits else full > 0.0), iou[0], masks[0]
+    return upscale_to_frame(masks, config)[0], iou[0], masks[0]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11, 12))
+@functools.partial(jax.jit, static_argnums=(2,))
+def _row_to_frame(low_res: jax.Array, i: jax.Array, config) -> jax.Array:
+    """Row i of (B, C, 4S, 4S) low-res logits upscaled to the frame: (C, F, F), one program for
+    every i."""
+    return upscale_to_frame(jax.lax.dynamic_index_in_dim(low_res, i, keepdims=False), config)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8))
 def _predict_batch(
     module: Sam,
     params,
@@ -100,21 +111,19 @@ def _predict_batch(
     has_mask,
     image_pe,
     multimask_output,
-    input_hw,
-    original_hw,
-    config,
-    return_logits,
 ):
-    """`_decode` of B prompt sets on one image embedding, then `_finish` on each row, in one
-    compiled call (once per padded batch size, prompt size and image size).
+    """`_decode` of B prompt sets on one image embedding and the output slice of each row, in
+    one compiled call (once per padded batch size and prompt size); `_row_to_frame` and
+    `frame_to_original` then take each row to the image's size.
 
     embedding (1, S, S, D); coords (B, K, 2); labels (B, K); mask_input (B, 4S, 4S); has_mask
-    (B,) -> masks (B, C, H, W), scores (B, C), low-res logits (B, C, 4S, 4S).
+    (B,) -> scores (B, C), low-res logits (B, C, 4S, 4S).
     """
     masks, iou = _decode(module, params, embedding, coords, labels, mask_input, has_mask, image_pe)
 
     def finish_row(m, i):
-        return _finish(m, i, multimask_output, input_hw, original_hw, config, return_logits)
+        m, i = select_masks(m, i, multimask_output)
+        return i[0], m[0]
 
     return jax.vmap(finish_row)(masks[:, None], iou[:, None])
 
@@ -230,17 +239,14 @@ class SamPredictor:
             jnp.asarray(has_mask),
             self._image_pe,
         )
-        out = _finish(
-            masks,
-            iou,
-            bool(multimask_output),
-            self.input_size,
-            self.original_size,
-            self.config,
-            bool(return_logits),
-        )
-        full, scores, low_res = (np.asarray(x) for x in out)
-        return full, scores, low_res
+        frame, scores, low_res = _finish(masks, iou, bool(multimask_output), self.config)
+        full = self._to_original(frame, return_logits)
+        return full, np.asarray(scores), np.asarray(low_res)
+
+    def _to_original(self, frame: jax.Array, return_logits: bool) -> np.ndarray:
+        """(C, F, F) frame logits -> (C, H, W) logits, or masks (logits > 0)."""
+        full = frame_to_original(frame, self.input_size, self.original_size)
+        return full if return_logits else full > 0.0
 
     def predict_batch(
         self,
@@ -334,11 +340,12 @@ class SamPredictor:
                 padded(has_mask),
                 self._image_pe,
                 bool(multimask_output),
-                self.input_size,
-                self.original_size,
-                self.config,
-                bool(return_logits),
             )
-            outs.append([np.asarray(x)[:size] for x in out])
+            scores, low_res = out
+            full = [
+                self._to_original(_row_to_frame(low_res, i, self.config), return_logits)
+                for i in range(size)
+            ]
+            outs.append([np.stack(full), np.asarray(scores)[:size], np.asarray(low_res)[:size]])
         full, scores, low_res = (np.concatenate(parts) for parts in zip(*outs, strict=True))
         return full, scores, low_res

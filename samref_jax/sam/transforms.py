@@ -157,7 +157,7 @@ def frame_to_original(
             f"input {input_hw}, original {original_hw}"
         )
 
-    def tiles(in_size: int, out_size: int) -> list[tuple[int, int, tuple[jax.Array, ...]]]:
+    def tiles(in_size: int, out_size: int) -> list[tuple[int, int, tuple[np.ndarray, ...]]]:
         """[(start, length, (i0, i1, w1) padded to the tile length)] along one axis."""
         weights = _axis_weights(in_size, out_size)
         count, n = resize_tiles(out_size)
@@ -169,7 +169,7 @@ def frame_to_original(
                 full = np.zeros(n, np.float32 if v.dtype == np.float32 else np.int32)
                 piece = v[start : start + step]
                 full[: len(piece)] = piece
-                part.append(jnp.asarray(full))
+                part.append(full)  # NumPy: jit transfers it, no per-shape staging program
             out.append((start, min(step, out_size - start), tuple(part)))
         return out
 
