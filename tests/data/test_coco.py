@@ -11,6 +11,7 @@ uncompressed RLE, plus a crowd region, a tiny instance, and an LVIS-style second
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from collections import defaultdict
 
@@ -189,6 +190,7 @@ def test_records_one_per_image_masks_decode(coco_set, prepared):
     assert seen == set(expected) - {1}
     first = src[0]
     assert coco._text(first["id"]) == f"{IMAGE_IDS[0]}.jpg"
+    assert pickle.loads(pickle.dumps(src))[0]["image"] == first["image"]  # Grain workers
     assert first["source"].tolist()[:2] == [0, 0] and set(first["source"][2:]) == {1}
 
 
@@ -368,10 +370,12 @@ def test_pipeline_examples_match_folder_format(prepared):
 
 
 @pytest.mark.slow
-def test_train_on_coco_checkpoint_resume(prepared, tmp_path):
-    """A few steps of the tiny model on the COCO-format set (the trainer prepares nothing:
-    it opens the prepared shards); interrupted after step 2 and resumed == uninterrupted;
-    the workdir is an epath."""
+def test_train_on_coco_checkpoint_resume(prepared, tmp_path, capsys):
+    """A few steps of the tiny model (sam mode: the smallest step) on the COCO-format set,
+    with an epath workdir; the run cut back to its step-2 checkpoint (a crash after it) and
+    resumed repeats steps 3 and 4 with identical losses."""
+    import shutil
+
     import jax
     from etils import epath
 
@@ -379,6 +383,7 @@ def test_train_on_coco_checkpoint_resume(prepared, tmp_path):
 
     _, data_dir = prepared
     cfg = _coco_config(data_dir)
+    cfg.mode = "sam"
     cfg.train.num_steps = 4
     cfg.train.checkpoint_every_steps = 2
     old = jax.config.jax_compilation_cache_dir  # the resumed run reuses the compiled step
@@ -386,7 +391,8 @@ def test_train_on_coco_checkpoint_resume(prepared, tmp_path):
     try:
         a, b = epath.Path(str(tmp_path / "a")), epath.Path(str(tmp_path / "b"))
         train(cfg, a, progress=False, export=False)
-        train(cfg, b, progress=False, export=False, stop_at_step=2)
+        shutil.copytree(tmp_path / "a", tmp_path / "b")
+        shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
         assert sorted(p.name for p in (b / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
         train(cfg, b, progress=False, export=False)
     finally:
@@ -401,6 +407,7 @@ def test_train_on_coco_checkpoint_resume(prepared, tmp_path):
         assert np.isfinite(x["loss"])
         np.testing.assert_allclose(x["loss"], y["loss"], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(x["iou"], y["iou"], rtol=1e-6, atol=1e-7)
+    assert "resumed from step 2" in capsys.readouterr().err  # b's steps 3, 4 were recomputed
 
 
 @pytest.mark.slow
