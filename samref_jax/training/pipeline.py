@@ -20,6 +20,10 @@ the augmentation step is replaced by picking one of the instance's cached views 
 same seeded ``random_map``); every example then also carries ``embedding`` (S, S, D), which the
 step uses instead of running the encoder.
 
+``data.format = "coco"`` (``samref prepare-coco``): the records are images; the random map first
+draws one instance of the image (:func:`coco_sample`: area filter, merged touching instances,
+crowd pixels as ignore), then augments it as above, so the example is the same.
+
 Everything is a pure function of (seed, position), so the iterator is deterministic and its
 ``get_state()`` (a small dict, stored as JSON in the training checkpoint) restores it exactly.
 
