@@ -11,6 +11,7 @@ everything; ``samref COMMAND --help`` describes each command with an example.
     samref cache-embeddings --config configs/X.py --workdir runs/x
     samref launch-local --num_processes 2 -- --config configs/tiny_cpu.py --workdir runs/mp
     samref demo --checkpoint tiny --port 7860   # browser demo; needs the ``demo`` extra
+    samref export --checkpoint tiny --out exported/tiny   # jax.export programs for serving
 
 ``--checkpoint`` takes a checkpoint directory (SAM-REF, or SAM-only from ``samref convert``)
 or a bundled model name (``tiny``, ``tiny-sam``); the default is ``tiny``.
@@ -306,6 +307,77 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- export
+EXPORT_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        default=DEFAULT_CHECKPOINT,
+        help=f"checkpoint directory or bundled name (default: {DEFAULT_CHECKPOINT})",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder: new or empty (an earlier export is replaced only with --force)",
+    )
+    p.add_argument("--mode", choices=MODES, default="full", help="refiners used (default: full)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="compute dtype (parameters stay float32) (default: float32)",
+    )
+    p.add_argument(
+        "--platforms",
+        default=None,
+        metavar="P[,P...]",
+        help=f"platforms to lower for, of {', '.join(EXPORT_PLATFORMS)} (default: this "
+        "machine's backend)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    platforms = None
+    if args.platforms is not None:
+        platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
+        bad = [p for p in platforms if p not in EXPORT_PLATFORMS]
+        if bad or not platforms:
+            raise CliError(
+                f"--platforms {args.platforms!r}: give one or more of "
+                f"{', '.join(EXPORT_PLATFORMS)}, separated by commas"
+            )
+    check_checkpoint(args.checkpoint)
+    from samref_jax.checkpoint import CheckpointError
+    from samref_jax.export import ExportError, check_export_directory, export_model
+
+    try:
+        check_export_directory(args.out, args.force)  # before the slow steps
+        out = export_model(
+            args.checkpoint,
+            args.out,
+            args.mode,
+            args.dtype,
+            force=args.force,
+            platforms=platforms,
+        )
+    except ExportError as e:
+        raise CliError(str(e)) from None
+    except CheckpointError as e:
+        raise LoadError(f"cannot load checkpoint {args.checkpoint}: {short_reason(e)}") from None
+    except OSError as e:
+        raise CliError(f"cannot write to --out {args.out}: {e.strerror or e}") from None
+    print(
+        f"samref export: {args.checkpoint}, mode {args.mode}, {args.dtype} -> params.npz, "
+        "prepare.jax, click.jax, manifest.json",
+        file=sys.stderr,
+    )
+    print(out)
+    return 0
+
+
 # ------------------------------------------------------------ commands with their own parser
 def _forward_convert(argv: list[str], prog: str) -> int:
     from samref_jax.sam.convert import main as convert_main
@@ -393,6 +465,19 @@ register(
     "background), undo, reset, switch sam/full, download the mask.",
     example="samref demo --checkpoint tiny --port 7860   # then open http://127.0.0.1:7860",
     aliases=("demo-app",),
+)
+register(
+    "export",
+    "write the model as jax.export programs that serve without this package",
+    _configure_export,
+    _run_export,
+    description="Serialize the model for serving: OUT/prepare.jax (per image) and "
+    "OUT/click.jax (per click), jax.export programs taking the parameters of OUT/params.npz, "
+    "and OUT/manifest.json (inputs, outputs, the host pre/post-processing recipe). They run "
+    "with jax and NumPy only: examples/serve_exported.py; docs/design.md, 'Serialized export'.",
+    example="samref export --checkpoint tiny --out exported/tiny\n"
+    "  python examples/serve_exported.py exported/tiny samref_jax/assets/examples/"
+    "blob_on_stripes.png \\\n      --click 125,100,+ --out mask.png",
 )
 
 
