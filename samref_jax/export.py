@@ -101,7 +101,7 @@ RECIPE = {
         "frame pixels (computed in float64, then cast), label [1] positive / [0] negative "
         "int32 (B,). outputs = click(*params, *context, *state, xy, label); the next state is the "
         "outputs after the first four, passed to the next click unchanged (undo: keep the "
-        "previous state). At most max_clicks clicks per object (further clicks are ignored)."
+        "previous state). At most max_clicks clicks per object (a further click is not recorded)."
     ),
     "postprocess": (
         "final_logits (B, F, F): crop [:, :h, :w], resize to H x W bilinearly like torch "
