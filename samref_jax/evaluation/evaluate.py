@@ -15,6 +15,12 @@ and write ``OUT/<mode>/``.
 dtype is part of the run's identity (``run.json``, ``metrics.json`` metadata), so a resume with
 another dtype is refused like one with another mode.
 
+Mask correction (FocalClick's protocol, e.g. DAVIS-585): every sample starts from the mask
+``DIR/<id>.png`` (nonzero = object), the first click corrects it; the folder is part of the
+run's identity::
+
+    samref eval --checkpoint DIR --dataset DAVIS --data-dir PATH --init-masks MASKS --output OUT
+
 Evaluate the classical OpenCV GrabCut peer (no checkpoint; ``pip install samref-jax[opencv]``;
 see :mod:`samref_jax.evaluation.grabcut`), a row ``opencv-grabcut`` in ``compare`` tables::
 
@@ -129,6 +135,13 @@ def build_parser(prog: str = "samref-eval") -> argparse.ArgumentParser:
         "identity: a resume with another dtype is refused (default: float32)",
     )
     p.add_argument("--max-clicks", type=int, default=20)
+    p.add_argument(
+        "--init-masks",
+        metavar="DIR",
+        default=None,
+        help="mask correction: start every sample from DIR/<sample id>.png (nonzero = object; "
+        "its IoU is click 0, the first click corrects it); part of the run's identity",
+    )
     p.add_argument(
         "--stop-iou",
         type=float,
@@ -271,6 +284,11 @@ def _check_args(args: argparse.Namespace) -> None:
     out = as_path(args.output)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--output is not a folder: {out}")
+    if args.init_masks is not None:
+        if args.method != "samref":
+            raise EvalError(f"--init-masks needs the SAM-REF model, not --method {args.method}")
+        if not as_path(args.init_masks).is_dir():
+            raise EvalError(f"--init-masks: no folder {args.init_masks}")
 
 
 def _checkpoint_identity(checkpoint: str, max_clicks: int) -> dict:
@@ -333,6 +351,21 @@ def _check_sample_files(samples: Any, n: int) -> None:
             )
 
 
+def _check_init_masks(samples: Any, n: int, folder: str) -> None:
+    """Every one of the first ``n`` samples has ``folder/<id>.png`` (cheap; only when the ids
+    are known up front): a missing one stops here, before the model loads."""
+    ids = getattr(samples, "ids", None)
+    if ids is None:
+        return
+    for sid in list(ids)[:n]:
+        path = as_path(folder) / f"{sid}.png"
+        if not path.is_file():
+            raise EvalError(
+                f"--init-masks: no initial mask {path} for sample {sid!r}; "
+                "add it, or pass --skip-bad"
+            )
+
+
 def _main(argv: list[str], prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
     _check_args(args)
@@ -379,6 +412,10 @@ def _main(argv: list[str], prog: str) -> int:
         raise EvalError(f"no {layout.name} samples found in {args.tfds_dir or args.data_dir}")
     if not args.skip_bad:
         _check_sample_files(samples, n)
+        if args.init_masks is not None:
+            _check_init_masks(samples, n, args.init_masks)
+    if args.init_masks is not None:  # the same string as evaluate() records
+        identity["init_masks"] = str(as_path(args.init_masks, absolute=True))
     split = args.split or layout.default_split
     identity.update(dataset=layout.name, split=split)
     modes = [args.method] if peer is not None else list(dict.fromkeys(args.mode))
@@ -432,6 +469,7 @@ def _main(argv: list[str], prog: str) -> int:
             prefetch=not args.no_prefetch,
             skip_bad=args.skip_bad,
             identity=identity,
+            init_masks=args.init_masks,
         )
     except (ResumeError, SampleError) as e:
         raise EvalError(_one_line(e)) from None

@@ -11,10 +11,17 @@ The predictor API (``samref_jax.samref.predictor.SamRefPredictor`` implements it
     q = p.fork(mode)                 # optional: another click loop on the same image
     e = p.prepare_image(image)       # optional: the embedding, current image and clicks kept;
     p.set_image(e)                   #   then set_image takes it (next image embedded ahead)
+    p.set_mask(mask)                 # optional, only for evaluate(..., init_masks=DIR)
 
 For every sample: ``set_image`` once, then up to ``max_clicks`` rounds of host click simulator
 (:func:`samref_jax.interaction.clicker.next_click` on ``gt == 1`` with ``gt == -1`` ignored) ->
 ``click`` -> IoU. Early stop is off by default so full curves exist.
+
+Mask correction (``evaluate(init_masks=DIR)``, FocalClick's DAVIS-585 protocol): each sample
+starts from the mask ``DIR/<id>.png`` (nonzero = object; a missing or mis-sized one is a bad
+sample): ``set_mask`` after ``reset``, the first click comes from the error between it and the
+ground truth, and its IoU is the record's ``initial_iou`` (click 0; ``ious`` and NoC still
+count clicks from 1).
 
 Outputs under ``output_dir`` (or ``output_dir/<mode>`` per mode):
 
@@ -103,6 +110,24 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]
 
 
+def load_init_mask(folder: str | Path, sample_id: str, shape: tuple[int, int]) -> np.ndarray:
+    """The initial mask of one sample: ``folder/<sample_id>.png``, nonzero = object (any
+    channel), as ``bool[H, W]``; :class:`SampleError` (one line) when missing, unreadable or not
+    ``shape``."""
+    path = as_path(folder) / f"{sample_id}.png"
+    if not path.is_file():
+        raise SampleError(f"no initial mask {path}")
+    try:
+        with path.open("rb") as fh:
+            m = np.asarray(Image.open(fh))
+    except Exception as e:
+        raise SampleError(f"{path}: not a readable image ({type(e).__name__})") from None
+    m = m.any(axis=-1) if m.ndim == 3 else m != 0
+    if m.shape != tuple(shape):
+        raise SampleError(f"initial mask {path} is {m.shape}, the image is {tuple(shape)}")
+    return m
+
+
 def run_sample(
     predictor: Any,
     image: np.ndarray,
@@ -110,6 +135,7 @@ def run_sample(
     max_clicks: int = 20,
     stop_iou: float | None = None,
     embed: bool = True,
+    init_mask: np.ndarray | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Run the click loop on one sample.
 
@@ -120,10 +146,13 @@ def run_sample(
       max_clicks: clicks per sample.
       stop_iou: stop once the IoU reaches this (``None``: never, full curves).
       embed: call ``set_image`` (``False``: the image is already set; only ``reset``).
+      init_mask: ``bool[H, W]`` mask to correct (the predictor's ``set_mask``): the first click
+        comes from its error, and the record gets its IoU as ``initial_iou``.
 
     Returns:
       ``(record, final_mask)``: record has ``ious``, ``clicks`` (``[y, x, positive]``),
-      ``click_seconds`` and ``set_image_seconds``; ``final_mask`` is ``bool[H, W]``.
+      ``click_seconds`` and ``set_image_seconds`` (and ``initial_iou`` with ``init_mask``);
+      ``final_mask`` is ``bool[H, W]``.
     """
     gt = np.asarray(gt)
     obj, ignore = gt == 1, gt == -1
@@ -134,6 +163,13 @@ def run_sample(
         set_image_seconds = time.perf_counter() - t0
     predictor.reset()
     pred = np.zeros(gt.shape, dtype=bool)
+    initial_iou = None
+    if init_mask is not None:
+        pred = np.asarray(init_mask, dtype=bool)
+        if pred.shape != gt.shape:
+            raise ValueError(f"initial mask {pred.shape} does not match the image {gt.shape}")
+        predictor.set_mask(pred)
+        initial_iou = M.iou(pred, obj, ignore)
     state = ClickState(gt.shape)
     ious: list[float] = []
     click_seconds: list[float] = []
@@ -161,6 +197,8 @@ def run_sample(
         "height": int(gt.shape[0]),
         "width": int(gt.shape[1]),
     }
+    if initial_iou is not None:
+        record["initial_iou"] = initial_iou
     return record, pred
 
 
@@ -250,7 +288,7 @@ def check_resumable(folder: Path, identity: Mapping | None, max_clicks: int) -> 
 
 # Identity keys added after runs were written, at the value those runs had: a run.json without
 # the key resumes with that value and is refused with another.
-_IDENTITY_DEFAULTS = {"dtype": "float32"}
+_IDENTITY_DEFAULTS = {"dtype": "float32", "init_masks": None}
 
 
 def _identity_diff(old: Mapping, new: Mapping) -> list[str]:
@@ -404,6 +442,9 @@ def _finish(
     curves = [r["ious"] for r in records]
     out = {**M.summarize(curves, max_clicks), **_timing(records)}
     out["max_clicks"] = max_clicks
+    initial = [r["initial_iou"] for r in records if r.get("initial_iou") is not None]
+    if initial:  # mask correction: the mean IoU of the initial masks (click 0)
+        out["initial_mIoU"] = float(np.mean(initial))
     out["complete"] = len(records) == len(ids)
     failed = [run.failed[i] for i in ids if i in run.failed]
     if failed:
@@ -478,6 +519,7 @@ def evaluate(
     prefetch: bool = True,
     skip_bad: bool = False,
     identity: Mapping | None = None,
+    init_masks: str | Path | None = None,
 ) -> dict:
     """Evaluate ``predictor`` on ``samples`` with the RITM NoC protocol.
 
@@ -511,6 +553,10 @@ def evaluate(
       identity: what makes this run this run (checkpoint and its hash, method, dataset,
         protocol options); stored in ``run.json`` with the mode, and a resume into a folder
         made by another run raises :class:`ResumeError`.
+      init_masks: a folder of initial masks ``<id>.png`` (nonzero = object): every sample
+        starts from its mask (the predictor's ``set_mask``; mask-correction protocol, module
+        docstring); a missing one is a bad sample (``skip_bad``). Added to ``identity`` and
+        ``metadata`` as ``init_masks``.
 
     Returns:
       The ``metrics.json`` dict, or ``{mode: metrics}`` when ``modes`` is given.
@@ -532,6 +578,13 @@ def evaluate(
     mode_list: list[str | None] = list(modes) if modes else [None]
     if modes and not hasattr(predictor, "set_mode"):
         raise TypeError("evaluate(modes=...) needs a predictor with set_mode(mode)")
+    if init_masks is not None:
+        if not hasattr(predictor, "set_mask"):
+            raise TypeError("evaluate(init_masks=...) needs a predictor with set_mask(mask)")
+        init_masks = str(as_path(init_masks, absolute=True))
+        metadata["init_masks"] = init_masks
+        if identity is not None:
+            identity = {**identity, "init_masks": init_masks}
     runs = {}
     for m, (folder, ident) in run_folders(
         out_root, modes, identity, metadata.get("mode"), max_clicks, stop_iou
@@ -563,6 +616,8 @@ def evaluate(
                 raise SampleError(
                     f"ground truth of shape {gt.shape} does not match the image {image.shape}"
                 )
+            if init_masks is not None:
+                sample = {**sample, "init_mask": load_init_mask(init_masks, sid, gt.shape)}
             return sid, sample
         except Exception as e:  # decided by the loop: skip_bad, or stop after earlier samples
             return (sid if sid is not None else f"#{index}"), e
@@ -618,6 +673,7 @@ def evaluate(
                 bad_sample(index, sid, todo, sample)
                 continue
             image, gt = np.asarray(sample["image"]), np.asarray(sample["gt"])
+            init = sample.get("init_mask")
             t0 = time.perf_counter()
             try:
                 if ahead is not None:
@@ -642,7 +698,14 @@ def evaluate(
                     # Every mode's click loop in its own fork and thread, on one embedding.
                     futures = [
                         pool.submit(
-                            run_sample, predictor.fork(m), image, gt, max_clicks, stop_iou, False
+                            run_sample,
+                            predictor.fork(m),
+                            image,
+                            gt,
+                            max_clicks,
+                            stop_iou,
+                            False,
+                            init,
                         )
                         for m in todo
                     ]
@@ -652,7 +715,9 @@ def evaluate(
                     for m in todo:
                         if m is not None:
                             predictor.set_mode(m)
-                        done.append(run_sample(predictor, image, gt, max_clicks, stop_iou, False))
+                        done.append(
+                            run_sample(predictor, image, gt, max_clicks, stop_iou, False, init)
+                        )
             except Exception as e:
                 bad_sample(index, sid, todo, e)
                 continue

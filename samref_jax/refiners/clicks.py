@@ -8,7 +8,9 @@ Coordinate convention (shared by the whole ``refiners`` package):
 * Windows (see ``window.py``) are given in *pixel-edge* units: pixel ``j`` spans ``[j, j + 1)``,
   so a click at centre coordinate ``x`` sits at edge coordinate ``x + 0.5``.
 
-Labels: ``1`` positive, ``0`` negative, ``-1`` padding (ignored).
+Labels: ``1`` positive, ``0`` negative, ``-1`` padding (ignored). ``2`` / ``3`` are the corners of
+a box prompt (SAM's box encoding, ``ClickState.add_box``): no disk is drawn for them, so the
+refiners see a box only through SAM's mask (and the window it puts PatchDiff's crop in).
 """
 
 from __future__ import annotations

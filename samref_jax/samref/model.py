@@ -18,6 +18,10 @@ State: an image's :class:`ImageContext` (``SamRef.prepare``, once per image) and
   state = state.add_click(xy, label)                # (B, 2) frame pixels, (B,) 1/0
   out, state = model.apply(v, ctx, state, "full", method=SamRef.click)
 
+Other prompts: ``state.add_box(box)`` (a box in two slots, SAM's labels 2/3; the refiners draw
+no disks for it, PatchDiff's window follows its centre while it is the last prompt) and
+``state.with_mask(logits)`` (a mask to correct, as the feedback before the first click).
+
 Feedback (one rule, ``ClickState.feed_back`` with :func:`next_mask_input`, used by training,
 the predictor, the evaluator and the demo): the final logits F of click t are the refiners'
 previous-mask input at click t + 1, and with ``feedback="refined"`` SAM's next ``mask_input``
@@ -93,8 +97,9 @@ class ClickState(NamedTuple):
     """The click loop's state: every click so far and what the last click feeds back.
 
     coords: (B, N, 2) float32 click (x, y) in frame pixels; labels: (B, N) int32 1/0, -1 on the
-      free slots (N = ``max_clicks``, static, so a jitted step never retraces).
-    num_clicks: (B,) int32 clicks so far (the last is ``coords[num_clicks - 1]``).
+      free slots (N = ``max_clicks``, static, so a jitted step never retraces); a box prompt
+      (:meth:`add_box`) fills two slots, its corners with labels 2 and 3 (SAM's box encoding).
+    num_clicks: (B,) int32 slots used so far (the last is ``coords[num_clicks - 1]``).
     prev_low_res: (B, 4S, 4S) SAM's next ``mask_input``; has_prev: (B,) bool.
     prev_logits: (B, F, F) the last click's final logits (a negative constant before any click).
 
@@ -146,6 +151,59 @@ class ClickState(NamedTuple):
             labels=jnp.where(put, label[:, None], self.labels),
             num_clicks=jnp.minimum(self.num_clicks + 1, n),
         )
+
+    def add_box(self, box: Array) -> ClickState:
+        """This state with a box prompt per sample (jittable, static shapes).
+
+        Args:
+          box: (B, 4) float (x0, y0, x1, y1) in frame pixels (SAM's box convention: the corners'
+            coordinates as SAM's predictor scales them, no pixel-centre shift).
+
+        Returns:
+          The state with the box's corners in slots ``num_clicks`` and ``num_clicks + 1``
+          (labels 2 top-left, 3 bottom-right); a state with fewer than two free slots comes
+          back unchanged. SAM takes one box per prompt: add it once (the predictor replaces
+          it rather than adding a second). The refiners draw no disks for box corners
+          (``refiners.clicks``); PatchDiff's window follows the box centre while the box is
+          the last prompt (:meth:`SamRef.click`).
+        """
+        n = self.labels.shape[1]
+        corners = jnp.asarray(box, jnp.float32).reshape(-1, 2, 2)  # (B, 2, 2): (x0, y0), (x1, y1)
+        k = self.num_clicks[:, None]
+        fits = k + 2 <= n  # (B, 1)
+        slot = jnp.arange(n)[None, :]
+        put0, put1 = fits & (slot == k), fits & (slot == k + 1)  # (B, N)
+        coords = jnp.where(put0[..., None], corners[:, None, 0], self.coords)
+        coords = jnp.where(put1[..., None], corners[:, None, 1], coords)
+        labels = jnp.where(put0, 2, jnp.where(put1, 3, self.labels)).astype(jnp.int32)
+        return self._replace(
+            coords=coords,
+            labels=labels,
+            num_clicks=jnp.where(fits[:, 0], self.num_clicks + 2, self.num_clicks),
+        )
+
+    def with_mask(self, logits: Array) -> ClickState:
+        """This state with a mask to correct as the previous round's answer (jittable).
+
+        Args:
+          logits: (B, F, F) frame logits of the mask (the predictor uses +/-
+            ``-first_prev_logit``, i.e. +/-20: positive inside, negative outside and on the
+            padding; ``samref.prompts.mask_to_frame_logits``).
+
+        Returns:
+          The state whose feedback is that mask, as if a round had returned it: ``prev_logits``
+          = ``logits`` (the refiners' previous mask), ``prev_logits`` average-pooled to SAM's
+          low-res grid as ``prev_low_res`` (SAM's ``mask_input``), ``has_prev`` True. Shapes and
+          dtypes equal :meth:`empty`'s, so the jitted step does not retrace.
+        """
+        b, f = self.prev_logits.shape[:2]
+        logits = jnp.asarray(logits, jnp.float32)
+        if logits.shape != self.prev_logits.shape:
+            raise ValueError(f"mask logits must be {self.prev_logits.shape}, got {logits.shape}")
+        lr = self.prev_low_res.shape[-1]
+        k = f // lr
+        low = jnp.mean(logits.reshape(b, lr, k, lr, k), axis=(2, 4))
+        return self._replace(prev_low_res=low, prev_logits=logits, has_prev=jnp.ones((b,), bool))
 
     def with_clicks(self, coords: Any, labels: Any) -> ClickState:
         """This state with its clicks replaced by the ``k`` given (host side; the feedback
@@ -312,8 +370,10 @@ class SamRef(nn.Module):
             ctx.decoder_layer0,
         )
         # Click 1: SAM's best multimask output by predicted IoU; later: the single-mask token.
+        # A box (two slots) or a mask to correct (has_prev before any click) is not ambiguous:
+        # the single-mask token there too.
         best_multi = 1 + jnp.argmax(iou[:, 1:], axis=-1)
-        use_multi = (x.num_clicks <= 1) & bool(self.config.multimask_first_click)
+        use_multi = (x.num_clicks <= 1) & ~x.has_prev & bool(self.config.multimask_first_click)
         idx = jnp.where(use_multi, best_multi, 0)
         low_res = jnp.take_along_axis(masks, idx[:, None, None, None], axis=1)[:, 0]
         score = jnp.take_along_axis(iou, idx[:, None], axis=1)[:, 0]
@@ -342,6 +402,11 @@ class SamRef(nn.Module):
             )
         last = jnp.clip(x.num_clicks - 1, 0, x.coords.shape[1] - 1)
         last_xy = jnp.take_along_axis(x.coords, last[:, None, None], axis=1)[:, 0]
+        # A box as the last prompt (its bottom-right corner, label 3, in the last slot): the
+        # window follows the box centre; from the next click on, that click as usual.
+        corner = jnp.take_along_axis(x.coords, jnp.maximum(last - 1, 0)[:, None, None], axis=1)
+        box_last = jnp.take_along_axis(x.labels, last[:, None], axis=1) == 3  # (B, 1)
+        last_xy = jnp.where(box_last, 0.5 * (last_xy + corner[:, 0]), last_xy)
         p = self.patch_diff(
             ctx.image,
             x.coords,

@@ -15,7 +15,9 @@ Example:
   []
 
 Every click runs one jit-compiled step with `max_clicks` padded click slots, so clicking never
-recompiles. Coordinates are (x, y) pixels of the original image.
+recompiles. Coordinates are (x, y) pixels of the original image. A box
+(``set_box(x0, y0, x1, y1)``, one round) or a mask to correct (``set_mask(mask)``) may come
+before the clicks.
 
 The per-image work can run ahead of the clicks: ``prepare_image`` computes an image's embedding
 without touching the current image and clicks (from any thread), and ``set_image`` accepts
@@ -42,6 +44,7 @@ import numpy as np
 
 from samref_jax.host import tune_malloc
 from samref_jax.sam.transforms import (
+    apply_boxes,
     apply_coords,
     as_rgb_uint8,
     frame_to_original,
@@ -51,6 +54,7 @@ from samref_jax.sam.transforms import (
 from samref_jax.samref.config import MODES, sam_config_from
 from samref_jax.samref.io import load_samref, untrained_refiners
 from samref_jax.samref.model import ClickOutputs, ClickState, ImageContext, SamRef, detail_scale
+from samref_jax.samref.prompts import check_box, check_mask, mask_to_frame_logits
 
 
 @dataclasses.dataclass
@@ -73,12 +77,14 @@ class ClickResult:
 @dataclasses.dataclass(frozen=True)
 class _Click:
     """One entry of the undo history: the clicks so far (original pixels), the model's
-    ``ClickState`` after them (feedback included) and their result."""
+    ``ClickState`` after them (feedback included) and their result; ``box``: the box prompt
+    (x0, y0, x1, y1) in original pixels under them (``set_box``), or None."""
 
     coords: list[tuple[float, float]]
     labels: list[int]
     state: ClickState
     result: ClickResult
+    box: tuple[float, float, float, float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,14 +306,16 @@ class SamRefPredictor:
         return [(x, y, lab == 1) for (x, y), lab in zip(st.coords, st.labels, strict=True)]
 
     # ------------------------------------------------------------------------------ click
-    def _step_fn(self, mode: str):
-        """The jitted click step of `mode`: compiled once, whatever the image size."""
-        if mode not in self._steps:
+    def _step_fn(self, mode: str, box: bool = False):
+        """The jitted click step of `mode`: compiled once, whatever the image size. ``box``:
+        the box step instead (``xy`` is the (1, 4) frame box, ``label`` unused)."""
+        key = f"{mode}:box" if box else mode
+        if key not in self._steps:
             model = self.model
 
             @jax.jit
             def step(params, ctx: ImageContext, state: ClickState, xy, label):
-                state = state.add_click(xy, label)
+                state = state.add_box(xy) if box else state.add_click(xy, label)
                 out: ClickOutputs
                 out, state = model.apply({"params": params}, ctx, state, mode, method=SamRef.click)
                 # Only the distinct maps (final, then SAM, then GlobalDiff): in "sam" mode all
@@ -316,8 +324,8 @@ class SamRefPredictor:
                 maps = jnp.stack(distinct, 1)
                 return state, maps[0], out.window[0], out.score[0]
 
-            self._steps[mode] = step
-        return self._steps[mode]
+            self._steps[key] = step
+        return self._steps[key]
 
     def click(self, x: float, y: float, positive: bool = True) -> ClickResult:
         """Adds a click at (x, y) original pixels and returns the new masks."""
@@ -332,8 +340,11 @@ class SamRefPredictor:
         prev = self._history[-1] if self._history else None
         coords = (prev.coords if prev else []) + [(float(x), float(y))]
         labels = (prev.labels if prev else []) + [1 if positive else 0]
-        if len(coords) > n_max:
-            raise ValueError(f"at most {n_max} clicks per object (config max_clicks)")
+        box = prev.box if prev else None
+        if len(coords) + (2 if box else 0) > n_max:
+            raise ValueError(
+                f"at most {n_max} clicks per object (config max_clicks; a box takes two)"
+            )
         f = self.sam_config.img_size
         state = prev.state if prev else self._empty_state
         xy = apply_coords(np.array([[float(x), float(y)]]), (h, w), f)
@@ -341,6 +352,14 @@ class SamRefPredictor:
         state, maps, window, score = step(
             self.params, self.context, state, jnp.asarray(xy, jnp.float32), jnp.asarray(labels[-1:])
         )
+        result = self._result(maps, window, score)
+        self._history.append(_Click(coords, labels, state, result, box))
+        return result
+
+    def _result(self, maps: jax.Array, window: jax.Array, score: jax.Array) -> ClickResult:
+        """A step's frame maps (M, F, F), window (4,) and score -> the ClickResult in original
+        pixels."""
+        h, w = self.original_size
         orig = np.asarray(_to_original(maps, self.input_size, self.original_size))
         win = None
         if self.mode == "full":
@@ -348,7 +367,7 @@ class SamRefPredictor:
             sy = h / self.input_size[0]
             wx0, wy0, wx1, wy1 = (float(v) for v in np.asarray(window))
             win = (wx0 * sx, wy0 * sy, wx1 * sx, wy1 * sy)
-        result = ClickResult(
+        return ClickResult(
             mask=orig[0] > 0,
             logits=orig[0],
             sam_mask=orig[min(1, len(orig) - 1)] > 0,
@@ -356,5 +375,71 @@ class SamRefPredictor:
             window=win,
             score=float(score),
         )
-        self._history.append(_Click(coords, labels, state, result))
+
+    # ------------------------------------------------------------------ box, initial mask
+    @property
+    def box(self) -> tuple[float, float, float, float] | None:
+        """The box prompt (x0, y0, x1, y1) in original pixels, or None."""
+        return self._history[-1].box if self._history else None
+
+    def set_box(self, x0: float, y0: float, x1: float, y1: float) -> ClickResult:
+        """A box prompt (original pixels, SAM's XYXY) before any click; runs one round.
+
+        The box fills two of the ``max_clicks`` slots (SAM's box encoding: corners labelled 2
+        and 3, ``ClickState.add_box``); SAM answers with its single-mask output; the refiners
+        draw no disks for it and PatchDiff's window is centred on the box. Later clicks add to
+        it. A second ``set_box`` before any click replaces the box (an initial mask from
+        ``set_mask`` is kept under it); after clicks it is a ValueError (``reset()`` or
+        ``undo()`` them first). ``undo()`` removes the box.
+
+        Raises:
+          ValueError: the box is outside the image or degenerate (x1 <= x0 or y1 <= y0).
+        """
+        if self.context is None:
+            raise RuntimeError("set an image with .set_image(...) before giving a box")
+        box = check_box((x0, y0, x1, y1), self.original_size)
+        if self.clicks:
+            raise ValueError("a box comes before the clicks: reset() or undo() them first")
+        history = self._history[:-1] if self.box is not None else self._history
+        if int(self.config.max_clicks) < 2:
+            raise ValueError("a box needs two click slots (config max_clicks >= 2)")
+        state = history[-1].state if history else self._empty_state
+        frame_box = apply_boxes(np.asarray(box), self.original_size, self.sam_config.img_size)
+        step = self._step_fn(self.mode, box=True)
+        state, maps, window, score = step(
+            self.params,
+            self.context,
+            state,
+            jnp.asarray(frame_box.reshape(1, 4), jnp.float32),
+            jnp.zeros((1,), jnp.int32),
+        )
+        result = self._result(maps, window, score)
+        self._history = [*history, _Click([], [], state, result, box)]
+        return result
+
+    def set_mask(self, mask: np.ndarray) -> ClickResult:
+        """Starts over from a mask to correct (the clicks and the box are cleared).
+
+        The mask becomes the feedback of a round that never ran (``ClickState.with_mask``):
+        the refiners' previous logits are +/- ``-first_prev_logit`` (20 by default) inside and
+        outside it, resized into the frame as the image is, the padding negative; SAM's
+        ``mask_input`` is the same logits average-pooled to its low-res grid. The next click
+        then corrects it (SAM's single-mask output, as after any click). No model runs here.
+
+        Args:
+          mask: (H, W) of the image, nonzero = object.
+
+        Returns:
+          The ClickResult now current: the mask itself (``logits`` +/- the constant, no
+          window, score NaN); ``undo()`` removes it.
+        """
+        if self.context is None:
+            raise RuntimeError("set an image with .set_image(...) before giving a mask")
+        m = check_mask(mask, self.original_size)
+        value = -float(self.config.first_prev_logit)
+        frame = mask_to_frame_logits(m, self.input_size, self.sam_config.img_size, value)
+        state = self._empty_state.with_mask(jnp.asarray(frame)[None])
+        logits = np.where(m, value, -value).astype(np.float32)
+        result = ClickResult(m, logits, m, m, None, float("nan"))
+        self._history = [_Click([], [], state, result)]
         return result
