@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 _MAGIC = b"SREC"
-_COMPRESSED = ("image", "gt")
+_COMPRESSED = ("image", "gt", "detail_image")
 _VIEW_SEED = 7919  # separates the cache's view streams from the pipeline's seeds
 CACHE_DTYPES = ("float32", "bfloat16")
 
@@ -121,10 +121,15 @@ def decode_record(record: bytes) -> dict[str, np.ndarray]:
 
 
 def _fingerprint_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    from samref_jax.samref.model import detail_scale
+
     d, m, t = config.data, config.model, config.train
     coco = {}
     if str(d.get("format", "folder") or "folder") == "coco":  # the instance drawn per view
         coco = {"coco": {k: d.coco.get(k) for k in ("min_area", "merge_prob", "max_merged")}}
+    detail = {}  # only when on, like copy-paste below
+    if detail_scale(m) > 1:  # views hold the image at k x the frame (pipeline.detail_example)
+        detail = {"image_scale": detail_scale(m)}
     paste = {}  # only when on: caches built before copy-paste existed keep their fingerprint
     if float(d.get("copy_paste_prob", 0.0) or 0.0) > 0:  # pasted views (pipeline.copy_paste)
         keys = ("prob", "scale", "distractor_prob", "max_cover")
@@ -154,6 +159,7 @@ def _fingerprint_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "init_subtrees": list(t.get("init_subtrees", ()) or ()),
         **coco,
         **paste,
+        **detail,
     }
 
 
@@ -274,16 +280,18 @@ class _View:
 
     def __init__(self, config: ml_collections.ConfigDict, source: Any, train_idx: Any) -> None:
         from samref_jax.samref.config import sam_config_from
+        from samref_jax.samref.model import detail_scale
 
         self.source, self.train_idx = source, np.asarray(train_idx, np.int64)
         self.d = ml_collections.FrozenConfigDict(config.data)
         self.frame = sam_config_from(config.model).img_size
+        self.k = detail_scale(config.model)  # > 1: views keep PatchDiff's detail image too
         self.radius = float(config.model.click_radius)
         self.seed, self.views = int(config.seed), int(config.data.cached_views)
         self._last: tuple[int, Any] = (-1, None)  # the V views of an instance are consecutive
 
     def __call__(self, r: int) -> dict[str, np.ndarray]:
-        from samref_jax.training.pipeline import _Subset, training_example
+        from samref_jax.training.pipeline import _Subset, detail_example, training_example
 
         k, v = divmod(int(r), self.views)
         inst = int(self.train_idx[k])
@@ -293,7 +301,11 @@ class _View:
         # A folder sample: augment(sample, rng, ...); a COCO image record: one of its instances
         # drawn with the same rng first (fallback records from the training images).
         pool = _Subset(self.source, self.train_idx)
-        return training_example(self._last[1], rng, self.frame, self.d, self.radius, pool)
+        f = self.frame * self.k  # k > 1: augmented at the detail scale, then brought to the frame
+        ex = training_example(self._last[1], rng, f, self.d, self.radius, pool)
+        if self.k > 1:
+            ex = detail_example(ex, rng, self.frame, self.k, float(self.d.first_click_frac))
+        return ex
 
 
 def _embed_fn(config: ml_collections.ConfigDict, params: Any, devices: list) -> tuple[Any, Any]:

@@ -440,12 +440,7 @@ def make_train_dataset(
     pc = jax.process_count() if process_count is None else process_count
     local_devices = jax.local_device_count()
     batch = int(d.per_device_batch_size) * local_devices
-    k = detail_scale(config.model)
-    if k > 1 and d.get("use_cached_embeddings", False):
-        raise ValueError(
-            "model.refiners.patch_diff.image_scale > 1 needs the image at k x the frame, which "
-            "cached embedding views do not hold: set data.use_cached_embeddings=False"
-        )
+    k = detail_scale(config.model)  # > 1: examples carry PatchDiff's detail image
     if d.get("use_cached_embeddings", False):
         # Cached views (embedding_cache.py): shuffled instances, one of their views at random.
         from samref_jax.training.embedding_cache import (

@@ -130,7 +130,3 @@ def test_training_step_takes_the_detail_image(setup):
     # The detail image reaches the loss: another one gives another loss.
     batch2 = dict(batch, detail_image=big["image"][:, ::-1])
     assert float(fn(_perturbed(params), batch2, jnp.ones((2,)))[0]) != float(loss)
-    with pytest.raises(ValueError, match="cached embedding"):
-        c = ml_collections.ConfigDict(cfg.to_dict())
-        c.data.use_cached_embeddings = True
-        P.make_train_dataset(c, [], 0, 1)

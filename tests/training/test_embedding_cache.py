@@ -166,3 +166,29 @@ def test_train_from_cache_with_resume(tmp_path, compile_cache):
         assert np.isfinite(ra["loss"])
         np.testing.assert_allclose(ra["loss"], rb["loss"], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(ra["iou"], rb["iou"], rtol=1e-6, atol=1e-7)
+
+
+def test_cache_keeps_the_detail_image(tmp_path):
+    """With PatchDiff's image_scale k = 2 the cached views also hold the image at k x the frame
+    (in the fingerprint), batches carry it, and the step on a cached batch equals the step
+    running the encoder."""
+    from samref_jax.training.embedding_cache import build_cache, cache_location, fingerprint
+    from samref_jax.training.pipeline import make_train_dataset, prepare_source
+
+    cfg = _config(tmp_path, views=1)
+    plain = fingerprint(cfg)
+    cfg.model.refiners.patch_diff.image_scale = 2
+    assert fingerprint(cfg) != plain
+    src = prepare_source(cfg, cfg.data.data_dir)
+    params = S.init_params(cfg, jax.random.key(int(cfg.seed), impl="rbg"))
+    build_cache(cfg, src, cache_location(cfg, cfg.data.data_dir), params)
+    cfg.data.use_cached_embeddings = True
+    batch = next(iter(make_train_dataset(cfg, src)))
+    assert batch["detail_image"].shape == (2, 2 * FRAME, 2 * FRAME, 3)
+    assert batch["detail_image"].dtype == np.uint8 and batch["detail_image"].any()
+    no_emb = {k: v for k, v in batch.items() if k != "embedding"}
+    grad_fn = S.make_grad_fn(cfg)
+    w = jnp.array([1.0, 1.0])
+    l1, _, _ = grad_fn(params, batch, w)
+    l2, _, _ = grad_fn(params, no_emb, w)
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6, atol=1e-7)
