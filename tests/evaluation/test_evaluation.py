@@ -321,7 +321,7 @@ def test_cli_evaluate_and_compare(grabcut_dir, tmp_path, monkeypatch, capsys):
 
     class FakeSamRefPredictor(PrefetchDiskPredictor):
         @classmethod
-        def from_checkpoint(cls, path, mode="full"):
+        def from_checkpoint(cls, path, mode="full", dtype=None):
             created.append((path, mode))
             return cls(30)
 
