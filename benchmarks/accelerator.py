@@ -226,6 +226,7 @@ def bench_train_step(config, params, steps: int) -> tuple[list[list[str]], dict]
     import numpy as np
 
     from samref_jax.samref.config import sam_config_from
+    from samref_jax.samref.model import detail_scale
     from samref_jax.training import step as S
     from samref_jax.training.testing import synthetic_batch
 
@@ -236,7 +237,8 @@ def bench_train_step(config, params, steps: int) -> tuple[list[list[str]], dict]
     frame = sam_config_from(config.model).img_size
     state = S.put_replicated(S.create_state(config, params, 0), mesh)
     step_fn = S.make_train_step(config, mesh, params)
-    batch = S.shard_batch(synthetic_batch(gb, frame, seed=0), mesh)
+    k = detail_scale(config.model)  # the recipe's PatchDiff image scale
+    batch = S.shard_batch(synthetic_batch(gb, frame, seed=0, detail_scale=k), mesh)
     del params
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()

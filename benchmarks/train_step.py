@@ -82,7 +82,7 @@ def run(a: argparse.Namespace) -> dict:
     from benchmarks.accelerator import PEAK_FLOPS, _on_cpu, peak_key
     from samref_jax.interaction.clicker import next_click_jax
     from samref_jax.samref.config import sam_config_from
-    from samref_jax.samref.model import SamRef
+    from samref_jax.samref.model import SamRef, detail_scale
     from samref_jax.training import step as S
     from samref_jax.training.testing import synthetic_batch
 
@@ -100,7 +100,8 @@ def run(a: argparse.Namespace) -> dict:
     params = S.put_replicated(params, mesh)
     tx = S.make_optimizer(cfg, params)
     state = S.put_replicated(S.create_state(cfg, params, 0), mesh)
-    raw = S.shard_batch(synthetic_batch(B, f, seed=0), mesh)
+    k = detail_scale(cfg.model)  # the recipe's PatchDiff image scale
+    raw = S.shard_batch(synthetic_batch(B, f, seed=0, detail_scale=k), mesh)
 
     def flops(fn, compiled, *args) -> float:
         if on_cpu:

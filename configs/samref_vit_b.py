@@ -56,6 +56,10 @@ def get_config(sam_type: str = "vit_b") -> ml_collections.ConfigDict:
     # GlobalDiff on the whole 1024 frame: its stem grid and heads are 512 x 512, twice SAM's
     # 256 x 256 low-res logits (the CPU interactive default works on a 256 square instead).
     config.model.refiners.global_diff.input_size = None
+    # PatchDiff crops its image patch from a 2048 copy of the image (image_scale 2), resized
+    # from the original: detail the 1024 frame loses on large photos reaches the refiner (on
+    # images no larger than the frame, e.g. most of COCO, the copy holds no more than the frame).
+    config.model.refiners.patch_diff.image_scale = 2
 
     d = config.data
     d.format = "coco"  # `samref prepare-coco --name coco_lvis` (LVIS v1 + COCO 2017 train)

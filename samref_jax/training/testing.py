@@ -34,8 +34,22 @@ def tiny_test_config(
     return c
 
 
-def synthetic_batch(n: int, frame: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
-    """``n`` training examples: textured ellipses on noise (the pipeline's example format)."""
+def synthetic_batch(
+    n: int, frame: int = 64, seed: int = 0, detail_scale: int = 1
+) -> dict[str, np.ndarray]:
+    """``n`` training examples: textured ellipses on noise (the pipeline's example format);
+    ``detail_scale`` k > 1 adds ``detail_image`` (n, kF, kF, 3) (PatchDiff's ``image_scale``)."""
+    if detail_scale > 1:
+        k = int(detail_scale)
+        big = synthetic_batch(n, frame * k, seed)
+        return {
+            "image": np.ascontiguousarray(big["image"][:, k // 2 :: k, k // 2 :: k]),
+            "gt": np.ascontiguousarray(big["gt"][:, k // 2 :: k, k // 2 :: k]),
+            "valid_hw": np.full((n, 2), frame, np.int32),
+            "first_click": big["first_click"] // k,
+            "radius": big["radius"] / k,
+            "detail_image": big["image"],
+        }
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:frame, :frame]
     images, gts, clicks = [], [], []

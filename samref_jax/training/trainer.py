@@ -77,6 +77,7 @@ ADDED_KEYS = {
     "data.copy_paste_distractor_prob": None,
     "data.copy_paste_max_cover": None,
     "train.init_subtrees": [],
+    "model.refiners.patch_diff.image_scale": 1,
 }
 
 
