@@ -43,7 +43,7 @@ def main() -> None:
 
     from samref_jax.evaluation.evaluate import load_samples
     from samref_jax.evaluation.evaluator import evaluate
-    from samref_jax.model.predictor import SamRefPredictor
+    from samref_jax.samref.predictor import SamRefPredictor
 
     print(machine_line(), flush=True)
     samples = load_samples(args.dataset, args.data_dir)
