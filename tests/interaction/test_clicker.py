@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,6 +20,7 @@ from samref_jax.interaction.clicker import (
     squared_edt,
     squared_edt_jax,
 )
+from tests.fake_devices import run_script
 
 next_click_jit = jax.jit(next_click_jax)
 
@@ -260,42 +257,18 @@ def test_degenerate_shapes(shape):
 
 _SHARDED_CLICKER = textwrap.dedent(
     """
-    import os, re
+    import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from scipy import ndimage
     from samref_jax.interaction.clicker import next_click, next_click_jax
 
-    COLLECTIVE = re.compile(
-        r"\\s(all-reduce|all-gather|collective-permute|reduce-scatter|all-to-all)(-start)?\\("
-    )
+    from samref_jax.training.hlo import loop_collectives
 
-    def loop_collectives(hlo):
-        '''(number of while loops, collectives in their bodies and conditions, all collectives)
-        of a compiled HLO module's text, following called computations transitively.'''
-        comps, cur = {}, None
-        for line in hlo.splitlines():
-            m = re.match(r"(?:ENTRY )?(%[\\w.\\-]+) ", line)
-            if m and line.rstrip().endswith("{"):
-                cur = comps.setdefault(m.group(1), [])
-            elif line.strip() == "}":
-                cur = None
-            elif cur is not None:
-                cur.append(line)
-        calls = {c: {t for ln in ls for t in re.findall(r"%[\\w.\\-]+", ln) if t in comps}
-                 for c, ls in comps.items()}
-        roots = [t for ls in comps.values() for ln in ls if " while(" in ln
-                 for t in re.findall(r"(?:body|condition)=(%[\\w.\\-]+)", ln)]
-        seen, todo = set(), list(roots)
-        while todo:
-            c = todo.pop()
-            if c not in seen:
-                seen.add(c)
-                todo.extend(calls[c])
-        inside = [ln for c in seen for ln in comps[c] if COLLECTIVE.search(ln)]
-        everywhere = [ln for ls in comps.values() for ln in ls if COLLECTIVE.search(ln)]
-        return len(roots) // 2, inside, everywhere
+    def walk(hlo):
+        r = loop_collectives(hlo)
+        return r.loops, r.inside, r.inside + r.outside
 
     assert jax.device_count() == 4, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -307,7 +280,7 @@ _SHARDED_CLICKER = textwrap.dedent(
         return jax.lax.while_loop(lambda c: c[0] < c[1].max(), lambda c: (c[0] + 1, c[1]),
                                   (jnp.int32(0), x))[0]
     probe = jax.jit(jax.vmap(reduce_loop), in_shardings=sh).lower(jnp.arange(8)).compile()
-    n, inside, _ = loop_collectives(probe.as_text())
+    n, inside, _ = walk(probe.as_text())
     assert n >= 1 and inside, probe.as_text()
 
     # 160 x 160: the row pass keeps a fixed-count loop (k_max = 79, three steps of 32 offsets).
@@ -320,7 +293,7 @@ _SHARDED_CLICKER = textwrap.dedent(
     valid = rng.random((b, h, w)) < 0.97
     f = jax.jit(jax.vmap(next_click_jax), in_shardings=sh, out_shardings=sh)
     compiled = f.lower(gt, pred, clicked, valid).compile()
-    n, inside, everywhere = loop_collectives(compiled.as_text())
+    n, inside, everywhere = walk(compiled.as_text())
     assert n >= 1, "expected the row pass's fixed-count loop"
     assert not inside, inside
     assert not everywhere, everywhere
@@ -340,16 +313,4 @@ def test_sharded_clicker_has_no_collectives():
     collective at all, in particular none in a loop body or condition (a data-dependent
     ``while_loop`` would all-reduce its condition across devices every iteration), and it gives
     the host clicks."""
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("XLA_FLAGS", None)
-    r = subprocess.run(
-        [sys.executable, "-c", _SHARDED_CLICKER],
-        env=env,
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "OK" in r.stdout
+    run_script(_SHARDED_CLICKER, timeout=600)

@@ -29,21 +29,6 @@ def _config(tmp_path, views: int = 2):
     return cfg
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """Persistent compilation cache for this module (the trainer runs reuse the step)."""
-    d = tmp_path_factory.mktemp("jax_cache")
-    old = (
-        jax.config.jax_compilation_cache_dir,
-        jax.config.jax_persistent_cache_min_compile_time_secs,
-    )
-    jax.config.update("jax_compilation_cache_dir", str(d))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield d
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-
-
 def test_record_roundtrip_bfloat16():
     from samref_jax.training.embedding_cache import decode_record, encode_record
 

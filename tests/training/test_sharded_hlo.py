@@ -11,13 +11,12 @@ whose condition reduces over the sharded batch shows that the walk finds in-loop
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.fake_devices import run_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,15 +64,4 @@ _SCRIPT = textwrap.dedent(
 def test_sharded_step_has_no_collective_in_loops():
     """4 fake CPU devices: the compiled sharded train step's loops hold no collective; its
     all-reduce (gradients, loss, metrics) runs once, after the unroll."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("XLA_FLAGS", None)
-    r = subprocess.run(
-        [sys.executable, "-c", _SCRIPT],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "OK" in r.stdout
+    run_script(_SCRIPT, timeout=900)

@@ -9,9 +9,6 @@ runs of the resume test reuse it).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import pytest
 
 from samref_jax.training import step as S
 from samref_jax.training.testing import synthetic_batch, tiny_test_config, write_fake_coco_mval
+from tests.fake_devices import run_script
 
 REPO = Path(__file__).resolve().parents[2]
 FRAME = 64
@@ -29,21 +27,6 @@ FRAME = 64
 
 def _key(seed: int = 0):
     return jax.random.key(seed, impl="rbg")
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """Persistent compilation cache for this module (the trainer runs reuse the step)."""
-    d = tmp_path_factory.mktemp("jax_cache")
-    old = (
-        jax.config.jax_compilation_cache_dir,
-        jax.config.jax_persistent_cache_min_compile_time_secs,
-    )
-    jax.config.update("jax_compilation_cache_dir", str(d))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield d
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
 
 
 @pytest.fixture(scope="module")
@@ -223,18 +206,7 @@ _SHARDED = textwrap.dedent(
 def test_sharded_step_matches_single_device():
     """8 fake CPU devices: loss and gradients of the data-parallel step equal the single-device
     step on the same global batch (float reduction order only)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("XLA_FLAGS", None)
-    r = subprocess.run(
-        [sys.executable, "-c", _SHARDED],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "OK" in r.stdout
+    run_script(_SHARDED, timeout=900)
 
 
 @pytest.mark.parametrize("name,mode", [("tiny", "full"), ("tiny-sam", "sam")])
