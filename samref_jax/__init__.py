@@ -13,6 +13,10 @@ _LAZY = {
     "load_sam": ("samref_jax.sam.build", "load_sam"),
     "SamModel": ("samref_jax.sam.build", "SamModel"),
     "SamPredictor": ("samref_jax.sam.predictor", "SamPredictor"),
+    "SamAutomaticMaskGenerator": (
+        "samref_jax.sam.automatic_mask_generator",
+        "SamAutomaticMaskGenerator",
+    ),
     "SamRefPredictor": ("samref_jax.samref.predictor", "SamRefPredictor"),
     "sam_config": ("samref_jax.sam.config", "sam_config"),
     "read_image": ("samref_jax.data.decode", "read_image"),

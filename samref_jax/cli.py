@@ -4,6 +4,7 @@ everything; ``samref COMMAND --help`` describes each command with an example.
     samref convert --checkpoint sam_vit_b_01ec64.pth --output checkpoints/vit_b
     samref segment photo.jpg --click 120,80,+ --click 60,40,- --out out/   # writes
     # out/mask.png (0/255, the image's size) and out/overlay.png (mask, clicks, PatchDiff window)
+    samref amg --image photo.jpg --out out/amg   # automatic masks: one PNG each + masks.json
     samref eval --checkpoint tiny --dataset GrabCut --data-dir DATA --output runs/eval
     samref compare --output runs/eval runs/eval/*/metrics.json
     samref prepare-coco --name coco_lvis --data-dir DATA --annotations X.json --images DIR
@@ -421,6 +422,12 @@ def _forward_launch_local(argv: list[str], prog: str) -> int:
     return launch_main(argv, prog=prog)
 
 
+def _amg_cli():
+    from samref_jax.sam import amg_cli
+
+    return amg_cli
+
+
 # ------------------------------------------------------------------------------ the registry
 register(
     "convert",
@@ -437,6 +444,21 @@ register(
     "their paths.",
     example="samref segment samref_jax/assets/examples/blob_on_stripes.png \\\n"
     "      --click 125,100,+ --click 120,215,- --out out/quickstart",
+)
+register(
+    "amg",
+    "automatic masks for whole images (SAM's point-grid generator); one PNG per mask + JSON",
+    lambda p: _amg_cli().configure(p),
+    lambda args: _amg_cli().run(args),
+    description="Run the official SamAutomaticMaskGenerator's algorithm (point grid, IoU and "
+    "stability filters, box NMS, optional crops and small-region removal) with the SAM part of "
+    "a checkpoint on each --image (a file or a folder). Writes OUT/<image name>/NNN.png (0/255 "
+    "per mask) and OUT/<image name>/masks.json (the records without the masks; RLEs with "
+    "--rle) and prints the JSON paths.",
+    example="samref amg --checkpoint tiny --image samref_jax/assets/examples/"
+    "blob_on_stripes.png \\\n      --points-per-side 8 --pred-iou-thresh 0 --stability-score-offset 0.05 "
+    "--stability-score-thresh 0.8 \\\n      --out out/amg   # low thresholds for the tiny bundled "
+    "SAM; defaults suit vit_b/l/h",
 )
 register("eval", "NoC evaluation on a dataset (RITM protocol), resumable", forward=_forward_eval)
 register("compare", "merge evaluation runs into one table and plot", forward=_forward_compare)

@@ -68,6 +68,7 @@ def test_parse_click_rejects(spec):
 ALL_COMMANDS = [
     "convert",
     "segment",
+    "amg",
     "eval",
     "compare",
     "prepare-coco",

@@ -38,8 +38,26 @@ def install() -> None:
     def box_area(b):
         return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
 
-    def batched_nms(*args, **kwargs):
-        raise NotImplementedError("not needed by the tests")
+    def batched_nms(boxes, scores, idxs, iou_threshold):
+        """torchvision's CPU NMS kernel per category, in torch; ties in score are taken in
+        index order (a stable sort; torchvision's unstable sort leaves them unspecified)."""
+        import torch
+
+        offsets = idxs.to(boxes) * (boxes.max() + 1) if boxes.numel() else idxs.to(boxes)
+        b = boxes + offsets[:, None]
+        order = torch.sort(scores, descending=True, stable=True).indices
+        areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        suppressed = torch.zeros(len(b), dtype=torch.bool)
+        keep = []
+        for i in order.tolist():
+            if suppressed[i]:
+                continue
+            keep.append(i)
+            w = (torch.minimum(b[i, 2], b[:, 2]) - torch.maximum(b[i, 0], b[:, 0])).clamp(min=0)
+            h = (torch.minimum(b[i, 3], b[:, 3]) - torch.maximum(b[i, 1], b[:, 1])).clamp(min=0)
+            inter = w * h
+            suppressed |= (inter / (areas[i] + areas - inter)).double() > iou_threshold
+        return torch.tensor(keep, dtype=torch.int64)
 
     functional.resize = resize
     functional.to_pil_image = to_pil_image
