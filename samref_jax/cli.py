@@ -456,9 +456,9 @@ register(
     "per mask) and OUT/<image name>/masks.json (the records without the masks; RLEs with "
     "--rle) and prints the JSON paths.",
     example="samref amg --checkpoint tiny --image samref_jax/assets/examples/"
-    "blob_on_stripes.png \\\n      --points-per-side 8 --pred-iou-thresh 0 --stability-score-offset 0.05 "
-    "--stability-score-thresh 0.8 \\\n      --out out/amg   # low thresholds for the tiny bundled "
-    "SAM; defaults suit vit_b/l/h",
+    "blob_on_stripes.png \\\n      --points-per-side 8 --pred-iou-thresh 0 "
+    "--stability-score-offset 0.05 --stability-score-thresh 0.8 \\\n      --out out/amg"
+    "   # low thresholds for the tiny bundled SAM; the defaults suit vit_b/l/h",
 )
 register("eval", "NoC evaluation on a dataset (RITM protocol), resumable", forward=_forward_eval)
 register("compare", "merge evaluation runs into one table and plot", forward=_forward_compare)
