@@ -76,6 +76,7 @@ ALL_COMMANDS = [
     "cache-embeddings",
     "launch-local",
     "demo",
+    "export",
 ]
 
 
