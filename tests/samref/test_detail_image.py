@@ -117,6 +117,7 @@ def test_pipeline_detail_example_lines_up():
     np.testing.assert_array_equal(out["image"][:13, :15], want)
 
 
+@pytest.mark.slow
 def test_training_step_takes_the_detail_image(setup):
     cfg, params = setup
     batch = synthetic_batch(2, FRAME, seed=1)

@@ -66,6 +66,7 @@ def test_next_mask_input_rule():
         next_mask_input(low, s, f, "bogus")
 
 
+@pytest.mark.slow
 def test_last_round_loss_reaches_earlier_refiners(setup):
     """Loss on the last round only: the refiner gradients differ with the feedback under
     stop_gradient and without (they reach the earlier rounds' refiners only through it)."""
@@ -84,6 +85,7 @@ def test_last_round_loss_reaches_earlier_refiners(setup):
         assert diff > 1e-3 * scale and diff > 1e-7, (name, diff, scale)
 
 
+@pytest.mark.slow
 def test_finite_difference_through_three_rounds(setup):
     """d loss / d (GlobalDiff detail-head bias) through 3 unrolled rounds: analytic == central
     finite difference (the discrete clicks do not move for a small step)."""
@@ -121,6 +123,7 @@ def test_finite_difference_through_three_rounds(setup):
     assert abs(g_stop - g) > 0.03 * abs(g), (g_stop, g)
 
 
+@pytest.mark.slow
 def test_bf16_training_steps_refiners_in_bf16(setup):
     """train.dtype=bfloat16 runs the refiners in bf16 (params stay float32); a few training steps
     keep finite losses, close to float32's."""

@@ -153,6 +153,7 @@ def test_train_from_cache_with_resume(tmp_path, compile_cache):
         np.testing.assert_allclose(ra["iou"], rb["iou"], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_cache_keeps_the_detail_image(tmp_path):
     """With PatchDiff's image_scale k = 2 the cached views also hold the image at k x the frame
     (in the fingerprint), batches carry it, and the step on a cached batch equals the step

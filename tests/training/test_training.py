@@ -44,6 +44,7 @@ def _leaves(tree, prefix):
     }
 
 
+@pytest.mark.slow
 def test_late_round_weight_reaches_refiners(full_setup):
     """Only the last round's weight changes -> the refiner gradients change; a loss on the last
     round alone gives non-zero refiner gradients (they are reached through the unroll)."""
