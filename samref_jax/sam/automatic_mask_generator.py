@@ -415,8 +415,11 @@ class SamAutomaticMaskGenerator:
             keep &= ~amg.is_box_near_crop_edge(boxes, crop_box, [0, 0, image_w, image_h])
             idx = np.flatnonzero(keep)
             batch = _Masks(out.image_hw)
-            batch.windows = [masks[i, b[1] : b[3] + 1, b[0] : b[2] + 1].copy() for i, b in
-                             zip(idx, boxes[idx], strict=True)]  # fmt: skip
+            # Each kept mask as its box's window (the rest of the mask is empty).
+            batch.windows = [
+                masks[i, y0_ : y1_ + 1, x0_ : x1_ + 1].copy()
+                for i, (x0_, y0_, x1_, y1_) in zip(idx, boxes[idx], strict=True)
+            ]
             batch.boxes = boxes[idx].astype(np.int64)
             batch.iou = iou[idx]
             batch.stability = stability[idx]
