@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import types
 import warnings
 from typing import Any
 
@@ -189,20 +188,26 @@ class SamRefPredictor:
         """New parameters; a current image is re-embedded with them (its clicks are kept)."""
         self._params = params
         if self.context is not None:
-            self._use(self._prepare_frame(self.context, self.original_size, self.input_size))
+            c, sizes = self.context, (self.original_size, self.input_size)
+            self._use(self._prepare_frame(c.image, c.detail_image, *sizes))
 
     def _prepare_frame(
-        self, images: Any, original_size: tuple[int, int], input_size: tuple[int, int]
+        self,
+        frame: jax.Array,
+        detail: jax.Array | None,
+        original_size: tuple[int, int],
+        input_size: tuple[int, int],
     ) -> PreparedImage:
-        """``images``: anything with ``image`` (1, F, F, 3) and ``detail_image`` (or None)."""
+        """frame (1, F, F, 3) and PatchDiff's detail image (1, kF, kF, 3) or None -> the
+        image's ImageContext."""
         f = self.sam_config.img_size
         radius = float(self.config.click_radius) * f / max(original_size)
         ctx = self._prepare_fn(
             self._params,
-            images.image,
+            frame,
             jnp.asarray([input_size], jnp.int32),
             jnp.asarray([radius], jnp.float32),
-            images.detail_image,
+            detail,
         )
         # Wait for it: the embedding is the expensive step, and callers time this.
         jax.block_until_ready(ctx)
@@ -274,8 +279,8 @@ class SamRefPredictor:
             big = resize_longest_side(image, k * f)
             detail = jnp.asarray(normalize_and_pad(big, self.sam_config, k * f))
         original = (int(image.shape[0]), int(image.shape[1]))
-        images = types.SimpleNamespace(image=frame, detail_image=detail)
-        return self._prepare_frame(images, original, (int(resized.shape[0]), int(resized.shape[1])))
+        input_size = (int(resized.shape[0]), int(resized.shape[1]))
+        return self._prepare_frame(frame, detail, original, input_size)
 
     def set_image(self, image: np.ndarray | PreparedImage) -> None:
         """HxWx3 uint8 RGB (grey, RGBA and 16-bit images are converted), or the result of
@@ -283,7 +288,8 @@ class SamRefPredictor:
         if not isinstance(image, PreparedImage):
             image = self.prepare_image(image)
         elif image.params is not self._params:  # prepared before new parameters were set
-            image = self._prepare_frame(image.context, image.original_size, image.input_size)
+            c, sizes = image.context, (image.original_size, image.input_size)
+            image = self._prepare_frame(c.image, c.detail_image, *sizes)
         self._use(image)
         self.reset()
 

@@ -12,13 +12,10 @@ whose condition reduces over the sharded batch shows that the walk finds in-loop
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from tests.fake_devices import run_script
-
-REPO = Path(__file__).resolve().parents[2]
 
 _SCRIPT = textwrap.dedent(
     """
