@@ -209,11 +209,18 @@ def bench_clicks(model_cfg, params, clicks: int) -> list[list[str]]:
 
 
 def train_step_flops(config, state, batch) -> float:
-    """Model FLOPs of one global training step (all devices together), counted on the CPU."""
+    """Model FLOPs of one global training step (all devices together), counted on the CPU.
+
+    The rounds are unrolled for the count (XLA's analysis counts a loop body once, whatever its
+    trip count) and ``train.remat``'s recomputation is left out (model FLOPs).
+    """
     import jax
 
     from samref_jax.training import step as S
 
+    config = config.copy_and_resolve_references()
+    config.train.scan_unroll = True
+    config.train.remat = False
     cpu_mesh = S.make_mesh(jax.devices("cpu")[:1])
     fn = S.make_train_step(config, cpu_mesh, state.params, donate=False)
     return _flops(

@@ -16,10 +16,12 @@ the encoder part):
 * the whole training step (``make_train_step``), once with the encoder in the step and once
   with the batch carrying ``embedding`` (what ``data.use_cached_embeddings`` feeds it).
 
-FLOPs are XLA's ``cost_analysis()`` of each compiled function (on an accelerator, of the same
-function lowered for the CPU: GPU analyses miss the matmuls handed to cuBLAS; see
-``accelerator.py``). MFU (FLOPs / time / the device's dense bf16 peak, ``PEAK_FLOPS``) is
-reported only on an accelerator. Targets, reported and not asserted: cached step <= 0.15x
+FLOPs are model FLOPs: XLA's ``cost_analysis()`` of each function lowered for the CPU (on every
+backend; GPU analyses miss the matmuls handed to cuBLAS, see ``accelerator.py``), with the T
+rounds unrolled (the analysis counts a loop body once) and without ``train.remat``'s
+recomputation; the clicker's own distance-transform loops still count once (negligible). MFU
+(FLOPs / time / the device's dense bf16 peak, ``PEAK_FLOPS``) is reported only on an
+accelerator. Targets, reported and not asserted: cached step <= 0.15x
 the in-step-encoder step, clicker <= 10% of the cached step.
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -42,10 +45,19 @@ TARGET_RATIO = 0.15
 TARGET_CLICKER = 0.10
 
 
-def _config(sam: str, frame: int | None, rounds: int | None, batch: int, dtype: str | None):
+def _config(
+    sam: str,
+    frame: int | None,
+    rounds: int | None,
+    batch: int,
+    dtype: str | None,
+    remat: bool | None = None,
+):
     from configs.samref_vit_b import get_config
 
     cfg = get_config(sam)
+    if remat is not None:
+        cfg.train.remat = bool(remat)
     cfg.train.init_checkpoint = ""  # random weights
     cfg.data.per_device_batch_size = batch
     if frame:
@@ -55,12 +67,6 @@ def _config(sam: str, frame: int | None, rounds: int | None, batch: int, dtype: 
     if dtype:
         cfg.train.dtype = dtype
     return cfg
-
-
-def _flops_compiled(compiled) -> float:
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, list) else ca
-    return float((ca or {}).get("flops", float("nan")))
 
 
 def cpu_model() -> str:
@@ -79,14 +85,14 @@ def run(a: argparse.Namespace) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from benchmarks.accelerator import PEAK_FLOPS, _on_cpu, peak_key
+    from benchmarks.accelerator import PEAK_FLOPS, _flops, _on_cpu, peak_key, train_step_flops
     from samref_jax.interaction.clicker import next_click_jax
     from samref_jax.samref.config import sam_config_from
     from samref_jax.samref.model import SamRef, detail_scale
     from samref_jax.training import step as S
     from samref_jax.training.testing import synthetic_batch
 
-    cfg = _config(a.sam, a.frame, a.rounds, a.batch, a.dtype)
+    cfg = _config(a.sam, a.frame, a.rounds, a.batch, a.dtype, a.remat)
     sam_cfg = sam_config_from(cfg.model)
     f, T, B = sam_cfg.img_size, int(cfg.train.rounds), int(a.batch) * jax.device_count()
     on_cpu = jax.default_backend() == "cpu"
@@ -103,20 +109,25 @@ def run(a: argparse.Namespace) -> dict:
     k = detail_scale(cfg.model)  # the recipe's PatchDiff image scale
     raw = S.shard_batch(synthetic_batch(B, f, seed=0, detail_scale=k), mesh)
 
-    def flops(fn, compiled, *args) -> float:
-        if on_cpu:
-            return _flops_compiled(compiled)
-        return _flops_compiled(jax.jit(fn).lower(*_on_cpu(args)).compile())
+    # FLOPs are counted on a copy of the config whose rounds are unrolled (XLA's cost analysis
+    # counts a loop body once, whatever its trip count) and not recomputed (model FLOPs: the
+    # backward pass's recomputation under ``train.remat`` is not counted).
+    count_cfg = cfg.copy_and_resolve_references()
+    count_cfg.train.scan_unroll = True
+    count_cfg.train.remat = False
+
+    def flops(fn, *args) -> float:
+        return _flops(jax.jit(fn).lower(*_on_cpu(args)))
 
     rows: dict[str, dict] = {}
     compile_s: dict[str, float] = {}
 
-    def measure(name: str, fn, *args, jit_kw=None) -> object:
+    def measure(name: str, fn, *args, count_fn=None) -> object:
         t0 = time.perf_counter()
-        compiled = jax.jit(fn, **(jit_kw or {})).lower(*args).compile()
+        compiled = jax.jit(fn).lower(*args).compile()
         compile_s[name] = time.perf_counter() - t0
         t, out = device_median(lambda: compiled(*args), a.runs)
-        rows[name] = {"s": t, "flops": flops(fn, compiled, *args)}
+        rows[name] = {"s": t, "flops": flops(count_fn or fn, *args)}
         print(f"measured {name}: {fmt_time(t)} (compile {compile_s[name]:.1f} s)", flush=True)
         return out
 
@@ -129,10 +140,15 @@ def run(a: argparse.Namespace) -> dict:
     cached = dict(raw, embedding=emb)
 
     # 2. click rounds, forward + backward, given the embedding (the clicker included)
-    def rounds(p, batch):
-        return jax.value_and_grad(S.unrolled_loss, has_aux=True)(p, batch, model, cfg)
+    def rounds_of(c):
+        def rounds(p, batch):
+            return jax.value_and_grad(S.unrolled_loss, has_aux=True)(p, batch, model, c)
 
-    (_, _), grads = measure("click rounds", rounds, params, cached)
+        return rounds
+
+    (_, _), grads = measure(
+        "click rounds", rounds_of(cfg), params, cached, count_fn=rounds_of(count_cfg)
+    )
 
     # 3. the clicker alone: T rounds of next_click_jax on a prediction with errors
     gt = raw["gt"] == 1
@@ -141,14 +157,18 @@ def run(a: argparse.Namespace) -> dict:
     fy, fx = raw["first_click"][:, 0], raw["first_click"][:, 1]
     clicked = jnp.zeros((B, f, f), bool).at[jnp.arange(B), fy, fx].set(True)
 
-    def clicker(gt, pred, clicked, valid):
-        def body(c, _):
-            cy, cx, pos = jax.vmap(next_click_jax)(gt, pred, c, valid)
-            return c.at[jnp.arange(gt.shape[0]), cy, cx].set(True), (cy, cx, pos)
+    def clicker_of(unroll: bool):
+        def clicker(gt, pred, clicked, valid):
+            def body(c, _):
+                cy, cx, pos = jax.vmap(next_click_jax)(gt, pred, c, valid)
+                return c.at[jnp.arange(gt.shape[0]), cy, cx].set(True), (cy, cx, pos)
 
-        return jax.lax.scan(body, clicked, None, length=T)[1]
+            return jax.lax.scan(body, clicked, None, length=T, unroll=unroll)[1]
 
-    measure("clicker", clicker, gt, pred, clicked, valid)
+        return clicker
+
+    args = (gt, pred, clicked, valid)
+    measure("clicker", clicker_of(False), *args, count_fn=clicker_of(True))
 
     # 4. optimiser
     def optimiser(g, opt_state, p):
@@ -164,12 +184,7 @@ def run(a: argparse.Namespace) -> dict:
         compiled = step.lower(state, batch).compile()
         compile_s[name] = time.perf_counter() - t0
         t, _ = device_median(lambda c=compiled, b=batch: c(state, b), a.runs)
-        if on_cpu:
-            fl = _flops_compiled(compiled)
-        else:
-            from benchmarks.accelerator import train_step_flops
-
-            fl = train_step_flops(cfg, state, batch)
+        fl = train_step_flops(count_cfg, state, batch)
         rows[name] = {"s": t, "flops": fl}
         print(f"measured {name}: {fmt_time(t)} (compile {compile_s[name]:.1f} s)", flush=True)
 
@@ -186,7 +201,8 @@ def run(a: argparse.Namespace) -> dict:
         "desc": (
             f"SAM {sam_cfg.name}, frame {f}, T = {T}, batch {B} on {jax.device_count()} "
             f"{jax.default_backend()} device(s) ({dev.device_kind}), {cfg.train.dtype} compute, "
-            f"mode {cfg.mode}, trainable {','.join(S.effective_trainable(cfg))}"
+            f"mode {cfg.mode}, remat {bool(cfg.train.remat)}, "
+            f"trainable {','.join(S.effective_trainable(cfg))}"
         ),
         "peak": key,
         "on_cpu": on_cpu,
@@ -234,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1, help="images per device")
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the recipe's, bfloat16)")
     ap.add_argument(
+        "--remat",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="1/0: recompute each round in the backward pass or not (default: the recipe's)",
+    )
+    ap.add_argument(
         "--runs", type=int, default=3, help="timed runs per part after a first call (0: time it)"
     )
     a = ap.parse_args(argv)
@@ -249,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_line() + (f" cpu='{cpu_model()}'" if res["on_cpu"] else ""))
     print()
     print(report(res))
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s, peak RSS {peak:.1f} GiB")
     return 0
 
 

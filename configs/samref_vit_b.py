@@ -79,6 +79,10 @@ def get_config(sam_type: str = "vit_b") -> ml_collections.ConfigDict:
     t.init_subtrees = ("sam",)  # SAM from it, fresh refiners (they start at SAM's answer)
     t.rounds = 6
     t.stop_grad_feedback = False
+    # Each round recomputed in the backward pass: about half the memory at T = 2 and a faster
+    # step on a CPU at 1024 (docs/benchmarks.md, 'train_step.py'); T = 6 x batch 4 at 1024
+    # without it keeps every round's full-frame activations.
+    t.remat = True
     t.num_steps = 60000
     t.max_minutes = 0.0
     t.lr = 1e-4

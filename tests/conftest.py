@@ -12,6 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # plain `pytest` without an installed package
     sys.path.insert(0, str(REPO))
 
+# Compiled programs persist between runs (as tests/run_all.sh sets it): a second run of the fast
+# subset loads them instead of compiling. JAX_COMPILATION_CACHE_DIR chooses another folder.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

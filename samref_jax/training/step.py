@@ -238,6 +238,9 @@ def unrolled_loss(
         # taken after it.
         return (state, clicked | mark(cy, cx)), (terms, iou)
 
+    if bool(config.train.get("remat", False)):
+        # Keep only each round's carry; its activations are recomputed in the backward pass.
+        body = jax.checkpoint(body)
     unroll = bool(config.train.get("scan_unroll", False))
     carry0 = (state0, mark(fy, fx))
     _, (terms, ious) = jax.lax.scan(body, carry0, jnp.arange(T), unroll=unroll)

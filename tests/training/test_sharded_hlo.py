@@ -1,12 +1,13 @@
 """The compiled data-parallel training step holds no cross-device collective inside any loop.
 
 Four fake CPU devices (a subprocess: the device count is fixed at JAX start-up), the tiny
-config, T = 2 click rounds, a global batch of 4: the whole ``make_train_step`` is lowered and
-compiled, and ``samref_jax.training.hlo.loop_collectives`` walks the optimized HLO -- every
-``while`` body and condition (the rounds' scan, its backward pass, the clicker's loops) and
-every computation they call. None may hold an all-reduce, all-gather, reduce-scatter,
-collective-permute or all-to-all; the gradient all-reduce must sit outside them. A probe loop
-whose condition reduces over the sharded batch shows that the walk finds in-loop collectives.
+config, T = 2 click rounds, a global batch of 4, with and without ``train.remat``: the whole
+``make_train_step`` is lowered and compiled, and ``samref_jax.training.hlo.loop_collectives``
+walks the optimized HLO -- every ``while`` body and condition (the rounds' scan, its backward
+pass, the clicker's loops) and every computation they call. None may hold an all-reduce,
+all-gather, reduce-scatter, collective-permute or all-to-all; the gradient all-reduce must sit
+outside them. A probe loop whose condition reduces over the sharded batch shows that the walk
+finds in-loop collectives.
 """
 
 from __future__ import annotations
@@ -39,19 +40,21 @@ _SCRIPT = textwrap.dedent(
     r = loop_collectives(probe.lower(jnp.arange(8)).compile().as_text())
     assert r.loops >= 1 and r.inside, r
 
-    cfg = tiny_test_config("full", 64, rounds=2)
-    params = S.init_params(cfg, jax.random.key(0, impl="rbg"))
-    state = S.put_replicated(S.create_state(cfg, params, 0), mesh)
-    batch = S.shard_batch(synthetic_batch(4, 64, seed=7), mesh)
-    assert len(batch["image"].sharding.device_set) == 4
-    step = S.make_train_step(cfg, mesh, params, donate=False)
-    compiled = step.lower(state, batch).compile()
-    r = loop_collectives(compiled.as_text())
-    assert r.loops >= 2, "expected the rounds' scan and its backward pass as loops"
-    assert not r.inside, r.inside
-    assert any("all-reduce" in ln for ln in r.outside), "no gradient all-reduce found"
-    new, metrics = compiled(state, batch)
-    assert np.isfinite(float(metrics["loss"])) and int(new.step) == 1
+    for remat in (False, True):  # the accelerator recipes recompute rounds (train.remat)
+        cfg = tiny_test_config("full", 64, rounds=2)
+        cfg.train.remat = remat
+        params = S.init_params(cfg, jax.random.key(0, impl="rbg"))
+        state = S.put_replicated(S.create_state(cfg, params, 0), mesh)
+        batch = S.shard_batch(synthetic_batch(4, 64, seed=7), mesh)
+        assert len(batch["image"].sharding.device_set) == 4
+        step = S.make_train_step(cfg, mesh, params, donate=False)
+        compiled = step.lower(state, batch).compile()
+        r = loop_collectives(compiled.as_text())
+        assert r.loops >= 2, "expected the rounds' scan and its backward pass as loops"
+        assert not r.inside, (remat, r.inside)
+        assert any("all-reduce" in ln for ln in r.outside), "no gradient all-reduce found"
+        new, metrics = compiled(state, batch)
+        assert np.isfinite(float(metrics["loss"])) and int(new.step) == 1
     print("OK", r.loops, len(r.outside))
     """
 )

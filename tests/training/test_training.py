@@ -234,3 +234,27 @@ def test_bundled_checkpoints_segment_grabcut(name, mode, grabcut_dir):
     # The shipped models are weak (CPU-trained from scratch; README, Results):
     # this image reaches IoU 0.48 (tiny) / 0.51 (tiny-sam) after 3 clicks.
     assert max(rec["ious"]) > 0.4, rec["ious"]
+
+
+def test_remat_same_gradients_less_memory(full_setup):
+    """``train.remat`` recomputes each round in the backward pass: the same loss and gradients
+    (float32), and the compiled gradient needs less temporary memory than keeping every
+    round's activations."""
+    cfg, params, grad_fn = full_setup
+    cfg_r = cfg.copy_and_resolve_references()
+    cfg_r.train.remat = True
+    grad_r = S.make_grad_fn(cfg_r)
+    batch = synthetic_batch(2, FRAME, seed=3)
+    w = jnp.array([1.0, 1.0])
+    loss, metrics, grads = grad_fn(params, batch, w)
+    loss_r, metrics_r, grads_r = grad_r(params, batch, w)
+    np.testing.assert_allclose(float(loss_r), float(loss), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(metrics_r["iou"]), np.asarray(metrics["iou"]))
+    flat, flat_r = jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_r)
+    for a, b in zip(flat, flat_r, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+
+    def temp_bytes(fn):
+        return fn.lower(params, batch, w).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(grad_r) < temp_bytes(grad_fn)
