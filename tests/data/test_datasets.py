@@ -264,6 +264,7 @@ def test_real_grabcut_folder_and_builder(grabcut_dir, tmp_path):
     assert "tensorflow" not in sys.modules
 
 
+@pytest.mark.slow
 def test_real_coco_mval_builder(coco_mval_dir, tmp_path):
     """All 800 instances (about 40 s: zlib-compressing ~0.5 GB of pixels on one core)."""
     ds = read_folder_dataset("COCO_MVal", coco_mval_dir)

@@ -36,7 +36,8 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+# "small" (the wider config) runs in the full suite; the fast subset keeps "tiny".
+@pytest.fixture(scope="module", params=[pytest.param("small", marks=pytest.mark.slow), "tiny"])
 def pair(request):
     cfg = CONFIGS[request.param]
     ts = random_torch_sam(cfg, seed=1)

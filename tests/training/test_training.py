@@ -64,6 +64,7 @@ def test_late_round_weight_reaches_refiners(full_setup):
         assert norm_last > 1e-6, sub
 
 
+@pytest.mark.slow
 def test_loss_terms_and_metrics(full_setup):
     cfg, params, grad_fn = full_setup
     loss, metrics, _ = grad_fn(params, synthetic_batch(2, FRAME, seed=2), jnp.array([1.0, 1.0]))
@@ -236,6 +237,7 @@ def test_bundled_checkpoints_segment_grabcut(name, mode, grabcut_dir):
     assert max(rec["ious"]) > 0.4, rec["ious"]
 
 
+@pytest.mark.slow
 def test_remat_same_gradients_less_memory(full_setup):
     """``train.remat`` recomputes each round in the backward pass: the same loss and gradients
     (float32), and the compiled gradient needs less temporary memory than keeping every
