@@ -122,6 +122,33 @@ def test_convert_refuses_nan_weights(tmp_path, tiny_pth, tiny_convert, capsys):
     assert not out.exists()
 
 
+def test_convert_ctrl_c_is_one_line_and_keeps_the_old_checkpoint(
+    tmp_path, tiny_pth, tiny_convert, capsys, monkeypatch
+):
+    """Ctrl-C while converting: exit 130, one line, --output untouched (here: the previous
+    checkpoint, being replaced with --force)."""
+    from samref_jax.sam import convert as conv
+
+    good, _ = tiny_pth
+    out = tmp_path / "ck"
+    assert tiny_convert(["--checkpoint", str(good), "--output", str(out)]) == 0
+    before = (out / "metadata.json").read_text()
+    capsys.readouterr()
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv, "load_torch_state_dict", ctrl_c)
+    assert tiny_convert(["--checkpoint", str(good), "--output", str(out), "--force"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert [ln for ln in err.splitlines() if ln.strip()] == [
+        "convert_weights.py: interrupted; --output was left as it was"
+    ], err
+    assert (out / "metadata.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
 def test_convert_reports_a_refused_pickle(tmp_path, capsys):
     import os
 

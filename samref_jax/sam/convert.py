@@ -288,8 +288,8 @@ def main(argv: list[str] | None = None, prog: str = "convert_weights.py") -> int
     except (ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; --output was left as it was", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT
+        print(f"{prog}: interrupted; --output was left as it was", file=sys.stderr)
+        return 130
     print(f"wrote {model_type} checkpoint to {args.output}")
     return 0
