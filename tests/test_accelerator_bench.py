@@ -1,5 +1,6 @@
-"""``benchmarks/accelerator.py --smoke`` runs on the CPU with tiny sizes and prints its tables
-(the full vit_b run needs an accelerator and is not a test)."""
+"""``benchmarks/accelerator.py --smoke`` and ``benchmarks/train_step.py`` at tiny sizes run on
+the CPU and print their tables (the full vit_b runs are benchmarks, not tests); the step's
+model-FLOP count."""
 
 from __future__ import annotations
 
@@ -64,3 +65,50 @@ def test_accelerator_benchmark_smoke_on_cpu():
         "NVIDIA H100 SXM",
     ):
         assert needle in out, (needle, out[-3000:])
+
+
+@pytest.mark.slow
+def test_train_step_flops_count_every_round_once():
+    """Model FLOPs of the training step grow with T (the rounds' loop is unrolled for the count,
+    since XLA's analysis counts a loop body once) and leave out remat's recomputation."""
+    import jax
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from accelerator import train_step_flops
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from samref_jax.training import step as S
+    from samref_jax.training.testing import synthetic_batch, tiny_test_config
+
+    def count(rounds: int, remat: bool) -> float:
+        cfg = tiny_test_config("full", 64, rounds=rounds)
+        cfg.train.remat = remat
+        params = S.init_params(cfg, jax.random.key(0, impl="rbg"))
+        state = S.create_state(cfg, params, 0)
+        return train_step_flops(cfg, state, synthetic_batch(1, 64, seed=0))
+
+    one, two, three = count(1, False), count(2, False), count(3, False)
+    # Rounds 2 and 3 are the same program (round 1 also picks among SAM's multimask outputs).
+    d2, d3 = two - one, three - two
+    assert d2 > 0 and abs(d3 - d2) < 0.02 * d2, (one, two, three)
+    assert count(3, True) == three
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_smoke_on_cpu():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    r = subprocess.run(
+        [sys.executable, "benchmarks/train_step.py", "--sam", "tiny", "--frame", "64"]
+        + ["--rounds", "2", "--runs", "0"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = ("| encoder |", "| click rounds |", "| step, cached embedding |")
+    for needle in (*rows, "cached step / in-step-encoder step"):
+        assert needle in r.stdout, (needle, r.stdout[-3000:])
