@@ -208,19 +208,24 @@ def bench_clicks(model_cfg, params, clicks: int) -> list[list[str]]:
     return rows
 
 
-def train_step_flops(config, state, batch) -> float:
-    """Model FLOPs of one global training step (all devices together), counted on the CPU.
+def flop_count_config(config):
+    """A copy of a training config to count model FLOPs with: the rounds unrolled (XLA's cost
+    analysis counts a loop body once, whatever its trip count) and ``train.remat``'s
+    recomputation left out."""
+    config = config.copy_and_resolve_references()
+    config.train.scan_unroll = True
+    config.train.remat = False
+    return config
 
-    The rounds are unrolled for the count (XLA's analysis counts a loop body once, whatever its
-    trip count) and ``train.remat``'s recomputation is left out (model FLOPs).
-    """
+
+def train_step_flops(config, state, batch) -> float:
+    """Model FLOPs of one global training step (all devices together), counted on the CPU with
+    :func:`flop_count_config`."""
     import jax
 
     from samref_jax.training import step as S
 
-    config = config.copy_and_resolve_references()
-    config.train.scan_unroll = True
-    config.train.remat = False
+    config = flop_count_config(config)
     cpu_mesh = S.make_mesh(jax.devices("cpu")[:1])
     fn = S.make_train_step(config, cpu_mesh, state.params, donate=False)
     return _flops(

@@ -85,7 +85,14 @@ def run(a: argparse.Namespace) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from benchmarks.accelerator import PEAK_FLOPS, _flops, _on_cpu, peak_key, train_step_flops
+    from benchmarks.accelerator import (
+        PEAK_FLOPS,
+        _flops,
+        _on_cpu,
+        flop_count_config,
+        peak_key,
+        train_step_flops,
+    )
     from samref_jax.interaction.clicker import next_click_jax
     from samref_jax.samref.config import sam_config_from
     from samref_jax.samref.model import SamRef, detail_scale
@@ -109,12 +116,7 @@ def run(a: argparse.Namespace) -> dict:
     k = detail_scale(cfg.model)  # the recipe's PatchDiff image scale
     raw = S.shard_batch(synthetic_batch(B, f, seed=0, detail_scale=k), mesh)
 
-    # FLOPs are counted on a copy of the config whose rounds are unrolled (XLA's cost analysis
-    # counts a loop body once, whatever its trip count) and not recomputed (model FLOPs: the
-    # backward pass's recomputation under ``train.remat`` is not counted).
-    count_cfg = cfg.copy_and_resolve_references()
-    count_cfg.train.scan_unroll = True
-    count_cfg.train.remat = False
+    count_cfg = flop_count_config(cfg)  # rounds unrolled, no remat: model FLOPs
 
     def flops(fn, *args) -> float:
         return _flops(jax.jit(fn).lower(*_on_cpu(args)))
@@ -184,7 +186,7 @@ def run(a: argparse.Namespace) -> dict:
         compiled = step.lower(state, batch).compile()
         compile_s[name] = time.perf_counter() - t0
         t, _ = device_median(lambda c=compiled, b=batch: c(state, b), a.runs)
-        fl = train_step_flops(count_cfg, state, batch)
+        fl = train_step_flops(cfg, state, batch)
         rows[name] = {"s": t, "flops": fl}
         print(f"measured {name}: {fmt_time(t)} (compile {compile_s[name]:.1f} s)", flush=True)
 

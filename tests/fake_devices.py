@@ -15,19 +15,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_script(script: str, timeout: int = 900) -> str:
-    """Runs ``script`` with the repository importable and no inherited ``XLA_FLAGS``; asserts
-    that it exits 0 and printed ``OK``; returns its stdout."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("XLA_FLAGS", None)
+def run_python(args: list[str], timeout: int = 900, env: dict[str, str] | None = None) -> str:
+    """Runs ``python ARGS`` in the repository with it importable, no inherited ``XLA_FLAGS``
+    and ``env`` added; asserts that it exits 0; returns its stdout."""
+    full = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    full.pop("XLA_FLAGS", None)
+    full.update(env or {})
     r = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
+        [sys.executable, *args],
+        env=full,
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "OK" in r.stdout, r.stdout[-3000:]
     return r.stdout
+
+
+def run_script(script: str, timeout: int = 900, args: tuple[str, ...] = ()) -> str:
+    """Runs ``python -c script ARGS`` (:func:`run_python`); asserts that it printed ``OK``;
+    returns its stdout."""
+    out = run_python(["-c", script, *args], timeout)
+    assert "OK" in out, out[-3000:]
+    return out

@@ -4,22 +4,13 @@ model-FLOP count."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.accelerator import PEAK_FLOPS, peak_key, train_step_flops
+from tests.fake_devices import run_python
 
 
 def test_peak_table_lookup():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from accelerator import PEAK_FLOPS, peak_key
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
     cases = {
         "NVIDIA H100 80GB HBM3": "NVIDIA H100 SXM",
         "NVIDIA H100 PCIe": "NVIDIA H100 PCIe",
@@ -40,18 +31,7 @@ def test_peak_table_lookup():
 
 @pytest.mark.slow
 def test_accelerator_benchmark_smoke_on_cpu():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
-    r = subprocess.run(
-        [sys.executable, "benchmarks/accelerator.py", "--smoke"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = r.stdout
+    out = run_python(["benchmarks/accelerator.py", "--smoke"], 600, {"JAX_PLATFORMS": "cpu"})
     for needle in (
         "image encoder",
         "float32",
@@ -73,11 +53,6 @@ def test_train_step_flops_count_every_round_once():
     since XLA's analysis counts a loop body once) and leave out remat's recomputation."""
     import jax
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from accelerator import train_step_flops
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
     from samref_jax.training import step as S
     from samref_jax.training.testing import synthetic_batch, tiny_test_config
 
@@ -97,18 +72,8 @@ def test_train_step_flops_count_every_round_once():
 
 @pytest.mark.slow
 def test_train_step_benchmark_smoke_on_cpu():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
-    r = subprocess.run(
-        [sys.executable, "benchmarks/train_step.py", "--sam", "tiny", "--frame", "64"]
-        + ["--rounds", "2", "--runs", "0"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    args = ["--sam", "tiny", "--frame", "64", "--rounds", "2", "--runs", "0"]
+    out = run_python(["benchmarks/train_step.py", *args], env={"JAX_PLATFORMS": "cpu"})
     rows = ("| encoder |", "| click rounds |", "| step, cached embedding |")
     for needle in (*rows, "cached step / in-step-encoder step"):
-        assert needle in r.stdout, (needle, r.stdout[-3000:])
+        assert needle in out, (needle, out[-3000:])

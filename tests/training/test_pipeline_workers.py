@@ -11,15 +11,11 @@ iterator under test is the one ``train()`` itself builds.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.fake_devices import run_script
 
 _SCRIPT = textwrap.dedent(
     """
@@ -97,15 +93,4 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_worker_iterator_checkpoint_restores_the_next_batches(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("XLA_FLAGS", None)  # one CPU device: per-process batch 2
-    r = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(tmp_path)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "OK" in r.stdout
+    run_script(_SCRIPT, timeout=600, args=(str(tmp_path),))
