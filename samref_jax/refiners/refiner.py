@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from samref_jax.refiners.conv import conv2d, depthwise_conv, pointwise_conv
 from samref_jax.sam.common import KernelAndBias, gelu, resize_bilinear, resize_matrix
 
 Array = jax.Array
@@ -154,7 +155,8 @@ class DepthwiseConv(nn.Module):
 
     Same parameters and result as `nn.Conv(c, (k, k), padding="SAME", feature_group_count=c)`
     (kernel (k, k, 1, C), bias (C,)), but XLA fuses it into one elementwise loop: on CPU this is
-    ~20x faster than XLA's grouped convolution. x: (B, H, W, C) -> (B, H, W, C).
+    ~20x faster than XLA's grouped convolution. Backward pass: :func:`conv.depthwise_conv`'s
+    (float32 parameter gradients). x: (B, H, W, C) -> (B, H, W, C).
     """
 
     kernel_size: int
@@ -166,15 +168,7 @@ class DepthwiseConv(nn.Module):
         c = x.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        kernel = kernel.astype(self.dtype)
-        lo = (k - 1) // 2
-        h, w = x.shape[1], x.shape[2]
-        xp = jnp.pad(x.astype(self.dtype), ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
-        out = jnp.zeros(x.shape, self.dtype) + bias.astype(self.dtype)
-        for dy in range(k):
-            for dx in range(k):
-                out = out + xp[:, dy : dy + h, dx : dx + w, :] * kernel[dy, dx, 0]
-        return out
+        return depthwise_conv(x, kernel.reshape(k, k, c), bias, jnp.dtype(self.dtype))
 
 
 class PointwiseConv(nn.Module):
@@ -182,6 +176,7 @@ class PointwiseConv(nn.Module):
 
     Same parameters as ``nn.Conv(features, (1, 1))`` (kernel (1, 1, Cin, Cout), bias (Cout,)),
     so checkpoints are interchangeable; XLA:CPU runs the dot 2-4x faster than its convolution.
+    Backward pass: :func:`conv.pointwise_conv`'s (float32 parameter gradients).
     """
 
     features: int
@@ -194,8 +189,7 @@ class PointwiseConv(nn.Module):
             "kernel", nn.initializers.lecun_normal(), (1, 1, cin, self.features), jnp.float32
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
-        return y + bias.astype(self.dtype)
+        return pointwise_conv(x, kernel[0, 0], bias, jnp.dtype(self.dtype))
 
 
 class SepBlock(nn.Module):
@@ -290,14 +284,9 @@ class DiffRefiner(nn.Module):
             channels.append(_resize(prev_in[..., None], work, cfg.antialias))
         x = jnp.concatenate(channels, axis=-1).astype(dtype)
 
-        x = nn.Conv(
-            cfg.width,
-            (k, k),
-            strides=(2, 2),
-            padding=((pad, pad), (pad, pad)),
-            dtype=dtype,
-            name="stem",
-        )(x)
+        # nn.Conv(width, (k, k), strides=2, padding=pad)'s parameters, hand-written backward.
+        ks, bs = KernelAndBias((k, k, x.shape[-1], cfg.width), name="stem")()
+        x = conv2d(x, ks, bs, 2, dtype, pad=(pad, pad))
         x = act(_norm(cfg, dtype, "stem_norm")(x))
         for i in range(cfg.blocks_before):
             x = SepBlock(cfg, dtype, name=f"block_{i}")(x)
@@ -326,13 +315,9 @@ class DiffRefiner(nn.Module):
             nn.initializers.constant(cfg.error_bias_init),
             name="error_head",
         )()
-        heads = jax.lax.conv_general_dilated(
-            x,
-            jnp.concatenate([kd, ke], -1).astype(dtype),
-            (1, 1),
-            "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        ).astype(jnp.float32) + jnp.concatenate([bd, be]).astype(jnp.float32)
+        heads = conv2d(
+            x, jnp.concatenate([kd, ke], -1), jnp.concatenate([bd, be]), 1, dtype, jnp.float32
+        )
         # The heads' biases are added in float32: their gradients sum over every pixel, which
         # a bf16 sum would round badly (2-4x off in a bf16 step; tested).
         # Columns first, as a product with the (w, w') resize matrix, one (B, h', w) plane per

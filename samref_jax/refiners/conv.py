@@ -1,0 +1,206 @@
+"""The refiners' convolutions as functions with hand-written backward passes.
+
+Each takes float32 parameters and a compute ``dtype`` (e.g. bfloat16) and computes its forward
+pass in ``dtype`` as the layer it stands for (``nn.Conv``: dense, grouped or 1 x 1). The
+backward passes differ from what autodiff would trace in two ways, both measured in
+``benchmarks/train_step.py`` at the vit_b recipe's 512 x 512 x 32 GlobalDiff grid:
+
+* parameter gradients are float32 sums of float32 products, taken once per kernel tap: autodiff
+  of a bf16 layer sums its per-pixel products in bf16 (rounded products; XLA:CPU then splits
+  each 8M-element sum into a slow windowed reduction, about 50 ms apiece);
+* a strided or 3 x 3 kernel's gradient is one matrix product per tap (rows = pixels), not a
+  convolution with a 512 x 512 window, which XLA:CPU may run outside its fast kernels (1.1 s
+  per call measured for the stem inside the training step's loop).
+
+Input gradients are computed in ``dtype`` as a forward pass would be.
+
+>>> x = jnp.ones((1, 8, 8, 4))
+>>> depthwise_conv(x, jnp.ones((3, 3, 4)), jnp.zeros((4,)), jnp.float32)[0, 4, 4, 0]
+Array(9., dtype=float32)
+>>> conv2d(x, jnp.ones((3, 3, 4, 2)), jnp.zeros((2,)), 2, jnp.float32).shape
+(1, 4, 4, 2)
+>>> pointwise_conv(x, jnp.ones((4, 3)), jnp.zeros((3,)), jnp.float32)[0, 0, 0]
+Array([4., 4., 4.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+F32 = jnp.float32
+
+
+def _taps(x: Array, k: int, stride: int, out_hw: tuple[int, int]) -> list[Array]:
+    """The k*k (B, ho, wo, C) views of a padded (B, H', W', C) array a k x k kernel reads."""
+    ho, wo = out_hw
+    return [
+        x[:, dy : dy + stride * (ho - 1) + 1 : stride, dx : dx + stride * (wo - 1) + 1 : stride]
+        for dy in range(k)
+        for dx in range(k)
+    ]
+
+
+def _same_pad(k: int) -> tuple[int, int]:
+    return (k - 1) // 2, k - 1 - (k - 1) // 2
+
+
+# ------------------------------------------------------------------------- depthwise
+
+
+def _depthwise(x: Array, kernel: Array, bias: Array, dtype: Any) -> Array:
+    k = kernel.shape[0]
+    lo, hi = _same_pad(k)
+    h, w = x.shape[1:3]
+    xp = jnp.pad(x.astype(dtype), ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+    kern = kernel.astype(dtype)
+    out = jnp.zeros(x.shape, dtype) + bias.astype(dtype)
+    for t, view in enumerate(_taps(xp, k, 1, (h, w))):
+        out = out + view * kern[t // k, t % k]
+    return out
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def depthwise_conv(x: Array, kernel: Array, bias: Array, dtype: Any) -> Array:
+    """Depthwise k x k convolution, stride 1, SAME padding: (B, H, W, C) -> (B, H, W, C) dtype.
+
+    kernel (k, k, C) and bias (C,) float32 (``nn.Conv(C, (k, k), feature_group_count=C)``'s
+    kernel is (k, k, 1, C)). The forward pass is k*k shifted multiply-adds in ``dtype`` (one
+    fused elementwise loop); the backward pass the same for the input gradient, and float32 sums
+    for the parameters'.
+    """
+    return _depthwise(x, kernel, bias, dtype)
+
+
+def _depthwise_fwd(x, kernel, bias, dtype):
+    return _depthwise(x, kernel, bias, dtype), (x, kernel)
+
+
+def _depthwise_bwd(dtype, res, g):
+    x, kernel = res
+    k = kernel.shape[0]
+    lo, hi = _same_pad(k)
+    h, w = x.shape[1:3]
+    # dx[z] = sum_d g[z - d + lo] kernel[d]: the same loop on g, kernel flipped, padding swapped.
+    gp = jnp.pad(g.astype(dtype), ((0, 0), (hi, lo), (hi, lo), (0, 0)))
+    flipped = kernel[::-1, ::-1].astype(dtype)
+    dx = jnp.zeros(x.shape, dtype)
+    for t, view in enumerate(_taps(gp, k, 1, (h, w))):
+        dx = dx + view * flipped[t // k, t % k]
+    xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+    gf = g.astype(F32)
+    dk = jnp.stack([jnp.sum(gf * v.astype(F32), axis=(0, 1, 2)) for v in _taps(xp, k, 1, (h, w))])
+    db = jnp.sum(gf, axis=(0, 1, 2))
+    return dx.astype(x.dtype), dk.reshape(kernel.shape), db
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+# ----------------------------------------------------------------------------- dense
+
+
+def _conv(x: Array, kernel: Array, stride: int, pad: tuple[int, int], dtype: Any) -> Array:
+    lo, hi = pad
+    return jax.lax.conv_general_dilated(
+        x.astype(dtype),
+        kernel.astype(dtype),
+        (stride, stride),
+        ((lo, hi), (lo, hi)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+def _conv2d(x, kernel, bias, stride, pad, dtype, out_dtype):
+    out_dtype = dtype if out_dtype is None else out_dtype
+    return _conv(x, kernel, stride, pad, dtype).astype(out_dtype) + bias.astype(out_dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def conv2d(
+    x: Array,
+    kernel: Array,
+    bias: Array,
+    stride: int,
+    dtype: Any,
+    out_dtype: Any = None,
+    pad: tuple[int, int] | None = None,
+) -> Array:
+    """k x k convolution: (B, H, W, Cin) -> (B, Ho, Wo, Cout), Ho = (H + lo + hi - k) // stride + 1.
+
+    kernel (k, k, Cin, Cout), bias (Cout,) float32. ``pad`` = (lo, hi) zeros before and after
+    on both spatial axes (default ``"SAME"``'s ((k-1)//2, k//2)). The convolution runs in
+    ``dtype``, the bias is added in ``out_dtype`` (default ``dtype``, as
+    ``nn.Conv(dtype=dtype)`` does).
+    """
+    return _conv2d(x, kernel, bias, stride, _pad_of(kernel, pad), dtype, out_dtype)
+
+
+def _pad_of(kernel: Array, pad: tuple[int, int] | None) -> tuple[int, int]:
+    return _same_pad(kernel.shape[0]) if pad is None else (int(pad[0]), int(pad[1]))
+
+
+def _conv2d_fwd(x, kernel, bias, stride, dtype, out_dtype, pad):
+    out = _conv2d(x, kernel, bias, stride, _pad_of(kernel, pad), dtype, out_dtype)
+    return out, (x, kernel)
+
+
+def _conv2d_bwd(stride, dtype, out_dtype, pad, res, g):
+    x, kernel = res
+    k = kernel.shape[0]
+    lo, hi = _pad_of(kernel, pad)
+    out_hw = g.shape[1:3]
+    gd = g.astype(dtype)
+    # The input gradient is the transposed convolution, in the compute dtype as XLA traces it.
+    _, vjp_x = jax.vjp(lambda v: _conv(v, kernel, stride, (lo, hi), dtype), x.astype(dtype))
+    (dx,) = vjp_x(gd)
+    # The kernel gradient: per tap, (pixels, Cin)^T @ (pixels, Cout), accumulated in float32.
+    xp = jnp.pad(x.astype(dtype), ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+    dk = jnp.stack(
+        [
+            jnp.einsum("bhwi,bhwo->io", v, gd, preferred_element_type=F32)
+            for v in _taps(xp, k, stride, out_hw)
+        ]
+    )
+    db = jnp.sum(g.astype(F32), axis=(0, 1, 2))
+    return dx.astype(x.dtype), dk.reshape(kernel.shape), db
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+# ------------------------------------------------------------------------- pointwise
+
+
+def _pointwise(x, kernel, bias, dtype):
+    return jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def pointwise_conv(x: Array, kernel: Array, bias: Array, dtype: Any) -> Array:
+    """1 x 1 convolution as a product over channels: (..., Cin) -> (..., Cout) in ``dtype``.
+
+    kernel (Cin, Cout), bias (Cout,) float32 (``nn.Conv(Cout, (1, 1))``'s kernel is
+    (1, 1, Cin, Cout)); parameter gradients summed in float32.
+    """
+    return _pointwise(x, kernel, bias, dtype)
+
+
+def _pointwise_fwd(x, kernel, bias, dtype):
+    return _pointwise(x, kernel, bias, dtype), (x, kernel)
+
+
+def _pointwise_bwd(dtype, res, g):
+    x, kernel = res
+    gd = g.astype(dtype)
+    dx = jnp.dot(gd, kernel.astype(dtype).T)
+    dk = jnp.einsum("...i,...o->io", x.astype(dtype), gd, preferred_element_type=F32)
+    db = jnp.sum(g.astype(F32), axis=tuple(range(g.ndim - 1)))
+    return dx.astype(x.dtype), dk, db
+
+
+pointwise_conv.defvjp(_pointwise_fwd, _pointwise_bwd)
