@@ -93,9 +93,16 @@ def _depthwise_bwd(dtype, res, g):
         dx = dx + view * flipped[t // k, t % k]
     xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
     gf = g.astype(F32)
-    dk = jnp.stack([jnp.sum(gf * v.astype(F32), axis=(0, 1, 2)) for v in _taps(xp, k, 1, (h, w))])
-    db = jnp.sum(gf, axis=(0, 1, 2))
-    return dx.astype(x.dtype), dk.reshape(kernel.shape), db
+    # One reduction with k*k + 1 outputs: XLA fuses the products into its loop (separate sums
+    # each materialise their float32 product first: 2.7x slower at 512 x 512 x 32 on a CPU).
+    terms = tuple(gf * v.astype(F32) for v in _taps(xp, k, 1, (h, w))) + (gf,)
+    sums = jax.lax.reduce(
+        terms,
+        tuple(jnp.zeros((), F32) for _ in terms),
+        lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)),
+        (0, 1, 2),
+    )
+    return dx.astype(x.dtype), jnp.stack(sums[:-1]).reshape(kernel.shape), sums[-1]
 
 
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
