@@ -8,9 +8,10 @@ backward passes differ from what autodiff would trace in two ways, both measured
 * parameter gradients are float32 sums of float32 products, taken once per kernel tap: autodiff
   of a bf16 layer sums its per-pixel products in bf16 (rounded products; XLA:CPU then splits
   each 8M-element sum into a slow windowed reduction, about 50 ms apiece);
-* a strided or 3 x 3 kernel's gradient is one matrix product per tap (rows = pixels), not a
-  convolution with a 512 x 512 window, which XLA:CPU may run outside its fast kernels (1.1 s
-  per call measured for the stem inside the training step's loop).
+* a strided or 3 x 3 kernel's gradient is one matrix product per tap (rows = pixels), or for
+  a kernel with few outputs (the heads) one fused reduction, not a convolution with a
+  512 x 512 window, which XLA:CPU may run outside its fast kernels (1.1 s per call measured
+  for the stem inside the training step's loop).
 
 Input gradients are computed in ``dtype`` as a forward pass would be.
 
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 F32 = jnp.float32
+_FEW_OUTPUTS = 4  # conv2d's kernel gradient as fused sums up to this many output channels
 
 
 def _taps(x: Array, k: int, stride: int, out_hw: tuple[int, int]) -> list[Array]:
@@ -43,6 +45,18 @@ def _taps(x: Array, k: int, stride: int, out_hw: tuple[int, int]) -> list[Array]
         for dy in range(k)
         for dx in range(k)
     ]
+
+
+def _pixel_sums(terms: list[Array]) -> tuple[Array, ...]:
+    """Sums over (B, H, W) of each (B, H, W, C) float32 term (one shape), as ONE reduction with
+    len(terms) outputs: XLA fuses the terms' products into its loop (a separate sum per term
+    materialises its float32 product first: 2.7x slower at 512 x 512 x 32 on a CPU)."""
+    return jax.lax.reduce(
+        tuple(terms),
+        tuple(jnp.zeros((), F32) for _ in terms),
+        lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)),
+        (0, 1, 2),
+    )
 
 
 def _same_pad(k: int) -> tuple[int, int]:
@@ -93,15 +107,7 @@ def _depthwise_bwd(dtype, res, g):
         dx = dx + view * flipped[t // k, t % k]
     xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
     gf = g.astype(F32)
-    # One reduction with k*k + 1 outputs: XLA fuses the products into its loop (separate sums
-    # each materialise their float32 product first: 2.7x slower at 512 x 512 x 32 on a CPU).
-    terms = tuple(gf * v.astype(F32) for v in _taps(xp, k, 1, (h, w))) + (gf,)
-    sums = jax.lax.reduce(
-        terms,
-        tuple(jnp.zeros((), F32) for _ in terms),
-        lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)),
-        (0, 1, 2),
-    )
+    sums = _pixel_sums([gf * v.astype(F32) for v in _taps(xp, k, 1, (h, w))] + [gf])
     return dx.astype(x.dtype), jnp.stack(sums[:-1]).reshape(kernel.shape), sums[-1]
 
 
@@ -165,15 +171,22 @@ def _conv2d_bwd(stride, dtype, out_dtype, pad, res, g):
     # The input gradient is the transposed convolution, in the compute dtype as XLA traces it.
     _, vjp_x = jax.vjp(lambda v: _conv(v, kernel, stride, (lo, hi), dtype), x.astype(dtype))
     (dx,) = vjp_x(gd)
-    # The kernel gradient: per tap, (pixels, Cin)^T @ (pixels, Cout), accumulated in float32.
     xp = jnp.pad(x.astype(dtype), ((0, 0), (lo, hi), (lo, hi), (0, 0)))
-    dk = jnp.stack(
-        [
-            jnp.einsum("bhwi,bhwo->io", v, gd, preferred_element_type=F32)
-            for v in _taps(xp, k, stride, out_hw)
-        ]
-    )
-    db = jnp.sum(g.astype(F32), axis=(0, 1, 2))
+    taps = _taps(xp, k, stride, out_hw)
+    cout = kernel.shape[-1]
+    gf = g.astype(F32)
+    if cout <= _FEW_OUTPUTS:
+        # Few output channels (the heads): per tap and output channel, a float32 sum of
+        # (pixels, Cin) products, all in one reduction (a matrix product would first transpose
+        # each tap's (pixels, Cin) view, 40 ms apiece at 512 x 512 x 32 on a CPU).
+        terms = [v.astype(F32) * gf[..., o : o + 1] for v in taps for o in range(cout)]
+        dk = jnp.stack(_pixel_sums(terms)).reshape(k * k, cout, -1).swapaxes(1, 2)
+    else:
+        # Per tap, (pixels, Cin)^T @ (pixels, Cout), accumulated in float32.
+        dk = jnp.stack(
+            [jnp.einsum("bhwi,bhwo->io", v, gd, preferred_element_type=F32) for v in taps]
+        )
+    db = jnp.sum(gf, axis=(0, 1, 2))
     return dx.astype(x.dtype), dk.reshape(kernel.shape), db
 
 

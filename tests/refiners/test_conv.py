@@ -78,8 +78,9 @@ def test_depthwise_matches_grouped_conv_and_its_gradients(use_jit, k):
     "k,stride,pad",
     [(3, 2, (1, 1)), (3, 1, (1, 1)), (4, 1, (1, 2)), (3, 2, (1, 2)), (1, 1, (0, 0))],
 )
-def test_conv2d_matches_xla_conv_and_its_gradients(use_jit, k, stride, pad):
-    x, kernel, bias, kg = _inputs(1, (2, 12, 10, 7), (k, k, 7, 6))
+@pytest.mark.parametrize("cout", [2, 6])  # 2: the few-outputs kernel gradient (the heads)
+def test_conv2d_matches_xla_conv_and_its_gradients(use_jit, k, stride, pad, cout):
+    x, kernel, bias, kg = _inputs(1, (2, 12, 10, 7), (k, k, 7, cout))
     run = jax.jit(_vjp_all, static_argnums=0) if use_jit else _vjp_all
     got = run(lambda *a: conv2d(*a, stride, F32, pad=pad), x, kernel, bias, kg)
     want = run(_ref_conv(stride, pad), x, kernel, bias, kg)
@@ -105,7 +106,7 @@ def test_conv2d_default_padding_is_same_and_out_dtype_applies():
     )
 
 
-@pytest.mark.parametrize("op", ["depthwise", "conv2d", "pointwise"])
+@pytest.mark.parametrize("op", ["depthwise", "conv2d", "conv2d_heads", "pointwise"])
 def test_bf16_parameter_gradients_are_float32_sums(op):
     """In a bf16 layer the parameter gradients are float32 sums over every pixel: within 1% of
     the float32 layer's (autodiff of the bf16 layer sums in bf16: 3.5-7% off here)."""
@@ -113,8 +114,9 @@ def test_bf16_parameter_gradients_are_float32_sums(op):
     if op == "depthwise":
         x, kernel, bias, kg = _inputs(3, (1, n, n, 8), (3, 3, 8))
         f = lambda dt: lambda *a: depthwise_conv(*a, dt)  # noqa: E731
-    elif op == "conv2d":
-        x, kernel, bias, kg = _inputs(3, (1, n, n, 8), (3, 3, 8, 4))
+    elif op.startswith("conv2d"):
+        cout = 2 if op == "conv2d_heads" else 6
+        x, kernel, bias, kg = _inputs(3, (1, n, n, 8), (3, 3, 8, cout))
         f = lambda dt: lambda *a: conv2d(*a, 2, dt, pad=(1, 1))  # noqa: E731
     else:
         x, kernel, bias, kg = _inputs(3, (1, n, n, 8), (8, 4))
