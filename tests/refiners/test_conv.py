@@ -76,7 +76,15 @@ def test_depthwise_matches_grouped_conv_and_its_gradients(use_jit, k):
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize(
     "k,stride,pad",
-    [(3, 2, (1, 1)), (3, 1, (1, 1)), (4, 1, (1, 2)), (3, 2, (1, 2)), (1, 1, (0, 0))],
+    [
+        (3, 2, (1, 1)),
+        (3, 1, (1, 1)),
+        (4, 1, (1, 2)),
+        (3, 2, (1, 2)),
+        (1, 1, (0, 0)),
+        (3, 2, (0, 0)),
+        (2, 3, (0, 1)),
+    ],
 )
 @pytest.mark.parametrize("cout", [2, 6])  # 2: the few-outputs kernel gradient (the heads)
 def test_conv2d_matches_xla_conv_and_its_gradients(use_jit, k, stride, pad, cout):
