@@ -2,18 +2,22 @@
 
 Each takes float32 parameters and a compute ``dtype`` (e.g. bfloat16) and computes its forward
 pass in ``dtype`` as the layer it stands for (``nn.Conv``: dense, grouped or 1 x 1). The
-backward passes differ from what autodiff would trace in two ways, both measured in
+backward passes differ from what autodiff would trace, measured in
 ``benchmarks/train_step.py`` at the vit_b recipe's 512 x 512 x 32 GlobalDiff grid:
 
-* parameter gradients are float32 sums of float32 products, taken once per kernel tap: autodiff
-  of a bf16 layer sums its per-pixel products in bf16 (rounded products; XLA:CPU then splits
-  each 8M-element sum into a slow windowed reduction, about 50 ms apiece);
-* a strided or 3 x 3 kernel's gradient is one matrix product per tap (rows = pixels), or for
-  a kernel with few outputs (the heads) one fused reduction, not a convolution with a
-  512 x 512 window, which XLA:CPU may run outside its fast kernels (1.1 s per call measured
-  for the stem inside the training step's loop).
+* parameter gradients are float32 sums of float32 products, the products fused into the sums
+  (one reduction for all of a layer's taps where the operands allow): autodiff of a bf16 layer
+  sums rounded products in bf16, and XLA:CPU splits each 8M-element sum into a slow windowed
+  reduction, about 50 ms apiece;
+* a dense kernel's gradient is one matrix product per tap (rows = pixels), or for a kernel with
+  few outputs (the heads) part of one fused reduction, not a convolution with a 512 x 512
+  window, which XLA:CPU may run outside its fast kernels (1.1 s per call measured for the stem
+  inside the training step's loop);
+* a strided convolution's input gradient is one matrix product for all taps and a strided
+  placement of each tap's slice, not XLA's transposed convolution (0.18 s per click round for
+  the stem).
 
-Input gradients are computed in ``dtype`` as a forward pass would be.
+Other input gradients are what autodiff computes, in ``dtype``.
 
 >>> x = jnp.ones((1, 8, 8, 4))
 >>> depthwise_conv(x, jnp.ones((3, 3, 4)), jnp.zeros((4,)), jnp.float32)[0, 4, 4, 0]
