@@ -70,9 +70,11 @@ def _same_pad(k: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------- depthwise
 
 
-def _depthwise(x: Array, kernel: Array, bias: Array, dtype: Any) -> Array:
+def _depthwise(
+    x: Array, kernel: Array, bias: Array, dtype: Any, pad: tuple[int, int] | None = None
+) -> Array:
     k = kernel.shape[0]
-    lo, hi = _same_pad(k)
+    lo, hi = _same_pad(k) if pad is None else pad
     h, w = x.shape[1:3]
     xp = jnp.pad(x.astype(dtype), ((0, 0), (lo, hi), (lo, hi), (0, 0)))
     kern = kernel.astype(dtype)
@@ -103,12 +105,9 @@ def _depthwise_bwd(dtype, res, g):
     k = kernel.shape[0]
     lo, hi = _same_pad(k)
     h, w = x.shape[1:3]
-    # dx[z] = sum_d g[z - d + lo] kernel[d]: the same loop on g, kernel flipped, padding swapped.
-    gp = jnp.pad(g.astype(dtype), ((0, 0), (hi, lo), (hi, lo), (0, 0)))
-    flipped = kernel[::-1, ::-1].astype(dtype)
-    dx = jnp.zeros(x.shape, dtype)
-    for t, view in enumerate(_taps(gp, k, 1, (h, w))):
-        dx = dx + view * flipped[t // k, t % k]
+    # dx[z] = sum_d g[z - d + lo] kernel[d]: the forward loop on g, kernel flipped, padding
+    # swapped, no bias.
+    dx = _depthwise(g, kernel[::-1, ::-1], jnp.zeros(kernel.shape[-1:], F32), dtype, (hi, lo))
     xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
     gf = g.astype(F32)
     sums = _pixel_sums([gf * v.astype(F32) for v in _taps(xp, k, 1, (h, w))] + [gf])
@@ -178,11 +177,10 @@ def _strided_input_grad(
     dxp = jnp.zeros((b, hp, wp, cin), F32)
     for dy in range(k):
         for dx in range(k):
-            spread = (stride - 1,) * 2
             cfg = [
                 (0, 0, 0),
-                (dy, hp - dy - stride * (ho - 1) - 1, spread[0]),
-                (dx, wp - dx - stride * (wo - 1) - 1, spread[1]),
+                (dy, hp - dy - stride * (ho - 1) - 1, stride - 1),
+                (dx, wp - dx - stride * (wo - 1) - 1, stride - 1),
                 (0, 0, 0),
             ]
             dxp = dxp + jax.lax.pad(u[:, :, :, dy, dx], zero, cfg)
