@@ -52,10 +52,16 @@ def _config(
     batch: int,
     dtype: str | None,
     remat: bool | None = None,
+    mode: str | None = None,
+    global_size: int | None = None,
 ):
     from configs.samref_vit_b import get_config
 
     cfg = get_config(sam)
+    if mode:
+        cfg.mode = mode
+    if global_size is not None:  # 0: the whole frame
+        cfg.model.refiners.global_diff.input_size = int(global_size) or None
     if remat is not None:
         cfg.train.remat = bool(remat)
     cfg.train.init_checkpoint = ""  # random weights
@@ -99,7 +105,7 @@ def run(a: argparse.Namespace) -> dict:
     from samref_jax.training import step as S
     from samref_jax.training.testing import synthetic_batch
 
-    cfg = _config(a.sam, a.frame, a.rounds, a.batch, a.dtype, a.remat)
+    cfg = _config(a.sam, a.frame, a.rounds, a.batch, a.dtype, a.remat, a.mode, a.global_size)
     sam_cfg = sam_config_from(cfg.model)
     f, T, B = sam_cfg.img_size, int(cfg.train.rounds), int(a.batch) * jax.device_count()
     on_cpu = jax.default_backend() == "cpu"
@@ -203,7 +209,8 @@ def run(a: argparse.Namespace) -> dict:
         "desc": (
             f"SAM {sam_cfg.name}, frame {f}, T = {T}, batch {B} on {jax.device_count()} "
             f"{jax.default_backend()} device(s) ({dev.device_kind}), {cfg.train.dtype} compute, "
-            f"mode {cfg.mode}, remat {bool(cfg.train.remat)}, "
+            f"mode {cfg.mode}, remat {bool(cfg.train.remat)}, GlobalDiff working size "
+            f"{cfg.model.refiners.global_diff.input_size or f}, "
             f"trainable {','.join(S.effective_trainable(cfg))}"
         ),
         "peak": key,
@@ -257,6 +264,18 @@ def main(argv: list[str] | None = None) -> int:
         choices=(0, 1),
         default=None,
         help="1/0: recompute each round in the backward pass or not (default: the recipe's)",
+    )
+    ap.add_argument(
+        "--mode",
+        choices=("sam", "global", "full"),
+        default=None,
+        help="model mode (default: the recipe's full; sam: SAM's decoder alone, a lower bound)",
+    )
+    ap.add_argument(
+        "--global-size",
+        type=int,
+        default=None,
+        help="GlobalDiff working square (default: the recipe's; 0: the whole frame)",
     )
     ap.add_argument(
         "--runs", type=int, default=3, help="timed runs per part after a first call (0: time it)"

@@ -72,8 +72,8 @@ def test_train_step_flops_count_every_round_once():
 
 @pytest.mark.slow
 def test_train_step_benchmark_smoke_on_cpu():
-    args = ["--sam", "tiny", "--frame", "64", "--rounds", "2", "--runs", "0"]
+    args = ["--sam", "tiny", "--frame", "64", "--rounds", "2", "--runs", "0", "--global-size", "32"]
     out = run_python(["benchmarks/train_step.py", *args], env={"JAX_PLATFORMS": "cpu"})
     rows = ("| encoder |", "| click rounds |", "| step, cached embedding |")
-    for needle in (*rows, "cached step / in-step-encoder step"):
+    for needle in (*rows, "cached step / in-step-encoder step", "GlobalDiff working size 32,"):
         assert needle in out, (needle, out[-3000:])
