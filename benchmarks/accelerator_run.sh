@@ -18,6 +18,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"
 timeout "${ACCEL_TIMEOUT:-330}" python3 benchmarks/accelerator.py 2>&1 | tee "$OUT/accelerator.txt"
 echo "accelerator rc=$?"
+# The vit_b recipe's step at its batch (4 images per device): encoder in the step vs cached
+# embeddings, images/s and MFU; then SAM's decoder alone (the floor under any refiner).
+timeout "${STEP_TIMEOUT:-300}" python3 benchmarks/train_step.py --batch 4 2>&1 \
+  | tee "$OUT/train_step.txt"
+echo "train_step rc=$?"
+timeout "${STEP_SAM_TIMEOUT:-150}" python3 benchmarks/train_step.py --batch 4 --mode sam 2>&1 \
+  | tee "$OUT/train_step_sam.txt"
+echo "train_step_sam rc=$?"
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 timeout "${LATENCY_TIMEOUT:-150}" \
   python3 benchmarks/sam_latency.py --torch-device cuda --runs 10 --decoder-runs 50 2>&1 \
   | tee "$OUT/sam_latency_gpu.txt"
