@@ -64,7 +64,7 @@ def group_norm(
     ``num_groups`` must divide C; statistics per image and group over H, W and the group's
     channels, in float32.
     """
-    return _forward(x, scale, bias, num_groups, epsilon, dtype)
+    return _fwd(x, scale, bias, num_groups, epsilon, dtype)[0]
 
 
 def _fwd(x, scale, bias, g, eps, dtype):
@@ -75,10 +75,6 @@ def _fwd(x, scale, bias, g, eps, dtype):
     mean, inv = _stats(xf, g, eps)
     y = ((xf - mean[:, None, None, :]) * (inv * scale)[:, None, None, :] + bias).astype(dtype)
     return y, (x, scale, mean, inv)
-
-
-def _forward(x, scale, bias, g, eps, dtype):
-    return _fwd(x, scale, bias, g, eps, dtype)[0]
 
 
 def _bwd(g, eps, dtype, res, dy):

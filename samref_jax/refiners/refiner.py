@@ -112,8 +112,6 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = x.shape[-1]
-        if c % self.num_groups:
-            raise ValueError(f"{c} channels do not split into {self.num_groups} groups")
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
