@@ -58,6 +58,7 @@ from samref_jax.data.decode import IGNORE, DataError
 from samref_jax.paths import as_path
 
 __all__ = [
+    "CocoAnnotation",
     "CocoImage",
     "decode_image_bytes",
     "decode_masks",
@@ -71,11 +72,28 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class CocoAnnotation:
+    """One annotation as read, with only what the records use (about 8x less memory than the
+    JSON's dict: LVIS v1 train has 1.27M of them).
+
+    ``segmentation`` is a tuple of ``float64`` polygon arrays (a malformed polygon is kept as
+    read, for :func:`encode_segmentation` to name), an RLE dict (uncompressed ``counts`` as an
+    ``int64`` array), or whatever else the file holds (None when absent).
+    """
+
+    id: Any
+    image_id: Any
+    category_id: Any
+    iscrowd: bool
+    segmentation: Any
+
+
 @dataclass
 class CocoImage:
     """One image of the merged annotation files, before its masks are converted.
 
-    ``anns`` holds ``(source file index, annotation dict)`` pairs in file order; ``names`` the
+    ``anns`` holds ``(source file index, CocoAnnotation)`` pairs in file order; ``names`` the
     relative paths to look for in the image folders (``file_name``, the URL's last two parts,
     the basename); ``path`` is set by :func:`resolve_image_files`.
     """
@@ -92,18 +110,68 @@ class CocoImage:
 # ------------------------------------------------------------------------------ annotations
 
 
+_IMAGE_FIELDS = ("id", "file_name", "coco_url", "height", "width")
+
+
+def _polygon(p: Any) -> Any:
+    if isinstance(p, list):
+        try:
+            return np.asarray(p, np.float64)
+        except (TypeError, ValueError):
+            pass
+    return p
+
+
+def _compact(d: dict) -> Any:
+    """``json`` object hook: annotations -> :class:`CocoAnnotation`, uncompressed RLE counts ->
+    arrays, image entries -> their five used fields; other objects unchanged."""
+    if "segmentation" in d and "image_id" in d:
+        seg = d["segmentation"]
+        if isinstance(seg, list):
+            seg = tuple(_polygon(p) for p in seg)
+        return CocoAnnotation(
+            d.get("id"), d["image_id"], d.get("category_id", 0), bool(d.get("iscrowd", 0)), seg
+        )
+    if "counts" in d and "size" in d and isinstance(d["counts"], list):
+        try:
+            return {**d, "counts": np.asarray(d["counts"], np.int64)}
+        except (TypeError, ValueError, OverflowError):
+            return d
+    if "height" in d and "width" in d and ("file_name" in d or "coco_url" in d):
+        return {k: d[k] for k in _IMAGE_FIELDS if k in d}
+    return d
+
+
 def load_annotation_file(path: str | os.PathLike) -> dict:
-    """Parse one COCO-format JSON (local or ``gs://``); :class:`DataError` names the file."""
+    """Parse one COCO-format JSON (local or ``gs://``); :class:`DataError` names the file.
+
+    Returns ``{"images": [dict], "annotations": [CocoAnnotation], ...}``: annotations are
+    made compact while the file is parsed (an image entry keeps ``id``, ``file_name``,
+    ``coco_url``, ``height``, ``width``), so the peak memory is about the file's text plus the
+    compact annotations (docs/benchmarks.md, ``coco_index_memory.py``).
+    """
     path = as_path(path)
     if not path.is_file():
         raise DataError(f"annotation file not found: {path}")
     try:
         with path.open("rb") as fh:
-            data = json.load(fh)
+            text = fh.read().decode("utf-8-sig")  # the bytes are freed before parsing
+        data = json.loads(text, object_hook=_compact)
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read {path} as JSON: {e}") from None
+    del text
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise DataError(f"{path} is not a COCO-format instance file (no images/annotations)")
+    anns = data["annotations"]
+    if not isinstance(anns, list) or not isinstance(data["images"], list):
+        raise DataError(f"{path}: images and annotations must be JSON lists")
+    for i, a in enumerate(anns):
+        if not isinstance(a, CocoAnnotation):
+            if not isinstance(a, dict):
+                raise DataError(f"{path}: annotation {i} is not a JSON object")
+            anns[i] = CocoAnnotation(  # no segmentation or no image_id: named later
+                a.get("id"), a.get("image_id"), a.get("category_id", 0), False, None
+            )
     return data
 
 
@@ -153,14 +221,14 @@ def index_images(files: Sequence[dict], labels: Sequence[str] | None = None) -> 
                 entry.names = tuple(dict.fromkeys(entry.names + names))
             local[iid] = entry
         for ann in data["annotations"]:
-            entry = local.get(ann.get("image_id"))
+            entry = local.get(ann.image_id)
             if entry is None:
                 raise DataError(
-                    f"{labels[s]}: annotation {ann.get('id')} refers to image "
-                    f"{ann.get('image_id')}, which the file does not list"
+                    f"{labels[s]}: annotation {ann.id} refers to image "
+                    f"{ann.image_id}, which the file does not list"
                 )
             entry.anns.append((s, ann))
-    keep = [e for e in by_key.values() if any(not a.get("iscrowd", 0) for _, a in e.anns)]
+    keep = [e for e in by_key.values() if any(not a.iscrowd for _, a in e.anns)]
     return sorted(keep, key=lambda e: e.key)
 
 
@@ -206,12 +274,14 @@ def encode_segmentation(seg: Any, h: int, w: int, where: str = "") -> bytes:
     counts for an ``h x w`` image. Degenerate polygons (fewer than 3 points) are dropped, so the
     result may be an empty mask. :class:`DataError` (naming ``where``) for a malformed one."""
     try:
-        if isinstance(seg, list):
+        if isinstance(seg, list | tuple):
             polys = [
-                [float(v) for v in p]
+                np.asarray(p, np.float64)
                 for p in seg
-                if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                if isinstance(p, list | np.ndarray) and len(p) >= 6 and len(p) % 2 == 0
             ]
+            if any(p.ndim != 1 for p in polys):
+                raise DataError(f"{where}: malformed segmentation (a polygon is not flat)")
             if not polys:  # pycocotools reads a lone 4-number "polygon" as a box: never pass one
                 return mask_utils.encode(np.zeros((h, w), np.uint8, order="F"))["counts"]
             return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))["counts"]
@@ -219,7 +289,7 @@ def encode_segmentation(seg: Any, h: int, w: int, where: str = "") -> bytes:
             if [int(v) for v in seg["size"]] != [h, w]:
                 raise DataError(f"{where}: RLE size {seg['size']} is not the image's {[h, w]}")
             counts = seg["counts"]
-            if isinstance(counts, list):  # uncompressed RLE (crowd regions)
+            if isinstance(counts, list | np.ndarray):  # uncompressed RLE (crowd regions)
                 if sum(int(c) for c in counts) != h * w:
                     raise DataError(f"{where}: uncompressed RLE does not cover {h}x{w} pixels")
                 return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)["counts"]
@@ -243,12 +313,12 @@ def encode_instances(image: CocoImage, dedup_iou: float | None = 0.8) -> dict[st
     h, w = image.height, image.width
     masks, area, cat, crowd, ann_id, source = [], [], [], [], [], []
     for s, ann in image.anns:
-        where = f"image {image.key}, annotation {ann.get('id')}"
-        counts = encode_segmentation(ann.get("segmentation"), h, w, where)
+        where = f"image {image.key}, annotation {ann.id}"
+        counts = encode_segmentation(ann.segmentation, h, w, where)
         a = float(mask_utils.area(_rle(counts, (h, w))))
         if a <= 0:
             continue
-        is_crowd = bool(ann.get("iscrowd", 0))
+        is_crowd = ann.iscrowd
         if dedup_iou and not is_crowd:
             earlier = [
                 _rle(m, (h, w))
@@ -261,9 +331,9 @@ def encode_instances(image: CocoImage, dedup_iou: float | None = 0.8) -> dict[st
                     continue
         masks.append(counts)
         area.append(a)
-        cat.append(int(ann.get("category_id", 0)))
+        cat.append(int(ann.category_id))
         crowd.append(is_crowd)
-        ann_id.append(int(ann.get("id", -1)))
+        ann_id.append(-1 if ann.id is None else int(ann.id))
         source.append(s)
     return {
         "masks": masks,

@@ -353,6 +353,11 @@ def prepare_coco(
         per_split[split] = [e for e in entries if id(e) not in gone]
         log(f"{split}: {len(per_split[split])} images, {len(missing)} missing")
     sizes = {s: len(v) for s, v in per_split.items()}
+    mine = set(pending)
+    for v in per_split.values():  # other processes' images: their annotations are not needed
+        for k, e in enumerate(v):
+            if k % n not in mine:
+                e.anns = []
     summary |= {"split_sizes": sizes, "missing_images": missing_total}
     for j in pending:
         desc = {**settings, "split_sizes": sizes, "shard_index": j}

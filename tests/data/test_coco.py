@@ -445,3 +445,51 @@ def test_cache_embeddings_on_coco(prepared):
         assert (ex["gt"] == 1).any() and ex["embedding"].shape == tuple(meta["embedding_shape"])
     batch = next(iter(make_train_dataset(cfg, src)))
     assert batch["embedding"].shape == (2, *meta["embedding_shape"])
+
+
+def test_annotations_are_read_compactly(coco_set, tmp_path):
+    """Annotations come back as slotted records with float64 polygon arrays and int64
+    uncompressed RLE counts, image entries with their five used fields; malformed entries get
+    one error line naming the file or the annotation."""
+    root, expected = coco_set
+    data = coco.load_annotation_file(root / "coco.json")
+    anns = data["annotations"]
+    assert all(isinstance(a, coco.CocoAnnotation) for a in anns)
+    polys = [a for a in anns if expected[a.id][1] == "polygon"]
+    assert polys and all(
+        isinstance(p, np.ndarray) and p.dtype == np.float64 and p.ndim == 1
+        for a in polys
+        for p in a.segmentation
+    )
+    crowd = next(a for a in anns if a.id == CROWD_ID)
+    assert crowd.iscrowd and crowd.segmentation["counts"].dtype == np.int64
+    raw = json.loads((root / "coco.json").read_text())
+    assert data["images"] == [
+        {k: v for k, v in im.items() if k in ("id", "file_name", "height", "width")}
+        for im in raw["images"]
+    ]
+    # Same masks as from the JSON as written.
+    img = next(im for im in raw["images"] if im["id"] == polys[0].image_id)
+    first_raw = next(a for a in raw["annotations"] if a["id"] == polys[0].id)
+    h, w = img["height"], img["width"]
+    assert coco.encode_segmentation(polys[0].segmentation, h, w) == coco.encode_segmentation(
+        first_raw["segmentation"], h, w
+    )
+
+    def write(anns_json):
+        f = tmp_path / "bad.json"
+        f.write_text(json.dumps({"images": raw["images"][:1], "annotations": anns_json}))
+        return f
+
+    iid = raw["images"][0]["id"]
+    with pytest.raises(DataError, match="annotation 1 is not a JSON object"):
+        coco.load_annotation_file(write([raw["annotations"][0], 5]))
+    for seg, what in (
+        ([[[1, 2]] * 6], "a polygon is not flat"),
+        ([["a"] * 6], "malformed segmentation"),
+        (None, "neither polygons nor RLE"),
+    ):
+        ann = {"id": 77, "image_id": iid, "category_id": 1, "segmentation": seg}
+        (entry,) = coco.index_images([coco.load_annotation_file(write([ann]))])
+        with pytest.raises(DataError, match=f"annotation 77: .*{what}"):
+            coco.encode_instances(entry)
