@@ -11,7 +11,8 @@ annotations; LVIS v1 train: 100,170 images over the same pictures, 1,270,141 ann
 one polygon per annotation with ``--coco-coords`` / ``--lvis-coords`` numbers (defaults chosen so
 that the files come out near the real ones' sizes, 448 MB and about 1.1 GB; printed), then, in
 a fresh process per step, measures the peak RSS and wall time of parsing LVIS, parsing both,
-and parsing + indexing both. Prints a markdown table.
+and parsing + indexing both, with a peer: LVIS parsed by plain ``json.load`` into Python's
+own objects. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ import resource, sys, time
 from samref_jax.data import coco
 t0 = time.perf_counter()
 files = sys.argv[2:]
-parsed = [coco.load_annotation_file(f) for f in files]
+if sys.argv[1] == "plain":  # the peer: Python's own JSON objects
+    import json
+    parsed = [json.load(open(f, "rb")) for f in files]
+else:
+    parsed = [coco.load_annotation_file(f) for f in files]
 if sys.argv[1] == "index":
     images = coco.index_images(parsed, files)
 print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote the files in {time.perf_counter() - t0:.0f} s")
         lvis, both = [tmp / "lvis.json"], [tmp / "lvis.json", tmp / "coco.json"]
         rows = [
+            ("peer: parse LVIS with plain `json.load`", *measure("plain", lvis)),
             ("parse LVIS", *measure("parse", lvis)),
             ("parse LVIS + COCO", *measure("parse", both)),
             ("parse + index LVIS + COCO", *measure("index", both)),

@@ -493,3 +493,14 @@ def test_annotations_are_read_compactly(coco_set, tmp_path):
         (entry,) = coco.index_images([coco.load_annotation_file(write([ann]))])
         with pytest.raises(DataError, match=f"annotation 77: .*{what}"):
             coco.encode_instances(entry)
+
+
+def test_index_memory_benchmark_smoke(tmp_path):
+    """``benchmarks/coco_index_memory.py`` at a tiny scale prints its table, peer included."""
+    from tests.fake_devices import run_python
+
+    out = run_python(
+        ["benchmarks/coco_index_memory.py", "--scale", "0.0005", "--dir", str(tmp_path)]
+    )
+    for needle in ("| peer: parse LVIS with plain `json.load` |", "| parse + index LVIS + COCO |"):
+        assert needle in out, (needle, out[-2000:])
