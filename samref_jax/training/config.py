@@ -8,7 +8,9 @@ Fields:
     ``$SAMREF_DATA_DIR/<name>``), data_dir (prepared TFDS/ArrayRecord; default
     ``WORKDIR/../tfds``), split, per_device_batch_size, heldout_every (instances with
     index % heldout_every == 0 are held out for periodic eval; 0: none), num_workers (Grain
-    worker processes; 0 = in process), augmentation (scale_min, scale_max, flip, jitter,
+    worker processes; 0 = in process), read_threads and prefetch_batches (Grain's threads and
+    its buffer of batches made ahead, per process: memory up to prefetch_batches x the
+    process's batch), augmentation (scale_min, scale_max, flip, jitter,
     min_object_pixels, zoom_in), copy_paste_prob, copy_paste_scale, copy_paste_distractor_prob,
     copy_paste_max_cover (the object pasted onto another record, ``pipeline.copy_paste``),
     first_click_frac (first click drawn uniformly among the object pixels whose distance to the
@@ -48,6 +50,8 @@ def base_config(sam_type: str = "tiny") -> ml_collections.ConfigDict:
             per_device_batch_size=2,
             heldout_every=0,
             num_workers=0,
+            read_threads=16,  # Grain's default
+            prefetch_batches=16,  # Grain's default is 500 batches: unbounded at 1024
             scale_min=0.75,
             scale_max=1.4,
             zoom_in=(),  # e.g. (0.3, 0.9): object-centric zoom (box side / frame); () = off

@@ -23,11 +23,12 @@ held-out instances, seed, augmentation, SAM's architecture, the initial checkpoi
 storage dtypes, views), so a changed config looks in another folder instead of reading stale
 embeddings.
 
-Records are ArrayRecord files (the ``array_record`` package, read back with Grain's
-``ArrayRecordDataSource``; no TensorFlow). Each record is a small self-describing container:
-``b"SREC"``, a little-endian uint32 header length, a JSON header (name, dtype, shape, zlib flag
-and byte count per field), then the fields' bytes (image and gt zlib-compressed, the embedding
-raw).
+Records are ArrayRecord files (the ``array_record`` package, zstd-compressed per record,
+read back with Grain's ``ArrayRecordDataSource``; no TensorFlow). Each record is a small
+self-describing container: ``b"SREC"``, a little-endian uint32 header length, a JSON header
+(name, dtype, shape, zlib flag and byte count per field), then the fields' raw bytes (a field
+with the zlib flag is inflated on reading; ArrayRecord's zstd reads back faster than zlib
+inflates and compresses the images as well: docs/benchmarks.md, ``input_pipeline.py``).
 
 Several processes: shards are dealt round-robin (shard ``j`` to process ``j % P``), each
 process embeds its views in batches over its local devices (one ``jax.jit`` over a mesh of
@@ -67,7 +68,7 @@ __all__ = [
 ]
 
 _MAGIC = b"SREC"
-_COMPRESSED = ("image", "gt", "detail_image")
+_WRITER_OPTIONS = "group_size:1,zstd:3"  # one record per chunk: random access
 _VIEW_SEED = 7919  # separates the cache's view streams from the pipeline's seeds
 CACHE_DTYPES = ("float32", "bfloat16")
 
@@ -92,10 +93,8 @@ def encode_record(example: dict[str, np.ndarray]) -> bytes:
     fields, chunks = [], []
     for name, value in example.items():
         a = np.asarray(value)
-        raw = a.tobytes()  # C order, whatever the strides (and 0-d stays 0-d)
-        z = name in _COMPRESSED
-        data = zlib.compress(raw, 1) if z else raw
-        fields.append([name, str(a.dtype), list(a.shape), z, len(data)])
+        data = a.tobytes()  # C order, whatever the strides (and 0-d stays 0-d)
+        fields.append([name, str(a.dtype), list(a.shape), False, len(data)])
         chunks.append(data)
     header = json.dumps(fields, separators=(",", ":")).encode()
     return b"".join([_MAGIC, struct.pack("<I", len(header)), header, *chunks])
@@ -340,7 +339,7 @@ def _write_shard(path: epath.Path, records: list[bytes]) -> None:
 
     if is_local(path):
         tmp = path.parent / (path.name + ".tmp")
-        w = ArrayRecordWriter(str(tmp), "group_size:1")
+        w = ArrayRecordWriter(str(tmp), _WRITER_OPTIONS)
         for rec in records:
             w.write(rec)
         w.close()
@@ -348,7 +347,7 @@ def _write_shard(path: epath.Path, records: list[bytes]) -> None:
         return
     with tempfile.TemporaryDirectory() as td:  # a cloud location: write here, then copy
         local = epath.Path(td) / path.name
-        w = ArrayRecordWriter(str(local), "group_size:1")
+        w = ArrayRecordWriter(str(local), _WRITER_OPTIONS)
         for rec in records:
             w.write(rec)
         w.close()

@@ -100,12 +100,24 @@ def _resize(arr: np.ndarray, hw: tuple[int, int], nearest: bool) -> np.ndarray:
 
 
 def first_click(obj: np.ndarray, rng: np.random.Generator, frac: float) -> tuple[int, int]:
-    """(y, x) of a random object pixel whose distance to the background is >= frac * max."""
-    dt = ndimage.distance_transform_edt(np.pad(obj, 1))[1:-1, 1:-1]
+    """(y, x) of a random object pixel whose distance to the background (or the frame's edge)
+    is >= frac * max; an empty ``obj``: a random pixel.
+
+    The distance transform runs on the object's box with a one-pixel border only: inside the
+    box it equals the whole frame's (a background pixel outside the box is never nearer than
+    the border), so the clicks are the same, at a cost set by the object, not the frame.
+    """
+    rows, cols = np.nonzero(obj.any(1))[0], np.nonzero(obj.any(0))[0]
+    if len(rows) == 0:
+        k = int(rng.integers(obj.size))
+        return k // obj.shape[1], k % obj.shape[1]
+    y0, x0 = int(rows[0]), int(cols[0])
+    box = obj[y0 : int(rows[-1]) + 1, x0 : int(cols[-1]) + 1]
+    dt = ndimage.distance_transform_edt(np.pad(box, 1))[1:-1, 1:-1]
     m = dt.max()
     ys, xs = np.nonzero(dt >= max(frac * m, min(m, 1.0)))
     k = int(rng.integers(len(ys)))
-    return int(ys[k]), int(xs[k])
+    return int(ys[k]) + y0, int(xs[k]) + x0
 
 
 def augment(
@@ -474,7 +486,11 @@ def make_train_dataset(
     ds = ds.batch(batch, drop_remainder=True)
     if pc > 1:  # this process's batches: its part of every global batch (module docstring)
         ds = ds[pi::pc]
-    it_ds = ds.to_iter_dataset()
+    read = grain.ReadOptions(
+        num_threads=int(d.get("read_threads", 16)),
+        prefetch_buffer_size=int(d.get("prefetch_batches", 16)),
+    )
+    it_ds = ds.to_iter_dataset(read)
     if int(d.num_workers) > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))
     return it_ds

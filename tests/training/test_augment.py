@@ -220,6 +220,33 @@ def test_first_click_is_spread_over_the_interior():
     assert all(dt[y, x] == dt.max() for y, x in centre)
 
 
+def test_first_click_on_the_object_box_equals_the_whole_frame():
+    """Same clicks, same generator draws, as the distance transform over the whole frame."""
+
+    def whole_frame(obj, rng, frac):
+        dt = ndimage.distance_transform_edt(np.pad(obj, 1))[1:-1, 1:-1]
+        m = dt.max()
+        ys, xs = np.nonzero(dt >= max(frac * m, min(m, 1.0)))
+        k = int(rng.integers(len(ys)))
+        return int(ys[k]), int(xs[k])
+
+    gen = np.random.default_rng(3)
+    for i in range(40):
+        obj = np.zeros((48, 56), bool)
+        for _ in range(1 + i % 3):  # 1-3 blobs, some on the frame's edge, some of one pixel
+            y, x = gen.integers(0, 48), gen.integers(0, 56)
+            obj[y : y + gen.integers(1, 20), x : x + gen.integers(1, 20)] = True
+        obj &= gen.random(obj.shape) > 0.1 * (i % 2)  # holes in every other mask
+        frac = (0.0, 0.5, 1.0)[i % 3]
+        a, b = np.random.default_rng(i), np.random.default_rng(i)
+        assert first_click(obj, a, frac) == whole_frame(obj, b, frac)
+        assert a.integers(1 << 30) == b.integers(1 << 30)
+    empty = np.zeros((5, 7), bool)
+    assert first_click(empty, np.random.default_rng(0), 0.5) == whole_frame(
+        empty, np.random.default_rng(0), 0.5
+    )
+
+
 def test_cached_views_paste_and_their_fingerprint():
     from samref_jax.training import embedding_cache as ec
 
@@ -251,3 +278,20 @@ def test_resume_of_a_run_from_before_copy_paste(tmp_path):
     assert resume_config_changes(tmp_path, config) == ([], [])  # off: the run it was
     config.data.copy_paste_prob = 0.5
     assert resume_config_changes(tmp_path, config)[0] == ["data.copy_paste_prob"]
+
+
+def test_input_pipeline_benchmark_smoke(coco_mval_dir):
+    """``benchmarks/input_pipeline.py`` on the real COCO_MVal prints its table, peers included."""
+    from tests.fake_devices import run_python
+
+    args = ["--data-dir", str(coco_mval_dir), "--examples", "2"]
+    out = run_python(["benchmarks/input_pipeline.py", *args], env={"JAX_PLATFORMS": "cpu"})
+    for needle in (
+        "| augment at 2048 (`augment`) |",
+        "| cached view: read + decode",
+        "| cached view, pixels zlib'd in the record",
+        "| the recipe's Grain dataset (`make_train_dataset`), CPU time |",
+        "| peer: Pillow decode + resize to 1024 + pad",
+        "worker cores",
+    ):
+        assert needle in out, (needle, out[-2000:])

@@ -45,6 +45,15 @@ def test_record_roundtrip_bfloat16():
     for k, v in ex.items():
         assert back[k].dtype == np.asarray(v).dtype and back[k].shape == np.shape(v), k
         np.testing.assert_array_equal(back[k], v)
+    # A field stored zlib-compressed (its header flag set) is inflated on reading.
+    import json
+    import struct
+    import zlib
+
+    raw = ex["image"].tobytes()
+    header = json.dumps([["image", "uint8", [8, 8, 3], True, len(zlib.compress(raw))]]).encode()
+    rec = b"SREC" + struct.pack("<I", len(header)) + header + zlib.compress(raw)
+    np.testing.assert_array_equal(decode_record(rec)["image"], ex["image"])
 
 
 @pytest.mark.slow

@@ -86,6 +86,10 @@ _SCRIPT = textwrap.dedent(
     it0 = iter(make_train_dataset(cfg, source))
     same([next(it0) for _ in range(6)], first + expected)
     assert first[0]["image"].shape == (2, 64, 64, 3), first[0]["image"].shape
+    # Nor do Grain's read threads and its prefetch depth.
+    cfg.data.read_threads, cfg.data.prefetch_batches = 0, 1
+    it1 = iter(make_train_dataset(cfg, source))
+    same([next(it1) for _ in range(6)], first + expected)
     print("OK")
     """
 )
