@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes = {kk: tuple(np.asarray(v).shape) for kk, v in batch.items()}
 
     grain_s, peer_s = rows_s[-2][1], rows_s[-1][1]
+    cached_s = next(s for r, s in rows_s if r.startswith("cached view: read"))
     print()
     print(machine_line())
     print(
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"feeding {a.images_per_s:g} images/s takes about {a.images_per_s * grain_s:.1f} worker "
-        f"cores (Grain row; the peer alone: {a.images_per_s * peer_s:.1f}); Grain here: "
+        f"cores (Grain row), {a.images_per_s * cached_s:.1f} reading cached views (the reads "
+        f"alone), {a.images_per_s * peer_s:.1f} for the peer alone; Grain here: "
         f"{grain_wall * 1e3:.0f} ms per example on the wall clock, {grain_cpu / grain_wall:.1f} "
         "cores busy"
     )
