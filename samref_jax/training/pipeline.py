@@ -127,8 +127,12 @@ def augment(
     d: Any,
     click_radius: float,
     paste_pool: Any = None,
+    click: bool = True,
 ) -> dict:
     """One training example from a ``{"image", "gt"}`` sample (module docstring).
+
+    ``click=False``: no ``first_click`` (its distance transform is the costliest step left
+    when a later step draws the click anyway, as :func:`detail_example` does).
 
     ``paste_pool`` (random access to the split's records): with ``d.copy_paste_prob`` the
     object, after its own scale, crop and flip, is pasted onto another record of it
@@ -191,14 +195,10 @@ def augment(
     if not obj.any():  # degenerate sample (tiny object lost in resizing): a 1-px object
         out_gt[h // 2, w // 2] = 1
         obj = out_gt == 1
-    cy, cx = first_click(obj, rng, float(d.first_click_frac))
-    return {
-        "image": out_img,
-        "gt": out_gt,
-        "valid_hw": np.array([h, w], np.int32),
-        "first_click": np.array([cy, cx], np.int32),
-        "radius": np.float32(click_radius * scale),
-    }
+    ex = {"image": out_img, "gt": out_gt, "valid_hw": np.array([h, w], np.int32)}
+    if click:
+        ex["first_click"] = np.array(first_click(obj, rng, float(d.first_click_frac)), np.int32)
+    return ex | {"radius": np.float32(click_radius * scale)}
 
 
 # ------------------------------------------------------------------------------- copy-paste
@@ -373,12 +373,16 @@ class _Augment(grain.transforms.RandomMap):
     """:func:`augment` with the element's seeded rng; ``paste_pool`` (picklable random access
     to the split, e.g. a ``_Subset``, for worker processes): the copy-paste backgrounds."""
 
-    def __init__(self, frame: int, d: Any, click_radius: float, paste_pool: Any = None) -> None:
+    def __init__(
+        self, frame: int, d: Any, click_radius: float, paste_pool: Any = None, click: bool = True
+    ) -> None:
         self.frame, self.d, self.click_radius = frame, d, click_radius
-        self.paste_pool = paste_pool
+        self.paste_pool, self.click = paste_pool, click
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        return augment(element, rng, self.frame, self.d, self.click_radius, self.paste_pool)
+        return augment(
+            element, rng, self.frame, self.d, self.click_radius, self.paste_pool, self.click
+        )
 
 
 def detail_example(
@@ -475,6 +479,7 @@ def make_train_dataset(
             ml_collections.FrozenConfigDict(d),
             float(config.model.click_radius),
             paste_pool=_Subset(source, train_idx),  # copy-paste: records of the same split
+            click=k == 1,  # k > 1: detail_example draws the first click (its own rng)
         )
         if is_coco(config):  # an image record -> one of its instances, then augment
             aug = _CocoAugment(_Subset(source, train_idx), aug)

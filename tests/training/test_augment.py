@@ -86,6 +86,29 @@ def test_off_by_default_is_bit_identical():
         assert _same(a, b)
 
 
+def test_detail_path_skips_the_discarded_click(monkeypatch):
+    """With PatchDiff's image scale (k = 2) the first click is drawn once, by detail_example
+    with its own rng: the examples are those of drawing (and dropping) one at k x the frame."""
+    cfg = tiny_test_config("full", FRAME)
+    cfg.model.refiners.patch_diff.image_scale = 2
+    src = _textured_source()
+    fast = iter(pipeline.make_train_dataset(cfg, src, 0, 1))
+    a = [next(fast) for _ in range(3)]
+    real = pipeline.augment
+    drawn = []
+
+    def with_click(*args, **kw):
+        ex = real(*args[:6], **{**kw, "click": True})  # positional click dropped
+        drawn.append(ex.pop("first_click"))
+        return ex
+
+    monkeypatch.setattr(pipeline, "augment", with_click)
+    slow = iter(pipeline.make_train_dataset(cfg, src, 0, 1))
+    b = [next(slow) for _ in range(3)]
+    assert drawn and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    assert a[0]["detail_image"].shape[1:] == (2 * FRAME, 2 * FRAME, 3)
+
+
 @pytest.mark.parametrize("scale", [(1.0, 1.0), (0.6, 1.3)])
 def test_pasted_object_keeps_mask_and_pixels_consistent(scale):
     src = _coloured_source()
