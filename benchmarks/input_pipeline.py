@@ -142,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         rngs = lambda i: np.random.default_rng([1, i])  # noqa: E731
 
         samples = [P.coco_sample(records[i], rngs(i), d, src) for i in range(n + 1)]
-        big = [P.augment(samples[i], rngs(i), frame * k, d, radius, src) for i in range(n + 1)]
+        big = [
+            P.augment(samples[i], rngs(i), frame * k, d, radius, src, k == 1) for i in range(n + 1)
+        ]
 
         def stage_record(i):
             return P.coco_sample(src[int(order[i % len(src)])], rngs(i), d, src)
 
         def stage_augment(i):
-            return P.augment(samples[i], rngs(i), frame * k, d, radius, src)
+            return P.augment(samples[i], rngs(i), frame * k, d, radius, src, k == 1)
 
         def stage_detail(i):
             return P.detail_example(big[i], rngs(i), frame, k, float(d.first_click_frac))
