@@ -4,8 +4,8 @@
 
 The recipe (``configs/samref_vit_b.py``) reads COCO-format image records and, per example,
 draws an instance (``coco_sample``), augments it at PatchDiff's image scale (2 x the 1024
-frame: random scale, crop, flip, colour jitter, first click; ``augment``) and brings it to the
-frame with its 2048 detail image (``detail_example``). This script builds such records from the
+frame: random scale, crop, flip, colour jitter; ``augment``) and brings it to the frame with
+its 2048 detail image, drawing the first click there (``detail_example``). This script builds such records from the
 COCO_MVal masks (grouped by COCO image, compressed RLE, ``samref prepare-coco``) in a temporary
 folder, then, in one process on one core:
 
