@@ -12,7 +12,9 @@ one polygon per annotation with ``--coco-coords`` / ``--lvis-coords`` numbers (d
 that the files come out near the real ones' sizes, 448 MB and about 1.1 GB; printed), then, in
 a fresh process per step, measures the peak RSS and wall time of parsing LVIS, parsing both,
 and parsing + indexing both, with a peer: LVIS parsed by plain ``json.load`` into Python's
-own objects. Prints a markdown table.
+own objects; then, with a flat 640x480 JPEG written for every image, one host's share of
+``samref prepare-coco`` (process 0 of ``--process-count``: its ``--num-shards`` shards written,
+records and all). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -68,26 +70,49 @@ import resource, sys, time
 from samref_jax.data import coco
 t0 = time.perf_counter()
 files = sys.argv[2:]
-if sys.argv[1] == "plain":  # the peer: Python's own JSON objects
+if sys.argv[1] == "prepare":  # one of P processes: its shards j with j % P == 0, written
+    from samref_jax.data.coco_tfds import prepare_coco
+    images, out, n, procs = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    files = sys.argv[6:]
+    prepare_coco("bench", files, [images], out, num_shards=n, shards=range(0, n, procs),
+                 log=lambda *a: None)
+elif sys.argv[1] == "plain":  # the peer: Python's own JSON objects
     import json
     parsed = [json.load(open(f, "rb")) for f in files]
 else:
     parsed = [coco.load_annotation_file(f) for f in files]
 if sys.argv[1] == "index":
-    images = coco.index_images(parsed, files)
+    entries = coco.index_images(parsed, files)
 print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def measure(step: str, files: list[Path]) -> tuple[float, float]:
+def write_images(folder: Path, n_images: int) -> None:
+    """``n_images`` 640x480 JPEG files named as ``write_file`` lists them (one flat picture)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480), (120, 110, 100)).save(buf, "JPEG")
+    folder.mkdir()
+    for i in range(n_images):
+        (folder / f"{i + 1:012d}.jpg").write_bytes(buf.getvalue())
+
+
+def measure(step: str, files: list[Path], *extra: object) -> tuple[float, float]:
     """(wall s, peak RSS GiB) of one step in a fresh interpreter."""
-    out = subprocess.run(
-        [sys.executable, "-c", _STEP, step, *map(str, files)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-    ).stdout.split()
+    out = (
+        subprocess.run(
+            [sys.executable, "-c", _STEP, step, *map(str, extra), *map(str, files)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        )
+        .stdout.splitlines()[-1]
+        .split()
+    )  # TFDS prints its progress too
     return float(out[0]), float(out[1]) / 2**20
 
 
@@ -97,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--coco-coords", type=int, default=60, help="polygon numbers per COCO ann")
     ap.add_argument("--lvis-coords", type=int, default=110, help="polygon numbers per LVIS ann")
     ap.add_argument("--dir", default=None, help="where to write the files (default: a temp dir)")
+    ap.add_argument(
+        "--num-shards", type=int, default=64, help="prepare step: shards (0: no prepare step)"
+    )
+    ap.add_argument(
+        "--process-count", type=int, default=8, help="prepare step: processes sharing them"
+    )
     a = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
@@ -119,6 +150,18 @@ def main(argv: list[str] | None = None) -> int:
             ("parse LVIS + COCO", *measure("parse", both)),
             ("parse + index LVIS + COCO", *measure("index", both)),
         ]
+        if a.num_shards:
+            t0 = time.perf_counter()
+            write_images(tmp / "images", sizes["coco"][0])
+            print(f"wrote {sizes['coco'][0]:,} images in {time.perf_counter() - t0:.0f} s")
+            n, p = a.num_shards, a.process_count
+            mine = len(range(0, n, p))
+            rows.append(
+                (
+                    f"prepare-coco, process 0 of {p}: parse, index, write {mine} of {n} shards",
+                    *measure("prepare", both, tmp / "images", tmp / "tfds", n, p),
+                )
+            )
 
     print()
     print(machine_line())

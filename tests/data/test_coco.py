@@ -499,8 +499,20 @@ def test_index_memory_benchmark_smoke(tmp_path):
     """``benchmarks/coco_index_memory.py`` at a tiny scale prints its table, peer included."""
     from tests.fake_devices import run_python
 
-    out = run_python(
-        ["benchmarks/coco_index_memory.py", "--scale", "0.0005", "--dir", str(tmp_path)]
-    )
-    for needle in ("| peer: parse LVIS with plain `json.load` |", "| parse + index LVIS + COCO |"):
+    args = [
+        "--scale",
+        "0.0005",
+        "--dir",
+        str(tmp_path),
+        "--num-shards",
+        "4",
+        "--process-count",
+        "2",
+    ]
+    out = run_python(["benchmarks/coco_index_memory.py", *args])
+    for needle in (
+        "| peer: parse LVIS with plain `json.load` |",
+        "| parse + index LVIS + COCO |",
+        "| prepare-coco, process 0 of 2: parse, index, write 2 of 4 shards |",
+    ):
         assert needle in out, (needle, out[-2000:])
