@@ -74,8 +74,8 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class CocoAnnotation:
-    """One annotation as read, with only what the records use (about 8x less memory than the
-    JSON's dict: LVIS v1 train has 1.27M of them).
+    """One annotation as read, with only what the records use (LVIS v1 train has 1.27M: the
+    memory of reading them, docs/benchmarks.md, ``coco_index_memory.py``).
 
     ``segmentation`` is a tuple of ``float64`` polygon arrays (a malformed polygon is kept as
     read, for :func:`encode_segmentation` to name), an RLE dict (uncompressed ``counts`` as an
