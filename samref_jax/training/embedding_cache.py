@@ -31,8 +31,10 @@ with the zlib flag is inflated on reading; ArrayRecord's zstd reads back faster 
 inflates and compresses the images as well: docs/benchmarks.md, ``input_pipeline.py``).
 
 Several processes: shards are dealt round-robin (shard ``j`` to process ``j % P``), each
-process embeds its views in batches over its local devices (one ``jax.jit`` over a mesh of
-them), and writes each shard under a temporary name first (renamed, or copied for a cloud
+process makes its views with Grain (``data.num_workers`` worker processes, ``data.read_threads``
+threads each: the augmentation, not the encoder, is the host's work), embeds them in batches
+over its local devices (one ``jax.jit`` over a mesh of them, the next batch augmented
+meanwhile), and writes each shard under a temporary name first (renamed, or copied for a cloud
 location, when complete); an interrupted build resumes at the first missing shard. Process 0
 writes ``metadata.json`` after all processes are done.
 """
@@ -294,17 +296,35 @@ class _View:
 
         k, v = divmod(int(r), self.views)
         inst = int(self.train_idx[k])
-        if self._last[0] != inst:
-            self._last = (inst, self.source[inst])
+        last = self._last  # one read: Grain's threads call this concurrently
+        if last[0] != inst:
+            last = self._last = (inst, self.source[inst])
         rng = np.random.default_rng((self.seed, _VIEW_SEED, inst, v))
         # A folder sample: augment(sample, rng, ...); a COCO image record: one of its instances
         # drawn with the same rng first (fallback records from the training images).
         pool = _Subset(self.source, self.train_idx)
         f = self.frame * self.k  # k > 1: augmented at the detail scale, then brought to the frame
-        ex = training_example(self._last[1], rng, f, self.d, self.radius, pool)
+        ex = training_example(last[1], rng, f, self.d, self.radius, pool)
         if self.k > 1:
             ex = detail_example(ex, rng, self.frame, self.k, float(self.d.first_click_frac))
         return ex
+
+
+def _view_stream(view: _View, records: list[int], d: Any, batch: int) -> Any:
+    """Iterator over ``view(r)`` for ``records``, in order, made by Grain: ``d.num_workers``
+    worker processes (0: this one), ``d.read_threads`` threads each, at most ``2 x batch``
+    views ahead. The views do not depend on who makes them (each is seeded by its record)."""
+    import grain
+
+    from samref_jax.training.pipeline import allow_worker_processes
+
+    threads = int(d.get("read_threads", 16))
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * batch, threads))
+    ds = grain.MapDataset.source(records).map(view).to_iter_dataset(read)
+    if int(d.num_workers) > 0:
+        allow_worker_processes()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))
+    return iter(ds)
 
 
 def _embed_fn(config: ml_collections.ConfigDict, params: Any, devices: list) -> tuple[Any, Any]:
@@ -397,12 +417,14 @@ def build_cache(
 
     t0, done = time.time(), 0
     mine = [j for j in range(n_shards) if j % pc == pi and not (cache_dir / files[j]).exists()]
+    shard_recs = {j: list(range(j * R, min((j + 1) * R, n_records))) for j in mine}
+    views = _view_stream(view, [r for j in mine for r in shard_recs[j]], d, B)
     for j in mine:
-        recs = list(range(j * R, min((j + 1) * R, n_records)))
+        recs = shard_recs[j]
         out: list[bytes] = []
         pending = None  # (examples, device array): the next batch is augmented meanwhile
         for s in range(0, len(recs) + B, B):
-            batch = [view(r) for r in recs[s : s + B]]
+            batch = [next(views) for _ in recs[s : s + B]]
             launched = None
             if batch:
                 pad = batch + [batch[-1]] * (B - len(batch))

@@ -444,6 +444,15 @@ class _PickView(grain.transforms.RandomMap):
         return self.cache[int(k) * self.cache.views + v]
 
 
+def allow_worker_processes() -> None:
+    """Grain's worker pool reads absl's global flags: mark them parsed (defaults) when an entry
+    point parsed its own ``FlagValues`` instead (``train.main``, ``samref cache-embeddings``)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def make_train_dataset(
     config: ml_collections.ConfigDict,
     source: Any,

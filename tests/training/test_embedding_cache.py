@@ -60,7 +60,7 @@ def test_record_roundtrip_bfloat16():
 def test_cached_step_equals_in_step_encoder(tmp_path):
     """The same examples: losses, IoUs and gradients of the step given the cached embedding
     equal those of the step that runs the encoder (float32); the cache's records do not depend
-    on the number of processes that built it."""
+    on the number of processes that built it, nor on Grain's worker processes."""
     from samref_jax.training.embedding_cache import build_cache, cache_location, open_cache
     from samref_jax.training.pipeline import make_train_dataset, prepare_source
 
@@ -85,7 +85,9 @@ def test_cached_step_equals_in_step_encoder(tmp_path):
     meta = json.loads((where / "metadata.json").read_text())
     assert meta["num_records"] == 10 and len(meta["files"]) == 4
     one = tmp_path / "one"
-    build_cache(cfg, src, one, params, records_per_shard=4)
+    workers = cfg.copy_and_resolve_references()
+    workers.data.num_workers = 2  # the views made by Grain worker processes
+    build_cache(workers, src, one, params, records_per_shard=4)
     cfg.data.use_cached_embeddings = True
     a = open_cache(cfg, cfg.data.data_dir)
     cfg_one = cfg.copy_and_resolve_references()
