@@ -5,13 +5,14 @@
 The recipe (``configs/samref_vit_b.py``) reads COCO-format image records and, per example,
 draws an instance (``coco_sample``), augments it at PatchDiff's image scale (2 x the 1024
 frame: random scale, crop, flip, colour jitter; ``augment``) and brings it to the frame with
-its 2048 detail image, drawing the first click there (``detail_example``). This script builds such records from the
-COCO_MVal masks (grouped by COCO image, compressed RLE, ``samref prepare-coco``) in a temporary
-folder, then, in one process on one core:
+its 2048 detail image, drawing the first click there (``detail_example``). This script builds
+such records from the COCO_MVal masks (grouped by COCO image, compressed RLE,
+``samref prepare-coco``) in a temporary folder, then, in one process on one core:
 
 - times each stage per example, in turn on the same records and seeds;
 - times reading one stored view of the embedding cache (what training on cached embeddings
-  does per example instead), and the same views with their pixels zlib-compressed inside the
+  does per example instead), writing it (what ``samref cache-embeddings`` does per view in its
+  main process), and reading the same views with their pixels zlib-compressed inside the
   record (the peer format);
 - times the Grain dataset of the recipe as training builds it (``make_train_dataset``, batch 1,
   no worker processes: what one worker does);
@@ -179,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         emb = np.random.default_rng(0).standard_normal((64, 64, 256)).astype(ml_dtypes.bfloat16)
         shard = epath.Path(tmp) / "views.array_record"
         nv = min(n + 1, 8)
-        _write_shard(
-            shard, [encode_record(stage_detail(i) | {"embedding": emb}) for i in range(nv)]
-        )
+        made = [stage_detail(i) | {"embedding": emb} for i in range(nv)]
+        t0 = time.perf_counter()
+        _write_shard(shard, [encode_record(ex) for ex in made])
+        write_s = (time.perf_counter() - t0) / nv
         view_src = grain.sources.ArrayRecordDataSource([str(shard)])
         view_mb = shard.stat().length / nv / 1e6
         rows_s.append(
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 per_example(lambda i: decode_record(view_src[i % nv]), n),
             )
         )
+        rows_s.append((f"cached view: encode + write (`cache-embeddings`, mean of {nv})", write_s))
         # Peer format: the pixel fields zlib-compressed (level 1) inside the record.
         zshard = epath.Path(tmp) / "views_zlib.array_record"
         _write_shard(zshard, [zlib_record(stage_detail(i) | {"embedding": emb}) for i in range(nv)])
@@ -242,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         f"alone), {a.images_per_s * peer_s:.1f} for the peer alone; Grain here: "
         f"{grain_wall * 1e3:.0f} ms per example on the wall clock, {grain_cpu / grain_wall:.1f} "
         "cores busy"
+    )
+    print(
+        f"cache-embeddings writes at most {1 / write_s:.0f} views/s per process (its main process "
+        "encodes and compresses each view)"
     )
     return 0
 
