@@ -418,7 +418,7 @@ def build_cache(
     t0, done = time.time(), 0
     mine = [j for j in range(n_shards) if j % pc == pi and not (cache_dir / files[j]).exists()]
     shard_recs = {j: list(range(j * R, min((j + 1) * R, n_records))) for j in mine}
-    views = _view_stream(view, [r for j in mine for r in shard_recs[j]], d, B)
+    views = _view_stream(view, [r for j in mine for r in shard_recs[j]], d, B) if mine else None
     for j in mine:
         recs = shard_recs[j]
         out: list[bytes] = []
