@@ -316,15 +316,10 @@ def _view_stream(view: _View, records: list[int], d: Any, batch: int) -> Any:
     views ahead. The views do not depend on who makes them (each is seeded by its record)."""
     import grain
 
-    from samref_jax.training.pipeline import allow_worker_processes
+    from samref_jax.training.pipeline import read_with_workers
 
-    threads = int(d.get("read_threads", 16))
-    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * batch, threads))
-    ds = grain.MapDataset.source(records).map(view).to_iter_dataset(read)
-    if int(d.num_workers) > 0:
-        allow_worker_processes()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))
-    return iter(ds)
+    ahead = max(2 * batch, int(d.get("read_threads", 16)))  # every thread has a view to make
+    return iter(read_with_workers(grain.MapDataset.source(records).map(view), d, ahead))
 
 
 def _embed_fn(config: ml_collections.ConfigDict, params: Any, devices: list) -> tuple[Any, Any]:

@@ -444,13 +444,20 @@ class _PickView(grain.transforms.RandomMap):
         return self.cache[int(k) * self.cache.views + v]
 
 
-def allow_worker_processes() -> None:
-    """Grain's worker pool reads absl's global flags: mark them parsed (defaults) when an entry
-    point parsed its own ``FlagValues`` instead (``train.main``, ``samref cache-embeddings``)."""
-    from absl import flags
+def read_with_workers(ds: grain.MapDataset, d: Any, prefetch: int) -> grain.IterDataset:
+    """``ds`` read by Grain as training reads it: ``d.read_threads`` threads, at most
+    ``prefetch`` elements ahead, in ``d.num_workers`` worker processes (0: this process)."""
+    read = grain.ReadOptions(
+        num_threads=int(d.get("read_threads", 16)), prefetch_buffer_size=int(prefetch)
+    )
+    it_ds = ds.to_iter_dataset(read)
+    if int(d.num_workers) > 0:
+        from absl import flags
 
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+        if not flags.FLAGS.is_parsed():  # the entry points parse their own FlagValues, and
+            flags.FLAGS.mark_as_parsed()  # Grain's worker pool reads absl's global ones
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))
+    return it_ds
 
 
 def make_train_dataset(
@@ -500,14 +507,7 @@ def make_train_dataset(
     ds = ds.batch(batch, drop_remainder=True)
     if pc > 1:  # this process's batches: its part of every global batch (module docstring)
         ds = ds[pi::pc]
-    read = grain.ReadOptions(
-        num_threads=int(d.get("read_threads", 16)),
-        prefetch_buffer_size=int(d.get("prefetch_batches", 16)),
-    )
-    it_ds = ds.to_iter_dataset(read)
-    if int(d.num_workers) > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))
-    return it_ds
+    return read_with_workers(ds, d, int(d.get("prefetch_batches", 16)))
 
 
 # --------------------------------------------------------------- COCO-format (one record per image)

@@ -39,12 +39,7 @@ import numpy as np
 from samref_jax.paths import as_path
 from samref_jax.training import step as S
 from samref_jax.training.checkpointing import TrainCheckpointer
-from samref_jax.training.pipeline import (
-    allow_worker_processes,
-    heldout_samples,
-    make_train_dataset,
-    prepare_source,
-)
+from samref_jax.training.pipeline import heldout_samples, make_train_dataset, prepare_source
 
 MODES = ("sam", "global", "full")
 # Config keys (dotted; a trailing "." is a prefix) a resume may change: they do not change the
@@ -289,8 +284,6 @@ def train(
         prepare_source(config, data_dir)
     barrier("samref_prepare_data")
     source = prepare_source(config, data_dir)
-    if int(config.data.num_workers) > 0:
-        allow_worker_processes()
     it = iter(make_train_dataset(config, source))
 
     mesh = S.make_mesh()
