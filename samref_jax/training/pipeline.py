@@ -99,6 +99,14 @@ def _resize(arr: np.ndarray, hw: tuple[int, int], nearest: bool) -> np.ndarray:
     return np.asarray(im.resize((hw[1], hw[0]), Image.NEAREST if nearest else Image.BILINEAR))
 
 
+def _box(obj: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y_min, y_max, x_min, x_max), inclusive, of a (H, W) bool mask's pixels; None if empty."""
+    rows, cols = np.flatnonzero(obj.any(1)), np.flatnonzero(obj.any(0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
 def first_click(obj: np.ndarray, rng: np.random.Generator, frac: float) -> tuple[int, int]:
     """(y, x) of a random object pixel whose distance to the background (or the frame's edge)
     is >= frac * max; an empty ``obj``: a random pixel.
@@ -107,17 +115,17 @@ def first_click(obj: np.ndarray, rng: np.random.Generator, frac: float) -> tuple
     box it equals the whole frame's (a background pixel outside the box is never nearer than
     the border), so the clicks are the same, at a cost set by the object, not the frame.
     """
-    rows, cols = np.nonzero(obj.any(1))[0], np.nonzero(obj.any(0))[0]
-    if len(rows) == 0:
+    b = _box(obj)
+    if b is None:
         k = int(rng.integers(obj.size))
         return k // obj.shape[1], k % obj.shape[1]
-    y0, x0 = int(rows[0]), int(cols[0])
-    box = obj[y0 : int(rows[-1]) + 1, x0 : int(cols[-1]) + 1]
+    y0, x0 = b[0], b[2]
+    box = obj[y0 : b[1] + 1, x0 : b[3] + 1]
     dt = ndimage.distance_transform_edt(np.pad(box, 1))[1:-1, 1:-1]
     m = dt.max()
-    ys, xs = np.nonzero(dt >= max(frac * m, min(m, 1.0)))
-    k = int(rng.integers(len(ys)))
-    return int(ys[k]) + y0, int(xs[k]) + x0
+    idx = np.flatnonzero(dt >= max(frac * m, min(m, 1.0)))  # row-major, as np.nonzero
+    y, x = divmod(int(idx[rng.integers(idx.size)]), box.shape[1])
+    return y + y0, x + x0
 
 
 def augment(
@@ -143,32 +151,34 @@ def augment(
     h0, w0 = gt.shape
     base = frame / max(h0, w0)
     zoom = tuple(d.get("zoom_in", ()) or ())
-    oy, ox = np.nonzero(gt == 1)
+    box0 = _box(gt == 1)
     for attempt in range(4):
         scale = base * (float(rng.uniform(d.scale_min, d.scale_max)) if attempt < 3 else 1.0)
-        if zoom and len(oy) and attempt < 3:
+        if zoom and box0 is not None and attempt < 3:
             # Object-centric zoom: the object's longer box side becomes zoom[0..1] x frame
             # (not below scale_min x the whole-image fit, not above the native resolution).
-            side = max(oy.max() - oy.min() + 1, ox.max() - ox.min() + 1)
+            side = max(box0[1] - box0[0] + 1, box0[3] - box0[2] + 1)
             target = float(rng.uniform(zoom[0], zoom[1])) * frame / side
             scale = float(np.clip(target, base * d.scale_min, max(1.0, base * d.scale_min)))
         h, w = max(1, int(round(h0 * scale))), max(1, int(round(w0 * scale)))
         img = _resize(image, (h, w), nearest=False)
         g = _resize(gt.view(np.uint8), (h, w), nearest=True).view(np.int8)
         # Crop a frame-sized window (when larger): around the whole object box when it fits
-        # (zoom), else around a random object pixel.
-        ys, xs = np.nonzero(g == 1)
-        if len(ys) == 0 and attempt < 3:
+        # (zoom), else around a random object pixel (idx: the object's pixels in row-major
+        # order, as np.nonzero lists them).
+        idx = np.flatnonzero(g == 1)
+        if idx.size == 0 and attempt < 3:
             continue
-        if len(ys) and zoom and max(ys.max() - ys.min(), xs.max() - xs.min()) < frame:
-            lo_y, hi_y = max(ys.max() + 1 - frame, 0), min(ys.min(), max(h - frame, 0))
-            lo_x, hi_x = max(xs.max() + 1 - frame, 0), min(xs.min(), max(w - frame, 0))
+        box = _box(g == 1) if zoom and idx.size else None
+        if box is not None and max(box[1] - box[0], box[3] - box[2]) < frame:
+            lo_y, hi_y = max(box[1] + 1 - frame, 0), min(box[0], max(h - frame, 0))
+            lo_x, hi_x = max(box[3] + 1 - frame, 0), min(box[2], max(w - frame, 0))
             y0 = int(rng.integers(lo_y, max(hi_y, lo_y) + 1))
             x0 = int(rng.integers(lo_x, max(hi_x, lo_x) + 1))
-        elif len(ys):
-            k = int(rng.integers(len(ys)))
-            y0 = int(np.clip(ys[k] - rng.integers(frame), 0, max(h - frame, 0)))
-            x0 = int(np.clip(xs[k] - rng.integers(frame), 0, max(w - frame, 0)))
+        elif idx.size:
+            yk, xk = divmod(int(idx[rng.integers(idx.size)]), w)
+            y0 = int(np.clip(yk - rng.integers(frame), 0, max(h - frame, 0)))
+            x0 = int(np.clip(xk - rng.integers(frame), 0, max(w - frame, 0)))
         else:
             y0 = x0 = 0
         img_c, g_c = img[y0 : y0 + frame, x0 : x0 + frame], g[y0 : y0 + frame, x0 : x0 + frame]
