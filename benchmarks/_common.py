@@ -55,6 +55,11 @@ def fmt_flops(x: float) -> str:
     return f"{x:.0f} FLOP"
 
 
+def fmt_bytes(n: float) -> str:
+    """Bytes as GiB from 1 GiB up, else MiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def fmt_time(s: float) -> str:
     """Seconds as "12.3 ms" below 10 s, else "12.34 s"."""
     return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.2f} s"

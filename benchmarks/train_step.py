@@ -2,6 +2,8 @@
 
     python benchmarks/train_step.py                          # the vit_b recipe's shapes
     python benchmarks/train_step.py --sam tiny --frame 128   # small, for a quick check
+    python benchmarks/train_step.py --parts cached --batch 16   # the cached step alone
+    python benchmarks/train_step.py --parts memory --batch 1 4 16  # compile only: memory
 
 Shapes are the recipe's (``configs/samref_vit_b.py``: 1024 frame, T = 6 unrolled clicks, frozen
 image encoder; random weights) at ``--batch`` images per step (default 1) on the default device.
@@ -23,6 +25,13 @@ recomputation; the clicker's own distance-transform loops still count once (negl
 (FLOPs / time / the device's dense bf16 peak, ``PEAK_FLOPS``) is reported only on an
 accelerator. Targets, reported and not asserted: cached step <= 0.15x
 the in-step-encoder step, clicker <= 10% of the cached step.
+
+Memory is XLA's buffer assignment of each compiled whole step on the backend that compiles it
+(``memory_analysis()``): its temporary buffers plus its arguments (state and batch; the new
+state reuses the donated state's buffers in training).
+``--parts memory`` only compiles the two whole steps from abstract shapes at each ``--batch``
+(nothing is allocated, so batches larger than the machine's memory can be sized);
+``--parts cached`` times the cached-embedding step alone (a batch sweep on an accelerator).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import device_median, fmt_flops, fmt_time  # noqa: E402
+from benchmarks._common import device_median, fmt_bytes, fmt_flops, fmt_time, table  # noqa: E402
 
 TARGET_RATIO = 0.15
 TARGET_CLICKER = 0.10
@@ -86,6 +95,54 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def step_memory(compiled) -> dict[str, float]:
+    """Bytes of a compiled step from XLA's buffer assignment: ``temp`` (temporaries) and
+    ``total`` (temporaries + arguments: state and batch; in training the new state reuses the
+    donated state's buffers, so outputs add only the metrics)."""
+    m = compiled.memory_analysis()
+    return {"temp": m.temp_size_in_bytes, "total": m.temp_size_in_bytes + m.argument_size_in_bytes}
+
+
+def run_memory(a: argparse.Namespace) -> str:
+    """``--parts memory``: compile (no run) both whole steps at each ``--batch``; a table."""
+    import jax
+    import jax.numpy as jnp
+
+    from samref_jax.samref.config import sam_config_from
+    from samref_jax.samref.model import detail_scale
+    from samref_jax.training import step as S
+    from samref_jax.training.testing import synthetic_batch
+
+    rows, desc = [], ""
+    for b in a.batch:
+        cfg = _config(a.sam, a.frame, a.rounds, b, a.dtype, a.remat, a.mode, a.global_size)
+        sam_cfg = sam_config_from(cfg.model)
+        f, n = sam_cfg.img_size, b * jax.device_count()
+        mesh = S.make_mesh()
+        params = jax.eval_shape(lambda k, c=cfg: S.init_params(c, k), jax.random.key(0))
+        state = jax.eval_shape(lambda p, c=cfg: S.create_state(c, p, 0), params)
+        one = synthetic_batch(1, f, seed=0, detail_scale=detail_scale(cfg.model))
+        raw = {k: jax.ShapeDtypeStruct((n, *v.shape[1:]), v.dtype) for k, v in one.items()}
+        side = f // 16  # SAM's embedding grid
+        emb = jax.ShapeDtypeStruct((n, side, side, sam_cfg.prompt_embed_dim), jnp.float32)
+        cells = [str(b)]
+        for name, batch in (("encoder in the step", raw), ("cached", dict(raw, embedding=emb))):
+            step = S.make_train_step(cfg, mesh, params)
+            mem = step_memory(step.lower(state, batch).compile())
+            cells += [fmt_bytes(mem["temp"]), fmt_bytes(mem["total"])]
+            print(f"compiled: batch {b}, {name}: {fmt_bytes(mem['total'])}", flush=True)
+        cells.append(fmt_bytes(mem["temp"] / b))
+        rows.append(cells)
+        desc = (
+            f"SAM {sam_cfg.name}, frame {f}, T = {cfg.train.rounds}, {cfg.train.dtype} compute, "
+            f"mode {cfg.mode}, remat {bool(cfg.train.remat)}, on {jax.device_count()} "
+            f"{jax.default_backend()} device(s) ({jax.devices()[0].device_kind}); memory per device"
+        )
+    head = ["images per device", "encoder in the step: temporaries", "total"]
+    head += ["cached embedding: temporaries", "total", "cached temporaries per image"]
+    return desc + "\n\n" + table(head, rows)
+
+
 def run(a: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
@@ -108,6 +165,7 @@ def run(a: argparse.Namespace) -> dict:
     cfg = _config(a.sam, a.frame, a.rounds, a.batch, a.dtype, a.remat, a.mode, a.global_size)
     sam_cfg = sam_config_from(cfg.model)
     f, T, B = sam_cfg.img_size, int(cfg.train.rounds), int(a.batch) * jax.device_count()
+    everything = a.parts == "all"
     on_cpu = jax.default_backend() == "cpu"
     dev = jax.devices()[0]
     key = None if on_cpu else peak_key(dev.device_kind)
@@ -139,10 +197,51 @@ def run(a: argparse.Namespace) -> dict:
         print(f"measured {name}: {fmt_time(t)} (compile {compile_s[name]:.1f} s)", flush=True)
         return out
 
+    def whole_steps(batches: dict) -> dict:
+        """Time, FLOPs and memory of each whole training step; the result dict."""
+        for name, batch in batches.items():
+            step = S.make_train_step(cfg, mesh, params, donate=False)
+            t0 = time.perf_counter()
+            compiled = step.lower(state, batch).compile()
+            compile_s[name] = time.perf_counter() - t0
+            t, _ = device_median(lambda c=compiled, b=batch: c(state, b), a.runs)
+            rows[name] = {"s": t, "flops": train_step_flops(cfg, state, batch)}
+            rows[name]["memory"] = step_memory(compiled)["total"]
+            print(f"measured {name}: {fmt_time(t)} (compile {compile_s[name]:.1f} s)", flush=True)
+        for r in rows.values():
+            r["mfu"] = r["flops"] / r["s"] / peak if peak else None
+        fast = rows["step, cached embedding"]["s"]
+        per_s = {k.split(", ", 1)[1]: B / rows[k]["s"] for k in batches}
+        res = {
+            "rows": rows,
+            "compile_s": compile_s,
+            "images_per_s": per_s,
+            "clicks_per_s": {k: v * T for k, v in per_s.items()},
+            "desc": (
+                f"SAM {sam_cfg.name}, frame {f}, T = {T}, batch {B} on {jax.device_count()} "
+                f"{jax.default_backend()} device(s) ({dev.device_kind}), {cfg.train.dtype} "
+                f"compute, mode {cfg.mode}, remat {bool(cfg.train.remat)}, GlobalDiff working "
+                f"size {cfg.model.refiners.global_diff.input_size or f}, "
+                f"trainable {','.join(S.effective_trainable(cfg))}"
+            ),
+            "peak": key,
+            "on_cpu": on_cpu,
+        }
+        if "step, encoder in the step" in rows:
+            res["ratio"] = fast / rows["step, encoder in the step"]["s"]
+        if "clicker" in rows:
+            res["clicker_share"] = rows["clicker"]["s"] / fast
+        return res
+
     # 1. encoder (forward only; the recipe freezes it)
     def encoder(p, image, valid_hw):
         x = S.preprocess_frame(image, valid_hw, sam_cfg)
         return model.apply({"params": p}, x, method=SamRef.embed_image)
+
+    if not everything:  # the embedding is an input of the cached step: no timing
+        emb = jax.jit(encoder)(params, raw["image"], raw["valid_hw"])
+        cached = dict(raw, embedding=emb)
+        return whole_steps({"step, cached embedding": cached})
 
     emb = measure("encoder", encoder, params, raw["image"], raw["valid_hw"])
     cached = dict(raw, embedding=emb)
@@ -186,62 +285,39 @@ def run(a: argparse.Namespace) -> dict:
     measure("optimiser", optimiser, grads, state.opt_state, params)
 
     # 5. whole steps: encoder in the step vs cached embedding (same examples)
-    for name, batch in (("step, encoder in the step", raw), ("step, cached embedding", cached)):
-        step = S.make_train_step(cfg, mesh, params, donate=False)
-        t0 = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
-        compile_s[name] = time.perf_counter() - t0
-        t, _ = device_median(lambda c=compiled, b=batch: c(state, b), a.runs)
-        fl = train_step_flops(cfg, state, batch)
-        rows[name] = {"s": t, "flops": fl}
-        print(f"measured {name}: {fmt_time(t)} (compile {compile_s[name]:.1f} s)", flush=True)
-
-    full, fast = rows["step, encoder in the step"]["s"], rows["step, cached embedding"]["s"]
-    for r in rows.values():
-        r["mfu"] = r["flops"] / r["s"] / peak if peak else None
-    return {
-        "rows": rows,
-        "compile_s": compile_s,
-        "ratio": fast / full,
-        "clicker_share": rows["clicker"]["s"] / fast,
-        "images_per_s": {"encoder in the step": B / full, "cached embedding": B / fast},
-        "clicks_per_s": {"encoder in the step": B * T / full, "cached embedding": B * T / fast},
-        "desc": (
-            f"SAM {sam_cfg.name}, frame {f}, T = {T}, batch {B} on {jax.device_count()} "
-            f"{jax.default_backend()} device(s) ({dev.device_kind}), {cfg.train.dtype} compute, "
-            f"mode {cfg.mode}, remat {bool(cfg.train.remat)}, GlobalDiff working size "
-            f"{cfg.model.refiners.global_diff.input_size or f}, "
-            f"trainable {','.join(S.effective_trainable(cfg))}"
-        ),
-        "peak": key,
-        "on_cpu": on_cpu,
-    }
+    return whole_steps({"step, encoder in the step": raw, "step, cached embedding": cached})
 
 
 def report(res: dict) -> str:
     rows, fast = res["rows"], res["rows"]["step, cached embedding"]["s"]
     mfu = not res["on_cpu"]
     head = ["part (own jit, same inputs)", "time", "share of cached step", "FLOPs", "FLOP/s"]
-    head += ["MFU"] if mfu else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head += ["memory (XLA)"] + (["MFU"] if mfu else [])
+    body = []
     for name, r in rows.items():
         share = f"{100 * r['s'] / fast:.1f}%"
         rate = f"{fmt_flops(r['flops'] / r['s'])}/s"
-        cells = [name, fmt_time(r["s"]), share, fmt_flops(r["flops"]), rate]
+        mem = fmt_bytes(r["memory"]) if "memory" in r else ""
+        cells = [name, fmt_time(r["s"]), share, fmt_flops(r["flops"]), rate, mem]
         if mfu:
             cells.append(f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a")
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
     ok = lambda b: "meets" if b else "misses"  # noqa: E731
     ips, cps = res["images_per_s"], res["clicks_per_s"]
+    lines = [table(head, body), ""]
+    if "ratio" in res:
+        lines.append(
+            f"- cached step / in-step-encoder step: **{res['ratio']:.3f}x** (target <= "
+            f"{TARGET_RATIO}: {ok(res['ratio'] <= TARGET_RATIO)})"
+        )
+    if "clicker_share" in res:
+        lines.append(
+            f"- clicker share of the cached step: **{100 * res['clicker_share']:.1f}%** (target "
+            f"<= {100 * TARGET_CLICKER:.0f}%: {ok(res['clicker_share'] <= TARGET_CLICKER)})"
+        )
     lines += [
-        "",
-        f"- cached step / in-step-encoder step: **{res['ratio']:.3f}x** (target <= "
-        f"{TARGET_RATIO}: {ok(res['ratio'] <= TARGET_RATIO)})",
-        f"- clicker share of the cached step: **{100 * res['clicker_share']:.1f}%** (target <= "
-        f"{100 * TARGET_CLICKER:.0f}%: {ok(res['clicker_share'] <= TARGET_CLICKER)})",
-        f"- images/s: {ips['encoder in the step']:.3f} (encoder in the step), "
-        f"{ips['cached embedding']:.3f} (cached); clicks/s: {cps['encoder in the step']:.3f}, "
-        f"{cps['cached embedding']:.3f}",
+        "- images/s: " + ", ".join(f"{v:.3f} ({k})" for k, v in ips.items()),
+        "- clicks/s: " + ", ".join(f"{v:.3f} ({k})" for k, v in cps.items()),
         "- compile: " + ", ".join(f"{k} {v:.0f} s" for k, v in res["compile_s"].items()),
     ]
     if res["on_cpu"]:
@@ -256,7 +332,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sam", default="vit_b", help="SAM type of the recipe (vit_b, tiny, ...)")
     ap.add_argument("--frame", type=int, default=None, help="frame side (default: SAM's)")
     ap.add_argument("--rounds", type=int, default=None, help="T (default: the recipe's 6)")
-    ap.add_argument("--batch", type=int, default=1, help="images per device")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="images per device (several only with --parts memory)",
+    )
+    ap.add_argument(
+        "--parts",
+        choices=("all", "cached", "memory"),
+        default="all",
+        help="all parts and both steps; the cached-embedding step alone; or compile-only memory",
+    )
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the recipe's, bfloat16)")
     ap.add_argument(
         "--remat",
@@ -287,6 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     host_setup()
 
     t0 = time.perf_counter()
+    if a.parts == "memory":
+        print()
+        print(run_memory(a))
+        print(machine_line())
+        return 0
+    if len(a.batch) != 1:
+        ap.error("several --batch values only with --parts memory")
+    a.batch = a.batch[0]
     res = run(a)
     print()
     print(res["desc"])

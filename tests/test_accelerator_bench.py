@@ -74,6 +74,35 @@ def test_train_step_flops_count_every_round_once():
 def test_train_step_benchmark_smoke_on_cpu():
     args = ["--sam", "tiny", "--frame", "64", "--rounds", "2", "--runs", "0", "--global-size", "32"]
     out = run_python(["benchmarks/train_step.py", *args], env={"JAX_PLATFORMS": "cpu"})
-    rows = ("| encoder |", "| click rounds |", "| step, cached embedding |")
+    rows = ("| encoder |", "| click rounds |", "| step, cached embedding |", "memory (XLA)")
     for needle in (*rows, "cached step / in-step-encoder step", "GlobalDiff working size 32,"):
         assert needle in out, (needle, out[-3000:])
+
+
+def _mib(cell: str) -> float:
+    value, unit = cell.split()
+    return float(value) * {"MiB": 1.0, "GiB": 1024.0}[unit]
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_cached_part_and_memory_table():
+    """``--parts cached`` times the cached-embedding step alone; ``--parts memory`` compiles both
+    steps at each batch without running them, and the temporaries grow with the batch."""
+    tiny = ["--sam", "tiny", "--frame", "64", "--rounds", "2", "--global-size", "32"]
+    env = {"JAX_PLATFORMS": "cpu"}
+    out = run_python(
+        ["benchmarks/train_step.py", *tiny, "--parts", "cached", "--runs", "0"], env=env
+    )
+    assert "| step, cached embedding |" in out and "| encoder |" not in out, out[-3000:]
+    assert "images/s: " in out and "cached step / in-step" not in out, out[-3000:]
+    out = run_python(
+        ["benchmarks/train_step.py", *tiny, "--parts", "memory", "--batch", "1", "2"], env=env
+    )
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in ("1", "2") and len(cells) == 6:
+            rows[int(cells[0])] = cells
+    assert set(rows) == {1, 2}, out[-3000:]
+    for col in (1, 3):  # temporaries: encoder in the step, cached embedding
+        assert _mib(rows[2][col]) > 1.5 * _mib(rows[1][col]), rows
