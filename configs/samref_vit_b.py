@@ -70,6 +70,9 @@ def get_config(sam_type: str = "vit_b") -> ml_collections.ConfigDict:
     d.coco.min_area = 1000.0  # RITM's COCO+LVIS setting (it filters after augmenting)
     d.coco.merge_prob = 0.15
     d.coco.max_merged = 2
+    # 4 images take 6.2 GiB of step memory (1.44 GiB each with train.remat; `python
+    # benchmarks/train_step.py --parts memory --batch 4 16`); larger devices hold more (the
+    # global batch, and so the learning rate's fit, change with it).
     d.per_device_batch_size = 4
     d.heldout_every = 0  # evaluate on a separate benchmark (samref eval) instead
     # Host cost per example (benchmarks/input_pipeline.py): about 0.14 core-seconds, so feed each
