@@ -75,8 +75,8 @@ def get_config(sam_type: str = "vit_b") -> ml_collections.ConfigDict:
     # global batch, and so the learning rate's fit, change with it).
     d.per_device_batch_size = 4
     d.heldout_every = 0  # evaluate on a separate benchmark (samref eval) instead
-    # Host cost per example (benchmarks/input_pipeline.py): about 0.14 core-seconds, so feed each
-    # accelerator from images/s x 0.14 cores (cached views: 0.03 core-seconds each).
+    # Host cost per example (benchmarks/input_pipeline.py): about 0.11 core-seconds, so feed each
+    # accelerator from images/s x 0.11 cores (cached views: 0.03 core-seconds each).
     # An example is about 17 MB (with PatchDiff's 2048 image): each worker makes 2 batches at
     # a time, 2 ahead.
     d.num_workers = 8
