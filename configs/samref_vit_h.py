@@ -19,7 +19,10 @@ eval), with ViT-H weights; the COCO + LVIS records of step 2 serve both recipes:
 
 Same recipe as ViT-B with a smaller per-device batch (the frozen ViT-H encoder runs inside the
 step under ``stop_gradient``; its activations are not kept for the backward pass) and a lower
-learning rate. Not run at this size here.
+learning rate. The step at 2 images per device takes 5.6 GiB (``python
+benchmarks/train_step.py --sam vit_h --parts memory --batch 2``: XLA's buffer assignment on a
+CPU; each further image about 1.45 GiB), so larger devices hold more. Not run at this size
+here.
 """
 
 from __future__ import annotations
