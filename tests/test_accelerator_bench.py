@@ -4,6 +4,10 @@ model-FLOP count."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from benchmarks.accelerator import PEAK_FLOPS, peak_key, train_step_flops
@@ -106,3 +110,15 @@ def test_train_step_benchmark_cached_part_and_memory_table():
     assert set(rows) == {1, 2}, out[-3000:]
     for col in (1, 3):  # temporaries: encoder in the step, cached embedding
         assert _mib(rows[2][col]) > 1.5 * _mib(rows[1][col]), rows
+
+
+def test_accelerator_run_script_parses_and_names_existing_benchmarks():
+    """The device script is only run where an accelerator is lent: check here that bash parses
+    it and that every benchmark it calls exists."""
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "benchmarks" / "accelerator_run.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    called = set(re.findall(r"python3 (benchmarks/\w+\.py)", script.read_text()))
+    assert {"benchmarks/train_step.py", "benchmarks/accelerator.py"} <= called, called
+    for rel in called:
+        assert (repo / rel).is_file(), rel
