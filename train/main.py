@@ -7,6 +7,9 @@ with ``--config.<path>=<value>``. An existing ``--workdir`` resumes. Multi-host:
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; or nothing on TPU pods, where
 ``jax.distributed.initialize()`` finds them itself with ``--distributed``). A process that cannot
 reach the coordinator within ``--init_timeout`` seconds exits with status 3 and a message.
+On a scheduler's preemption notice (SIGTERM to any process) every process checkpoints one agreed
+step and exits with status 143 (128 + SIGTERM) without the final evaluation and export; the
+same command resumes from that step.
 ``train/launch_local.py`` starts N such processes on this machine (CPU devices, gloo).
 """
 
@@ -53,6 +56,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-train") -> int:
         "tests: SIGKILL this process right after the checkpoint of this step is written (a crash)",
         flag_values=fv,
     )
+    flags.DEFINE_integer(
+        "preempt_after_step",
+        None,
+        "tests: send the last process SIGTERM after this step (a scheduler's preemption notice)",
+        flag_values=fv,
+    )
     status = parse_flags(fv, argv, prog, USAGE, DESCRIPTION, EXAMPLE)
     if status is not None:
         return status
@@ -84,6 +93,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-train") -> int:
             progress=fv.progress,
             command="python -m train.main " + " ".join(argv),
             kill_after_step=fv.kill_after_step,
+            preempt_after_step=fv.preempt_after_step,
             allow_config_change=fv.allow_config_change,
         )
     except (TrainConfigError, TrainCheckpointError) as e:
@@ -91,6 +101,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-train") -> int:
         return 2
     if jax.process_index() == 0:
         print({k: v for k, v in summary.items()})
+    if summary["stop_reason"] == "preempted":  # checkpointed; a scheduler reruns the command
+        from samref_jax.training.preemption import PREEMPTED_EXIT_STATUS
+
+        return PREEMPTED_EXIT_STATUS
     return 0
 
 

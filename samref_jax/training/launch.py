@@ -28,6 +28,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from samref_jax.training.preemption import PREEMPTED_EXIT_STATUS
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -102,8 +104,9 @@ def launch(
     capture: list[str] | None = None,
 ) -> int:
     """Runs ``python -m module *args`` as ``num_processes`` processes; returns the exit status
-    (0 when all succeed; else the first failure's, a negative number for a signal; 124 on
-    timeout). ``capture``, when given, receives every output line (prefixed)."""
+    (0 when all succeed; 143 when they stopped on a preemption notice, checkpointed; else the
+    first failure's, a negative number for a signal; 124 on timeout). ``capture``, when given,
+    receives every output line (prefixed)."""
     coordinator = coordinator or f"127.0.0.1:{free_port()}"
     sink = sys.stdout if output is None else output
     procs: list[subprocess.Popen] = []
@@ -129,13 +132,15 @@ def launch(
             threads.append(t)
         deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
         status = 0
+        orderly = (0, PREEMPTED_EXIT_STATUS)  # a preempted process stopped with the others
         while True:
             codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
+            failed = [c for c in codes if c is not None and c not in orderly]
             if failed:
                 status = failed[0]
                 break
-            if all(c == 0 for c in codes):
+            if all(c in orderly for c in codes):
+                status = max(codes)
                 break
             if deadline is not None and time.monotonic() > deadline:
                 sink.write(f"launch: timeout after {timeout_s} s, stopping all processes\n")

@@ -243,6 +243,7 @@ def train(
     command: str | None = None,
     stop_at_step: int | None = None,
     kill_after_step: int | None = None,
+    preempt_after_step: int | None = None,
     allow_config_change: bool = False,
 ) -> dict:
     """Trains (or resumes) into ``workdir``; returns a summary dict (steps, steps/s, ...).
@@ -250,11 +251,16 @@ def train(
     ``stop_at_step`` ends this call early (after checkpointing), as a kill would; the next
     call resumes (tests use it to simulate an interruption). ``kill_after_step`` SIGKILLs the
     process right after the checkpoint of that step is written (tests: a crash).
+    ``preempt_after_step`` sends the last process SIGTERM after that step (tests: a
+    scheduler's preemption notice reaching one host); on such a notice every process stops at
+    one agreed step, checkpoints it and returns with ``stop_reason`` "preempted", without the
+    final evaluation and export (``preemption.PreemptionWatch``).
     ``allow_config_change`` resumes even when the config differs in keys that change the model
     or the data (module docstring).
     """
     from samref_jax.host import tune_malloc
     from samref_jax.training.distributed import barrier
+    from samref_jax.training.preemption import PreemptionWatch, notify_self
 
     check_config(config)  # before tracing anything and before creating the workdir
     tune_malloc()  # XLA:CPU's scratch blocks from the heap, not fresh pages (host.py)
@@ -361,57 +367,78 @@ def train(
     step = start_step
     stop_reason = "num_steps"
     t_steps, n_timed = 0.0, 0
+    last = jax.process_index() == jax.process_count() - 1
     try:
-        while step < num_steps:
-            if stop_at_step is not None and step >= stop_at_step:
-                stop_reason = "stop_at_step"
-                break
-            if tc.max_minutes and _all_agree(minutes_used() >= float(tc.max_minutes)):
-                stop_reason = "max_minutes"
-                break
-            t0 = time.time()
-            batch = next(it)
-            t_data = time.time() - t0
-            state, metrics = step_fn(state, S.shard_batch(batch, mesh))
-            metrics = _jsonable(jax.device_get(metrics))
-            dt = time.time() - t0
-            step += 1
-            if step > start_step + 1:  # exclude the compiling step from throughput
-                t_steps += dt
-                n_timed += 1
-            sps = n_timed / t_steps if t_steps else 0.0
-            row = {
-                "step": step,
-                **metrics,
-                "step_s": dt,
-                "data_s": t_data,
-                "steps_per_s": sps,
-                "images_per_s": sps * global_batch,
-                "minutes": minutes_used(),
-            }
-            mlog.write(json.dumps(row) + "\n")
-            mlog.flush()
-            bar.update(1)
-            if step % max(int(tc.log_every), 1) == 0:
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.3f}", iou=f"{metrics['iou'][-1]:.3f}", sps=f"{sps:.2f}"
-                )
-            if eval_on and step % int(config.eval.every_steps) == 0:
-                if evaluator is not None:
-                    run_eval()
-                barrier("samref_eval")  # the others wait here, not in a collective
-            if step % max(int(tc.checkpoint_every_steps), 1) == 0:
-                save()
-                if kill_after_step is not None and step == int(kill_after_step):
-                    mlog.flush()
-                    os.kill(os.getpid(), signal.SIGKILL)
+        with PreemptionWatch() as watch:
+            while step < num_steps:
+                if stop_at_step is not None and step >= stop_at_step:
+                    stop_reason = "stop_at_step"
+                    break
+                if tc.max_minutes and _all_agree(minutes_used() >= float(tc.max_minutes)):
+                    stop_reason = "max_minutes"
+                    break
+                t0 = time.time()
+                batch = next(it)
+                t_data = time.time() - t0
+                state, metrics = step_fn(state, S.shard_batch(batch, mesh))
+                metrics = _jsonable(jax.device_get(metrics))
+                dt = time.time() - t0
+                step += 1
+                if step > start_step + 1:  # exclude the compiling step from throughput
+                    t_steps += dt
+                    n_timed += 1
+                sps = n_timed / t_steps if t_steps else 0.0
+                row = {
+                    "step": step,
+                    **metrics,
+                    "step_s": dt,
+                    "data_s": t_data,
+                    "steps_per_s": sps,
+                    "images_per_s": sps * global_batch,
+                    "minutes": minutes_used(),
+                }
+                mlog.write(json.dumps(row) + "\n")
+                mlog.flush()
+                bar.update(1)
+                if step % max(int(tc.log_every), 1) == 0:
+                    bar.set_postfix(
+                        loss=f"{metrics['loss']:.3f}",
+                        iou=f"{metrics['iou'][-1]:.3f}",
+                        sps=f"{sps:.2f}",
+                    )
+                if eval_on and step % int(config.eval.every_steps) == 0:
+                    if evaluator is not None:
+                        run_eval()
+                    barrier("samref_eval")  # the others wait here, not in a collective
+                if step % max(int(tc.checkpoint_every_steps), 1) == 0:
+                    save()
+                    if kill_after_step is not None and step == int(kill_after_step):
+                        mlog.flush()
+                        os.kill(os.getpid(), signal.SIGKILL)
+                if preempt_after_step is not None and step == int(preempt_after_step) and last:
+                    notify_self()
+                if watch.reached(step):  # every process: the same step
+                    stop_reason = "preempted"
+                    break
     finally:
         bar.close()
     if ckpt.latest_step() != step:
         save()
-    if evaluator is not None and (
-        not _read_jsonl(workdir / "eval.jsonl")
-        or _read_jsonl(workdir / "eval.jsonl")[-1]["step"] != step
+    preempted = stop_reason == "preempted"
+    if preempted and main:
+        print(
+            f"preemption notice: stopped after step {step}, checkpoint written; the same "
+            "command resumes from it",
+            file=sys.stderr,
+            flush=True,
+        )
+    if (
+        evaluator is not None
+        and not preempted
+        and (
+            not _read_jsonl(workdir / "eval.jsonl")
+            or _read_jsonl(workdir / "eval.jsonl")[-1]["step"] != step
+        )
     ):
         run_eval()
     barrier("samref_final_eval")
@@ -430,7 +457,7 @@ def train(
         "mode": str(config.mode),
         "seed": int(config.seed),
     }
-    if export:  # every process: orbax's save is collective
+    if export and not preempted:  # every process: orbax's save is collective
         meta = {"training": {**summary, "command": command, "config": config.to_dict()}}
         meta = json.loads(json.dumps(meta, default=str))
         summary["export"] = str(_export(workdir, state.params, config, meta))

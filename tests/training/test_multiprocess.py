@@ -10,7 +10,9 @@ compilation cache (only process 0 writes it, so process 1 compiles in every 2-pr
 
 * ``one``: 1 process x 8 devices;
 * ``two``: 2 processes x 4 devices, uninterrupted;
-* ``killed``: 2 x 4, every process SIGKILLed right after the step-2 checkpoint, then restarted.
+* ``killed``: 2 x 4, every process SIGKILLed right after the step-2 checkpoint, then restarted;
+* ``preempted``: 2 x 4, process 1 alone gets SIGTERM (a preemption notice) after step 1; both
+  checkpoint one agreed step and exit with 143, then the same command resumes.
 
 Every subprocess has a hard timeout.
 """
@@ -114,14 +116,23 @@ def runs(tmp_path_factory):
     rc, out = _launch([*common, "--workdir", str(killed)], 2, 4, env)
     assert rc == 0, out[-5000:]
     assert "resumed from step 2" in out, out[-3000:]
-    return one, two, killed
+
+    pre = root / "preempted"
+    rc, out = _launch([*common, "--workdir", str(pre), "--preempt_after_step", "1"], 2, 4, env)
+    assert rc == 143, (rc, out[-5000:])
+    stopped = [r["step"] for r in _rows(pre)]
+    ckpts = sorted(int(p.name) for p in (pre / "checkpoints").iterdir() if p.name.isdigit())
+    assert not (pre / "export").exists()
+    rc, out = _launch([*common, "--workdir", str(pre)], 2, 4, env)
+    assert rc == 0, out[-5000:]
+    return one, two, killed, (pre, stopped, ckpts, out)
 
 
 def test_two_processes_match_one_process(runs):
     """2 processes x 4 devices == 1 process x 8 devices: same global batches (each process
     reads its part), same initialisation, losses equal up to the cross-process reduction
     order. Only process 0 logs; every process takes part in the checkpoints and the export."""
-    one, two, _ = runs
+    one, two, *_ = runs
     a, b = _rows(one), _rows(two)
     assert [r["step"] for r in a] == [1, 2, 3, 4] and [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
@@ -140,12 +151,29 @@ def test_two_processes_match_one_process(runs):
 def test_killed_two_process_run_resumes_with_identical_losses(runs):
     """Every process SIGKILLed after the step-2 checkpoint, restarted: steps 3 and 4 have the
     losses of the uninterrupted 2-process run (restored params, optimiser, data position)."""
-    _, two, killed = runs
+    _, two, killed, _ = runs
     a, b = _rows(two), _rows(killed)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
         for k in ("loss", "iou", "grad_norm"):
             np.testing.assert_allclose(rb[k], ra[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_preemption_notice_on_one_process_stops_both_at_one_step(runs):
+    """SIGTERM to process 1 only: both processes stop after the same step (the one JAX's
+    preemption service agrees on: the step after the notice at most), checkpoint it, skip the
+    export and exit 143; the rerun resumes there with the uninterrupted run's losses."""
+    _, two, _, (pre, stopped, ckpts, out) = runs
+    s = stopped[-1]
+    assert s in (2, 3) and stopped == list(range(1, s + 1)), stopped
+    assert ckpts[-1] == s, ckpts  # the agreed step, written by both (orbax: collective)
+    assert f"resumed from step {s}" in out, out[-3000:]
+    a, b = _rows(two), _rows(pre)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("loss", "iou", "grad_norm"):
+            np.testing.assert_allclose(rb[k], ra[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    assert (pre / "export" / "metadata.json").is_file()
 
 
 def test_unreachable_coordinator_fails_fast_with_message(tmp_path):

@@ -9,6 +9,7 @@ runs of the resume test reuse it).
 from __future__ import annotations
 
 import json
+import signal
 import textwrap
 from pathlib import Path
 
@@ -110,8 +111,8 @@ def test_overfit_and_frozen_subtrees(compile_cache):
 
 @pytest.mark.slow
 def test_kill_and_resume_same_losses(tmp_path, compile_cache):
-    """Interrupted after step 2 and resumed == uninterrupted, for steps 3 and 4; one trace per
-    run; the exported model loads in the predictor."""
+    """Interrupted after step 2 (or preempted after step 3) and resumed == uninterrupted, for
+    the steps after; one trace per run; the exported model loads in the predictor."""
     from samref_jax.samref.predictor import SamRefPredictor
     from samref_jax.training.trainer import train
 
@@ -133,11 +134,24 @@ def test_kill_and_resume_same_losses(tmp_path, compile_cache):
     def rows(d):
         return [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
 
-    a, b = rows("a"), rows("b")
-    assert [r["step"] for r in a] == [1, 2, 3, 4] and [r["step"] for r in b] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b, strict=True):
-        np.testing.assert_allclose(ra["loss"], rb["loss"], rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(ra["iou"], rb["iou"], rtol=1e-6, atol=1e-7)
+    # A preemption notice (SIGTERM) after step 3, off the checkpoint cadence: step 3 is
+    # checkpointed, nothing is exported, the SIGTERM handler is put back; the rerun resumes.
+    handler = signal.getsignal(signal.SIGTERM)
+    summary = train(cfg, tmp_path / "c", progress=False, export=True, preempt_after_step=3)
+    assert summary["stop_reason"] == "preempted" and summary["steps"] == 3, summary
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert sorted(
+        p.name for p in (tmp_path / "c" / "checkpoints").iterdir() if p.name.isdigit()
+    ) == ["2", "3"]
+    assert not (tmp_path / "c" / "export").exists()
+    train(cfg, tmp_path / "c", progress=False, export=False)
+
+    a, b, c = rows("a"), rows("b"), rows("c")
+    for other in (b, c):
+        assert [r["step"] for r in other] == [1, 2, 3, 4]
+        for ra, rb in zip(a, other, strict=True):
+            np.testing.assert_allclose(ra["loss"], rb["loss"], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(ra["iou"], rb["iou"], rtol=1e-6, atol=1e-7)
     pred = SamRefPredictor.from_checkpoint(tmp_path / "a" / "export", mode="full")
     img = synthetic_batch(1, FRAME, seed=5)["image"][0]
     pred.set_image(img)
