@@ -11,6 +11,8 @@ wall-clock budget (counted across resumes, including start-up and compile time) 
     WORKDIR/export/              the model (``save_samref``), for SamRefPredictor.from_checkpoint
 
 A second call with the same ``workdir`` resumes from the newest checkpoint (same data order).
+A preemption notice (SIGTERM to any process) ends a call early: every process checkpoints one
+agreed step and returns without evaluating or exporting (``preemption.PreemptionWatch``).
 It first compares the requested config with ``WORKDIR/config.json`` and refuses a difference in
 anything that changes the model or the data (``TrainConfigError`` listing the keys) unless
 ``allow_config_change``; only the keys in ``RESUME_SAFE`` (run length, logging and checkpoint
