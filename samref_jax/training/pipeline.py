@@ -166,10 +166,11 @@ def augment(
         # Crop a frame-sized window (when larger): around the whole object box when it fits
         # (zoom), else around a random object pixel (idx: the object's pixels in row-major
         # order, as np.nonzero lists them).
-        idx = np.flatnonzero(g == 1)
+        obj = g == 1
+        idx = np.flatnonzero(obj)
         if idx.size == 0 and attempt < 3:
             continue
-        box = _box(g == 1) if zoom and idx.size else None
+        box = _box(obj) if zoom and idx.size else None
         if box is not None and max(box[1] - box[0], box[3] - box[2]) < frame:
             lo_y, hi_y = max(box[1] + 1 - frame, 0), min(box[0], max(h - frame, 0))
             lo_x, hi_x = max(box[3] + 1 - frame, 0), min(box[2], max(w - frame, 0))
