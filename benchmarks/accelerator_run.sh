@@ -17,16 +17,28 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"
-# 1. The vit_b recipe's step at its batch (4 images per device), part by part: encoder in the
-#    step vs cached embeddings, images/s, memory and MFU.
-timeout "${STEP_TIMEOUT:-300}" python3 benchmarks/train_step.py --batch 4 2>&1 \
-  | tee "$OUT/train_step.txt"
-echo "train_step rc=$?"
-# 2. The cached-embedding step at larger batches: how images/s scales with the batch.
-for b in ${SWEEP_BATCHES:-16 32}; do
-  timeout "${SWEEP_TIMEOUT:-120}" python3 benchmarks/train_step.py --parts cached --batch "$b" \
-    2>&1 | tee "$OUT/train_step_cached_b$b.txt"
-  echo "train_step cached batch $b rc=$?"
+# STEP_ARGS go to every train_step.py call (e.g. "--sam tiny --frame 128" for a dry run on a CPU).
+# One compilation cache for the calls: a second run on the same machine skips the compiles.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/samref_jax_cache}
+step() {  # step NAME TIMEOUT ARGS...: one train_step.py call, its output in $OUT/NAME.txt
+  local name=$1 limit=$2
+  shift 2
+  # shellcheck disable=SC2086
+  timeout "$limit" python3 benchmarks/train_step.py $STEP_ARGS "$@" 2>&1 | tee "$OUT/$name.txt"
+  echo "$name rc=$?"
+}
+# On the H200, each whole step compiles in about a minute (autotuning included) and counting
+# model FLOPs (lowering each part for the CPU) adds up to a minute; the timeouts allow for both.
+# 1. The vit_b recipe's step at its batch (4 images per device), part by part: the cached-
+#    embedding step first, then traced (where the device's time goes; the trace comes back as
+#    $OUT/cached_b4.trace.json.gz), the parts, the step with the encoder in it; images/s, MFU.
+step train_step "${STEP_TIMEOUT:-330}" --batch 4 --profile /tmp/samref_prof
+cp "$(ls /tmp/samref_prof/plugins/profile/*/*.trace.json.gz 2>/dev/null | tail -1)" \
+  "$OUT/cached_b4.trace.json.gz" 2>/dev/null
+# 2. More images per device: how images/s grows with the batch (no FLOP count: it scales with
+#    the batch, so MFU follows from step 1's count).
+for b in ${SWEEP_BATCHES:-32}; do
+  step "train_step_cached_b$b" "${SWEEP_TIMEOUT:-200}" --parts cached --batch "$b" --flops 0
 done
 # 3. With ALL=1, also: the encoder, one click and SAM parity (accelerator.py), SAM's decoder
 #    alone, and the SAM latency peer.

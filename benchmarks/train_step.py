@@ -32,11 +32,15 @@ state reuses the donated state's buffers in training).
 ``--parts memory`` only compiles the two whole steps from abstract shapes at each ``--batch``
 (nothing is allocated, so batches larger than the machine's memory can be sized);
 ``--parts cached`` times the cached-embedding step alone (a batch sweep on an accelerator).
+``--profile DIR`` then traces three cached steps (``jax.profiler``, a Perfetto trace in DIR)
+and prints each device timeline's busy time per step and its most expensive operations: how
+much of the step the device idles, and on what it works.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import resource
 import subprocess
@@ -182,7 +186,7 @@ def run(a: argparse.Namespace) -> dict:
     count_cfg = flop_count_config(cfg)  # rounds unrolled, no remat: model FLOPs
 
     def flops(fn, *args) -> float:
-        return _flops(jax.jit(fn).lower(*_on_cpu(args)))
+        return _flops(jax.jit(fn).lower(*_on_cpu(args))) if a.flops else math.nan
 
     rows: dict[str, dict] = {}
     compile_s: dict[str, float] = {}
@@ -196,24 +200,34 @@ def run(a: argparse.Namespace) -> dict:
         print(f"measured {name}: {fmt_time(t)} (compile {compile_s[name]:.1f} s)", flush=True)
         return out
 
-    def whole_steps(batches: dict) -> dict:
-        """Time, FLOPs and memory of each whole training step; the result dict."""
-        for name, batch in batches.items():
-            step = S.make_train_step(cfg, mesh, params, donate=False)
-            t0 = time.perf_counter()
-            compiled = step.lower(state, batch).compile()
-            compile_s[name] = time.perf_counter() - t0
-            t, _ = device_median(lambda c=compiled, b=batch: c(state, b), a.runs)
-            rows[name] = {"s": t, "flops": train_step_flops(cfg, state, batch)}
-            rows[name]["memory"] = step_memory(compiled)["total"]
-            print(f"measured {name}: {fmt_time(t)} (compile {compile_s[name]:.1f} s)", flush=True)
-        for r in rows.values():
+    def whole_step(name: str, batch: dict) -> None:
+        """Time, FLOPs and memory of one whole training step (printed as soon as measured); the
+        cached-embedding step is then traced with ``--profile``."""
+        step = S.make_train_step(cfg, mesh, params, donate=False)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        compile_s[name] = time.perf_counter() - t0
+        call = lambda: compiled(state, batch)  # noqa: E731
+        t, _ = device_median(call, a.runs)
+        print(f"measured {name}: {fmt_time(t)} (compile {compile_s[name]:.1f} s)", flush=True)
+        flop = train_step_flops(cfg, state, batch) if a.flops else math.nan
+        rows[name] = {"s": t, "flops": flop, "memory": step_memory(compiled)["total"]}
+        if a.profile and name == "step, cached embedding":
+            print(f"\n{profile_step(call, t, a.profile)}\n", flush=True)
+
+    def result() -> dict:
+        """The result dict of the parts measured, in the table's order."""
+        order = ["encoder", "click rounds", "clicker", "optimiser"]
+        order += ["step, encoder in the step", "step, cached embedding"]
+        table_rows = {k: rows[k] for k in order if k in rows}
+        for r in table_rows.values():
             r["mfu"] = r["flops"] / r["s"] / peak if peak else None
         fast = rows["step, cached embedding"]["s"]
-        per_s = {k.split(", ", 1)[1]: B / rows[k]["s"] for k in batches}
+        steps = [k for k in table_rows if k.startswith("step, ")]
+        per_s = {k.split(", ", 1)[1]: B / rows[k]["s"] for k in steps}
         res = {
-            "rows": rows,
-            "compile_s": compile_s,
+            "rows": table_rows,
+            "compile_s": {k: compile_s[k] for k in table_rows},
             "images_per_s": per_s,
             "clicks_per_s": {k: v * T for k, v in per_s.items()},
             "desc": (
@@ -239,13 +253,15 @@ def run(a: argparse.Namespace) -> dict:
 
     if a.parts == "cached":  # the embedding is an input of the cached step: no timing
         emb = jax.jit(encoder)(params, raw["image"], raw["valid_hw"])
-        cached = dict(raw, embedding=emb)
-        return whole_steps({"step, cached embedding": cached})
+        whole_step("step, cached embedding", dict(raw, embedding=emb))
+        return result()
 
     emb = measure("encoder", encoder, params, raw["image"], raw["valid_hw"])
     cached = dict(raw, embedding=emb)
+    # 2. the cached-embedding step first: on a device lent for minutes, the number that counts
+    whole_step("step, cached embedding", cached)
 
-    # 2. click rounds, forward + backward, given the embedding (the clicker included)
+    # 3. click rounds, forward + backward, given the embedding (the clicker included)
     def rounds_of(c):
         def rounds(p, batch):
             return jax.value_and_grad(S.unrolled_loss, has_aux=True)(p, batch, model, c)
@@ -256,7 +272,7 @@ def run(a: argparse.Namespace) -> dict:
         "click rounds", rounds_of(cfg), params, cached, count_fn=rounds_of(count_cfg)
     )
 
-    # 3. the clicker alone: T rounds of next_click_jax on a prediction with errors
+    # 4. the clicker alone: T rounds of next_click_jax on a prediction with errors
     gt = raw["gt"] == 1
     valid = (raw["gt"] >= 0) & S.valid_mask(raw["valid_hw"], (f, f))
     pred = jnp.roll(gt, (f // 16, f // 12), axis=(1, 2))
@@ -276,15 +292,91 @@ def run(a: argparse.Namespace) -> dict:
     args = (gt, pred, clicked, valid)
     measure("clicker", clicker_of(False), *args, count_fn=clicker_of(True))
 
-    # 4. optimiser
+    # 5. optimiser
     def optimiser(g, opt_state, p):
         updates, opt_state = tx.update(g, opt_state, p)
         return optax.apply_updates(p, updates), opt_state
 
     measure("optimiser", optimiser, grads, state.opt_state, params)
 
-    # 5. whole steps: encoder in the step vs cached embedding (same examples)
-    return whole_steps({"step, encoder in the step": raw, "step, cached embedding": cached})
+    # 6. the whole step with the encoder in it (same examples)
+    whole_step("step, encoder in the step", raw)
+    return result()
+
+
+def _busy(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def trace_summary(trace_dir: str, steps: int, step_s: float, top: int = 12) -> str:
+    """Device time of ``steps`` profiled steps, from the Perfetto trace under ``trace_dir``.
+
+    Per device timeline (process ``/device:...``, one row per thread: a GPU's streams, 'XLA Ops',
+    'XLA Modules'): events, busy time per step (union of its events, microseconds -> ms) and its
+    share of the step's wall time ``step_s``; then the ``top`` names by total time on the two
+    busiest timelines. A CPU backend has no device timeline: open the trace in Perfetto instead.
+    """
+    import gzip
+    import json
+    from collections import defaultdict
+
+    from etils import epath
+
+    files = sorted(epath.Path(trace_dir).glob("plugins/profile/*/*.trace.json.gz"))  # by time
+    if not files:
+        return f"no *.trace.json.gz under {trace_dir}"
+    events = json.loads(gzip.decompress(files[-1].read_bytes()))["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    threads = {
+        (e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"
+    }
+    spans: dict[str, list] = defaultdict(list)
+    by_name: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for e in events:
+        proc = procs.get(e.get("pid"), "")
+        if e.get("ph") != "X" or not proc.startswith("/device:"):
+            continue
+        line = f"{proc} {threads.get((e['pid'], e.get('tid')), e.get('tid'))}"
+        spans[line].append((e["ts"], e["ts"] + e.get("dur", 0.0)))
+        by_name[line][e["name"]] += e.get("dur", 0.0)
+    if not spans:
+        return f"{files[-1].name}: no device timeline (a CPU backend): open it in Perfetto"
+    busy = {k: _busy(v) / 1e3 / steps for k, v in spans.items()}  # ms per step
+    wall = 1e3 * step_s
+    rows = [
+        [k, f"{len(spans[k]) / steps:g}", f"{busy[k]:.2f} ms", f"{100 * busy[k] / wall:.1f}%"]
+        for k in sorted(busy, key=busy.get, reverse=True)
+    ]
+    out = [
+        f"profile: {steps} cached steps, {fmt_time(step_s)} each (median above); {files[-1]}",
+        "",
+        table(["device timeline", "events per step", "busy per step", "of the step"], rows),
+    ]
+    for k in sorted(busy, key=busy.get, reverse=True)[:2]:
+        names = sorted(by_name[k].items(), key=lambda kv: kv[1], reverse=True)[:top]
+        body = [
+            [n[:90], f"{t / 1e3 / steps:.3f} ms", f"{100 * t / 1e3 / steps / wall:.1f}%"]
+            for n, t in names
+        ]
+        out += ["", table([f"top on {k}", "per step", "of the step"], body)]
+    return "\n".join(out)
+
+
+def profile_step(call, step_s: float, trace_dir: str, steps: int = 3) -> str:
+    """Trace ``steps`` calls of the compiled step ``call()`` (median ``step_s`` s) into
+    ``trace_dir``; its :func:`trace_summary`."""
+    import jax
+
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            jax.block_until_ready(call())
+    return trace_summary(trace_dir, steps, step_s)
 
 
 def report(res: dict) -> str:
@@ -295,11 +387,13 @@ def report(res: dict) -> str:
     body = []
     for name, r in rows.items():
         share = f"{100 * r['s'] / fast:.1f}%"
-        rate = f"{fmt_flops(r['flops'] / r['s'])}/s"
+        rate = f"{fmt_flops(r['flops'] / r['s'])}/s" if r["flops"] == r["flops"] else "not counted"
         mem = fmt_bytes(r["memory"]) if "memory" in r else ""
-        cells = [name, fmt_time(r["s"]), share, fmt_flops(r["flops"]), rate, mem]
+        count = fmt_flops(r["flops"]) if r["flops"] == r["flops"] else "not counted"
+        cells = [name, fmt_time(r["s"]), share, count, rate, mem]
         if mfu:
-            cells.append(f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a")
+            good = r["mfu"] is not None and r["mfu"] == r["mfu"]
+            cells.append(f"{100 * r['mfu']:.1f}%" if good else "n/a")
         body.append(cells)
     ok = lambda b: "meets" if b else "misses"  # noqa: E731
     ips, cps = res["images_per_s"], res["clicks_per_s"]
@@ -363,6 +457,19 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="GlobalDiff working square (default: the recipe's; 0: the whole frame)",
+    )
+    ap.add_argument(
+        "--flops",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="0: no model-FLOP count (lowering each part for the CPU takes a minute at vit_b)",
+    )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="then trace 3 cached steps into DIR (Perfetto) and print device time by operation",
     )
     ap.add_argument(
         "--runs", type=int, default=3, help="timed runs per part after a first call (0: time it)"

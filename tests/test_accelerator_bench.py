@@ -89,16 +89,22 @@ def _mib(cell: str) -> float:
 
 
 @pytest.mark.slow
-def test_train_step_benchmark_cached_part_and_memory_table():
-    """``--parts cached`` times the cached-embedding step alone; ``--parts memory`` compiles both
-    steps at each batch without running them, and the temporaries grow with the batch."""
+def test_train_step_benchmark_cached_part_and_memory_table(tmp_path):
+    """``--parts cached`` times the cached-embedding step alone (``--profile`` then traces it);
+    ``--parts memory`` compiles both steps at each batch without running them, and the
+    temporaries grow with the batch."""
     tiny = ["--sam", "tiny", "--frame", "64", "--rounds", "2", "--global-size", "32"]
     env = {"JAX_PLATFORMS": "cpu"}
+    prof = tmp_path / "prof"
     out = run_python(
-        ["benchmarks/train_step.py", *tiny, "--parts", "cached", "--runs", "0"], env=env
+        ["benchmarks/train_step.py", *tiny, "--parts", "cached", "--runs", "0"]
+        + ["--profile", str(prof)],
+        env=env,
     )
     assert "| step, cached embedding |" in out and "| encoder |" not in out, out[-3000:]
     assert "images/s: " in out and "cached step / in-step" not in out, out[-3000:]
+    assert len(list(prof.glob("plugins/profile/*/*.trace.json.gz"))) == 1, out[-3000:]
+    assert "no device timeline (a CPU backend)" in out, out[-3000:]
     out = run_python(
         ["benchmarks/train_step.py", *tiny, "--parts", "memory", "--batch", "1", "2"], env=env
     )
@@ -110,6 +116,45 @@ def test_train_step_benchmark_cached_part_and_memory_table():
     assert set(rows) == {1, 2}, out[-3000:]
     for col in (1, 3):  # temporaries: encoder in the step, cached embedding
         assert _mib(rows[2][col]) > 1.5 * _mib(rows[1][col]), rows
+
+
+def test_trace_summary_of_a_device_timeline(tmp_path):
+    """Busy time is the union of a timeline's events (overlaps counted once), per profiled
+    step, against the step's wall time; host events are left out."""
+    import gzip
+    import json
+
+    from benchmarks.train_step import trace_summary
+
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7"}},
+    ]
+    ev = lambda pid, ts, dur, name: {
+        "ph": "X",
+        "pid": pid,
+        "tid": 7,
+        "ts": ts,
+        "dur": dur,
+        "name": name,
+    }  # noqa: E731
+    events = meta + [
+        ev(1, 0.0, 5000.0, "host work"),
+        ev(2, 0.0, 1000.0, "fusion.1"),
+        ev(2, 500.0, 1000.0, "gemm"),  # overlaps fusion.1 by 500 us
+        ev(2, 3000.0, 1000.0, "fusion.1"),
+    ]
+    run = tmp_path / "plugins" / "profile" / "2026_01_01_00_00_00"
+    run.mkdir(parents=True)
+    (run / "h.trace.json.gz").write_bytes(
+        gzip.compress(json.dumps({"traceEvents": events}).encode())
+    )
+    out = trace_summary(str(tmp_path), steps=2, step_s=0.01)  # 2 steps of 10 ms
+    line = next(x for x in out.splitlines() if x.startswith("| /device:GPU:0 Stream #7"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1:] == ["1.5", "1.25 ms", "12.5%"], out  # (1500 + 1000) us / 2 steps
+    assert "| fusion.1 | 1.000 ms | 10.0% |" in out and "host work" not in out, out
 
 
 def test_accelerator_run_script_parses_and_names_existing_benchmarks():
