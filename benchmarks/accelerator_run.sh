@@ -30,11 +30,12 @@ step() {  # step NAME TIMEOUT ARGS...: one train_step.py call, its output in $OU
 # On the H200, each whole step compiles in about a minute (autotuning included) and counting
 # model FLOPs (lowering each part for the CPU) adds up to a minute; the timeouts allow for both.
 # 1. The vit_b recipe's step at its batch (4 images per device), part by part: the cached-
-#    embedding step first, then traced (where the device's time goes; the trace comes back as
-#    $OUT/cached_b4.trace.json.gz), the parts, the step with the encoder in it; images/s, MFU.
+#    embedding step first, then traced (where the device's time goes; the trace and the step's
+#    optimised HLO come back in $OUT), the parts, the step with the encoder in it; images/s, MFU.
 step train_step "${STEP_TIMEOUT:-330}" --batch 4 --profile /tmp/samref_prof
 cp "$(ls /tmp/samref_prof/plugins/profile/*/*.trace.json.gz 2>/dev/null | tail -1)" \
   "$OUT/cached_b4.trace.json.gz" 2>/dev/null
+cp /tmp/samref_prof/cached_step.hlo.txt.gz "$OUT/" 2>/dev/null
 # 2. More images per device: how images/s grows with the batch (no FLOP count: it scales with
 #    the batch, so MFU follows from step 1's count).
 for b in ${SWEEP_BATCHES:-32}; do

@@ -34,12 +34,14 @@ state reuses the donated state's buffers in training).
 ``--parts cached`` times the cached-embedding step alone (a batch sweep on an accelerator).
 ``--profile DIR`` then traces three cached steps (``jax.profiler``, a Perfetto trace in DIR)
 and prints each device timeline's busy time per step and its most expensive operations: how
-much of the step the device idles, and on what it works.
+much of the step the device idles, and on what it works; the step's optimised HLO goes to
+``DIR/cached_step.hlo.txt.gz``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import math
 import platform
 import resource
@@ -151,6 +153,7 @@ def run(a: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
+    from etils import epath
 
     from benchmarks.accelerator import (
         PEAK_FLOPS,
@@ -213,6 +216,9 @@ def run(a: argparse.Namespace) -> dict:
         flop = train_step_flops(cfg, state, batch) if a.flops else math.nan
         rows[name] = {"s": t, "flops": flop, "memory": step_memory(compiled)["total"]}
         if a.profile and name == "step, cached embedding":
+            hlo = epath.Path(a.profile) / "cached_step.hlo.txt.gz"  # the optimised program
+            hlo.parent.mkdir(parents=True, exist_ok=True)
+            hlo.write_bytes(gzip.compress(compiled.as_text().encode()))
             print(f"\n{profile_step(call, t, a.profile)}\n", flush=True)
 
     def result() -> dict:
@@ -322,7 +328,6 @@ def trace_summary(trace_dir: str, steps: int, step_s: float, top: int = 12) -> s
     share of the step's wall time ``step_s``; then the ``top`` names by total time on the two
     busiest timelines. A CPU backend has no device timeline: open the trace in Perfetto instead.
     """
-    import gzip
     import json
     from collections import defaultdict
 

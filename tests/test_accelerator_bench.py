@@ -4,6 +4,7 @@ model-FLOP count."""
 
 from __future__ import annotations
 
+import gzip
 import re
 import subprocess
 from pathlib import Path
@@ -104,6 +105,7 @@ def test_train_step_benchmark_cached_part_and_memory_table(tmp_path):
     assert "| step, cached embedding |" in out and "| encoder |" not in out, out[-3000:]
     assert "images/s: " in out and "cached step / in-step" not in out, out[-3000:]
     assert len(list(prof.glob("plugins/profile/*/*.trace.json.gz"))) == 1, out[-3000:]
+    assert b"HloModule" in gzip.decompress((prof / "cached_step.hlo.txt.gz").read_bytes())
     assert "no device timeline (a CPU backend)" in out, out[-3000:]
     out = run_python(
         ["benchmarks/train_step.py", *tiny, "--parts", "memory", "--batch", "1", "2"], env=env
@@ -121,7 +123,6 @@ def test_train_step_benchmark_cached_part_and_memory_table(tmp_path):
 def test_trace_summary_of_a_device_timeline(tmp_path):
     """Busy time is the union of a timeline's events (overlaps counted once), per profiled
     step, against the step's wall time; host events are left out."""
-    import gzip
     import json
 
     from benchmarks.train_step import trace_summary
