@@ -13,7 +13,8 @@ the encoder part):
 * encoder: ``embed_image`` forward (frozen: no backward);
 * click rounds: ``value_and_grad`` of the T-round unroll given the embedding (SAM prompt
   encoder + mask decoder, both refiners, losses, the jittable clicker), forward + backward;
-* clicker: T rounds of ``next_click_jax`` alone (also inside the click rounds above);
+* clicker: T rounds of ``next_click_jax`` alone (also inside the click rounds above), on a
+  prediction that shifts by a pixel per round;
 * optimiser: the masked AdamW update and ``apply_updates``;
 * the whole training step (``make_train_step``), once with the encoder in the step and once
   with the batch carrying ``embedding`` (what ``data.use_cached_embeddings`` feeds it).
@@ -287,11 +288,14 @@ def run(a: argparse.Namespace) -> dict:
 
     def clicker_of(unroll: bool):
         def clicker(gt, pred, clicked, valid):
-            def body(c, _):
-                cy, cx, pos = jax.vmap(next_click_jax)(gt, pred, c, valid)
+            def body(c, t):
+                # The prediction moves by a pixel per round, as it changes in training: with a
+                # fixed one XLA would hoist the distance transforms out of the loop.
+                p = jnp.roll(pred, t, axis=2)
+                cy, cx, pos = jax.vmap(next_click_jax)(gt, p, c, valid)
                 return c.at[jnp.arange(gt.shape[0]), cy, cx].set(True), (cy, cx, pos)
 
-            return jax.lax.scan(body, clicked, None, length=T, unroll=unroll)[1]
+            return jax.lax.scan(body, clicked, jnp.arange(T), unroll=unroll)[1]
 
         return clicker
 

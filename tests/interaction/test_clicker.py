@@ -150,6 +150,27 @@ def test_random_cases_match_brute_force():
             np.testing.assert_array_equal(squared_edt(region), brute)
 
 
+@pytest.mark.parametrize("case", ["all", "vertical band", "horizontal band", "disk", "none"])
+def test_row_pass_stops_early_and_stays_exact(case):
+    """The row pass stops once no pixel can improve: exact against scipy on regions that need
+    every step (all pixels) and a few (bands, a disk), two per call (leading axes share it)."""
+    h, w = 200, 230
+    region = np.zeros((h, w), bool)
+    yy, xx = np.mgrid[:h, :w]
+    if case == "all":
+        region[:] = True
+    elif case == "vertical band":
+        region[:, 40:49] = True
+    elif case == "horizontal band":
+        region[120:127, :] = True
+    elif case == "disk":
+        region = (yy - 90) ** 2 + (xx - 130) ** 2 < 70**2
+    both = np.stack([region, np.roll(region, 17, axis=1)])
+    want = [ndimage.distance_transform_edt(np.pad(r, 1))[1:-1, 1:-1] ** 2 for r in both]
+    got = np.asarray(jax.jit(squared_edt_jax)(both))
+    np.testing.assert_array_equal(got, np.rint(np.stack(want)).astype(np.int64))
+
+
 def test_skipping_the_second_transform_gives_the_same_click():
     # next_click skips one region's EDT when a bounding-box bound on its maximum already decides
     # the sign; compare with always transforming both, on shapes that take every branch.
@@ -283,7 +304,7 @@ _SHARDED_CLICKER = textwrap.dedent(
     n, inside, _ = walk(probe.as_text())
     assert n >= 1 and inside, probe.as_text()
 
-    # 160 x 160: the row pass keeps a fixed-count loop (k_max = 79, three steps of 32 offsets).
+    # 160 x 160: the row pass is a loop of at most three steps of 32 offsets (k_max = 79).
     b, h, w = 8, 160, 160
     rng = np.random.default_rng(0)
     gt = np.stack([ndimage.uniform_filter(rng.random((h, w)), 15) > 0.5 for _ in range(b)])
@@ -291,10 +312,18 @@ _SHARDED_CLICKER = textwrap.dedent(
     pred[0] = False
     clicked = rng.random((b, h, w)) < 0.01
     valid = rng.random((b, h, w)) < 0.97
-    f = jax.jit(jax.vmap(next_click_jax), in_shardings=sh, out_shardings=sh)
-    compiled = f.lower(gt, pred, clicked, valid).compile()
+    # Vmapped over the sharded batch as is, the row pass's stopping test (a maximum over every
+    # example) reduces across devices in the loop; run per device, as the training step does
+    # (jax.shard_map), there is no collective at all.
+    plain = jax.jit(jax.vmap(next_click_jax), in_shardings=sh, out_shardings=sh)
+    n, inside, _ = walk(plain.lower(gt, pred, clicked, valid).compile().as_text())
+    assert n >= 1 and inside, "expected the vmapped loop's condition to reduce across devices"
+    per_device = jax.shard_map(
+        jax.vmap(next_click_jax), mesh=mesh, in_specs=P("data"), out_specs=P("data")
+    )
+    compiled = jax.jit(per_device).lower(gt, pred, clicked, valid).compile()
     n, inside, everywhere = walk(compiled.as_text())
-    assert n >= 1, "expected the row pass's fixed-count loop"
+    assert n >= 1, "expected the row pass's loop"
     assert not inside, inside
     assert not everywhere, everywhere
     ys, xs, pos = compiled(*(jax.device_put(a, sh) for a in (gt, pred, clicked, valid)))
@@ -309,8 +338,8 @@ _SHARDED_CLICKER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_sharded_clicker_has_no_collectives():
-    """4 fake CPU devices, batch sharded over ('data',): the compiled vmapped clicker holds no
-    collective at all, in particular none in a loop body or condition (a data-dependent
-    ``while_loop`` would all-reduce its condition across devices every iteration), and it gives
-    the host clicks."""
+    """4 fake CPU devices, batch sharded over ('data',): the vmapped clicker run per device
+    (``jax.shard_map``, as in the training step) holds no collective at all, while the plain
+    vmapped one all-reduces its loop condition across devices every iteration; the per-device
+    one gives the host clicks."""
     run_script(_SHARDED_CLICKER, timeout=600)
