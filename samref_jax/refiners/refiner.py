@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from samref_jax.refiners.conv import conv2d, depthwise_conv, pointwise_conv
-from samref_jax.refiners.norm import group_norm
+from samref_jax.refiners.norm import group_norm, group_norm_act
 from samref_jax.sam.common import KernelAndBias, gelu, resize_bilinear, resize_matrix
 
 Array = jax.Array
@@ -110,19 +110,30 @@ class GroupNorm(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, act: Any = None, skip: Array | None = None) -> Array:
+        """GroupNorm(x); with ``act``, ``act(GroupNorm(x) + skip)`` (``skip`` optional, shaped
+        as x) computed in float32 and rounded once (``norm.group_norm_act``)."""
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
+        if act is None:
+            if skip is not None:
+                raise ValueError("skip is only added before an activation")
+            return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
+        return group_norm_act(x, scale, bias, skip, self.num_groups, self.epsilon, self.dtype, act)
 
 
-def _norm(cfg: Any, dtype: Any, name: str | None = None) -> nn.Module:
+def _norm_act(cfg: Any, dtype: Any, name: str, x: Array, skip: Array | None = None) -> Array:
+    """``act(norm(x) + skip)`` of the config's norm and activation (``skip`` optional)."""
+    act = _act(cfg.act)
     if cfg.norm == "group":
         groups = math.gcd(int(cfg.num_groups), int(cfg.width))
-        return GroupNorm(num_groups=groups, epsilon=cfg.norm_eps, dtype=dtype, name=name)
+        return GroupNorm(num_groups=groups, epsilon=cfg.norm_eps, dtype=dtype, name=name)(
+            x, act, skip
+        )
     if cfg.norm == "layer":
-        return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dtype, name=name)
+        y = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dtype, name=name)(x)
+        return act(y if skip is None else skip + y)
     raise ValueError(f"unknown norm {cfg.norm!r}")
 
 
@@ -191,12 +202,10 @@ class SepBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c, k = x.shape[-1], self.cfg.kernel_size
-        act = _act(self.cfg.act)
         y = DepthwiseConv(k, self.dtype, name="dw")(x)
-        y = act(_norm(self.cfg, self.dtype, "norm1")(y))
+        y = _norm_act(self.cfg, self.dtype, "norm1", y)
         y = PointwiseConv(c, self.dtype, name="pw")(y)
-        y = _norm(self.cfg, self.dtype, "norm2")(y)
-        return act(x + y)
+        return _norm_act(self.cfg, self.dtype, "norm2", y, skip=x)
 
 
 class DiffRefiner(nn.Module):
@@ -245,7 +254,6 @@ class DiffRefiner(nn.Module):
         """
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype if self.dtype is None else self.dtype)
-        act = _act(cfg.act)
         h, w = (image if context_only else coarse_logits).shape[1:3]
         work = (h, w) if self.work_size is None else (self.work_size, self.work_size)
         k = cfg.stem_kernel
@@ -277,7 +285,7 @@ class DiffRefiner(nn.Module):
         # nn.Conv(width, (k, k), strides=2, padding=pad)'s parameters, hand-written backward.
         ks, bs = KernelAndBias((k, k, x.shape[-1], cfg.width), name="stem")()
         x = conv2d(x, ks, bs, 2, dtype, pad=(pad, pad))
-        x = act(_norm(cfg, dtype, "stem_norm")(x))
+        x = _norm_act(cfg, dtype, "stem_norm", x)
         for i in range(cfg.blocks_before):
             x = SepBlock(cfg, dtype, name=f"block_{i}")(x)
 

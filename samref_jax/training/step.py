@@ -306,13 +306,29 @@ def data_parallel_grads(
     )
 
 
+def stop_frozen(params: Any, trainable: Any) -> Any:
+    """``params`` with ``lax.stop_gradient`` on every leaf outside the ``trainable`` prefixes
+    (:func:`param_labels`): their gradients are zeros that cost nothing, so the step never
+    computes, for example, the weight gradients of SAM's frozen prompt encoder, whose mask input
+    still passes the refined logits' gradient back to earlier rounds."""
+    labels = param_labels(params, trainable)
+    return jax.tree_util.tree_map(
+        lambda x, lab: x if lab == "train" else jax.lax.stop_gradient(x), params, labels
+    )
+
+
 def _loss_and_grads(config: ml_collections.ConfigDict) -> Callable[..., Any]:
-    """``fn(params, batch, round_weights) -> (loss, metrics, grads)`` of :func:`unrolled_loss`."""
+    """``fn(params, batch, round_weights) -> (loss, metrics, grads)`` of :func:`unrolled_loss`;
+    the gradients of frozen leaves are zeros (:func:`stop_frozen`)."""
     model = model_of(config, training=True)
+    trainable = effective_trainable(config)
+
+    def loss_fn(params: Any, batch: dict[str, Array], round_weights: Array | None):
+        return unrolled_loss(stop_frozen(params, trainable), batch, model, config, round_weights)
 
     def fn(params: Any, batch: dict[str, Array], round_weights: Array | None = None):
-        (loss, metrics), grads = jax.value_and_grad(unrolled_loss, has_aux=True)(
-            params, batch, model, config, round_weights
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, batch, round_weights
         )
         return loss, metrics, grads
 
@@ -340,7 +356,7 @@ def make_train_step(
         _, metrics, grads = grads_fn(state.params, batch, None)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)  # frozen leaves' are zeros
         metrics["lr"] = learning_rate_schedule(config.train)(state.step)
         new = TrainState(state.step + 1, params, opt_state, state.rng)
         return new, metrics

@@ -140,3 +140,20 @@ def test_bf16_parameter_gradients_are_float32_sums(op):
         # bf16 autodiff of these layers: 0.035-0.07 here; float32 sums: 0.001-0.003
         rel = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
         assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_bf16_depthwise_rounds_once(use_jit):
+    """A bf16 depthwise layer (forward and input gradient) is the float32 layer on the
+    bf16-rounded inputs and weights, rounded to bf16 once: no rounding between its k*k
+    multiply-adds."""
+    x, kernel, bias, kg = _inputs(5, (2, 9, 7, 6), (3, 3, 6))
+    bf = jnp.bfloat16
+    r = lambda a: a.astype(bf).astype(F32)  # noqa: E731
+    run = jax.jit(_vjp_all, static_argnums=0) if use_jit else _vjp_all
+    y16, dx16, _, _ = run(lambda *a: depthwise_conv(*a, bf), x, kernel, bias, kg)
+    y32, _, _, _ = run(lambda *a: depthwise_conv(*a, F32), r(x), r(kernel), r(bias), kg)
+    np.testing.assert_array_equal(np.asarray(y16), np.asarray(y32.astype(bf)))
+    _, vjp = jax.vjp(lambda v: depthwise_conv(v, r(kernel), jnp.zeros_like(bias), F32), x)
+    (dx32,) = vjp(r(jax.random.normal(kg, y16.shape, F32)))  # the cotangent _vjp_all draws
+    np.testing.assert_array_equal(np.asarray(dx16), np.asarray(dx32.astype(bf).astype(F32)))

@@ -66,6 +66,42 @@ def test_late_round_weight_reaches_refiners(full_setup):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_frozen_leaves_get_zero_gradients(use_jit):
+    """With the recipe's trainable subtrees, the step's gradients equal plain autodiff's on
+    every trainable leaf and are exactly zero on the frozen ones: SAM's prompt encoder, which
+    autodiff gives non-zero weight gradients (the refined mask feeds its mask input), is never
+    differentiated."""
+    cfg = tiny_test_config("full", FRAME, rounds=2)
+    cfg.train.trainable = ("sam/mask_decoder", "global_diff", "patch_diff")
+    params = S.init_params(cfg, _key(0))
+    batch = synthetic_batch(2, FRAME, seed=4)
+    w = jnp.array([1.0, 1.0])
+    grad_fn = S._loss_and_grads(cfg)
+    loss, _, grads = (jax.jit(grad_fn) if use_jit else grad_fn)(params, batch, w)
+    model = S.model_of(cfg, training=True)
+
+    def plain(p):
+        return S.unrolled_loss(p, batch, model, cfg, w)
+
+    ref_loss, ref = jax.jit(jax.value_and_grad(lambda p: plain(p)[0]))(params)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    prompt = _leaves(ref, "['sam']['prompt_encoder']")
+    assert max(float(jnp.max(jnp.abs(v))) for v in prompt.values()) > 0
+    labels = S.param_labels(params, cfg.train.trainable)
+    for (path, g), r, lab in zip(
+        jax.tree_util.tree_flatten_with_path(grads)[0],
+        jax.tree_util.tree_leaves(ref),
+        jax.tree_util.tree_leaves(labels),
+        strict=True,
+    ):
+        if lab == "train":
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6, err_msg=str(path))
+        else:
+            assert not np.any(np.asarray(g)), jax.tree_util.keystr(path)
+
+
+@pytest.mark.slow
 def test_loss_terms_and_metrics(full_setup):
     cfg, params, grad_fn = full_setup
     loss, metrics, _ = grad_fn(params, synthetic_batch(2, FRAME, seed=2), jnp.array([1.0, 1.0]))
