@@ -270,8 +270,13 @@ def run(a: argparse.Namespace) -> dict:
 
     # 3. click rounds, forward + backward, given the embedding (the clicker included)
     def rounds_of(c):
-        def rounds(p, batch):
-            return jax.value_and_grad(S.unrolled_loss, has_aux=True)(p, batch, model, c)
+        trainable = S.effective_trainable(c)
+
+        def rounds(p, batch):  # the step's gradient: frozen leaves under stop_gradient
+            def loss(p):
+                return S.unrolled_loss(S.stop_frozen(p, trainable), batch, model, c)
+
+            return jax.value_and_grad(loss, has_aux=True)(p)
 
         return rounds
 
@@ -355,7 +360,11 @@ def trace_summary(trace_dir: str, steps: int, step_s: float, top: int = 12) -> s
         spans[line].append((e["ts"], e["ts"] + e.get("dur", 0.0)))
         by_name[line][e["name"]] += e.get("dur", 0.0)
     if not spans:
-        return f"{files[-1].name}: no device timeline (a CPU backend): open it in Perfetto"
+        hlo = epath.Path(trace_dir) / "cached_step.hlo.txt.gz"
+        if not hlo.exists():
+            return f"{files[-1].name}: no device timeline (a CPU backend): open it in Perfetto"
+        text = gzip.decompress(hlo.read_bytes()).decode()
+        return f"{files[-1]}\n\n{cpu_op_summary(events, text, steps)}"
     busy = {k: _busy(v) / 1e3 / steps for k, v in spans.items()}  # ms per step
     wall = 1e3 * step_s
     rows = [
@@ -375,6 +384,108 @@ def trace_summary(trace_dir: str, steps: int, step_s: float, top: int = 12) -> s
         ]
         out += ["", table([f"top on {k}", "per step", "of the step"], body)]
     return "\n".join(out)
+
+
+# Model parts of an op, from the first of these found in its HLO op_name (its JAX scopes).
+_PARTS = (
+    ("global_diff", "GlobalDiff"),
+    ("patch_diff", "PatchDiff"),
+    ("clicker", "clicker"),
+    ("losses", "losses"),
+    ("sam.", "SAM prompt encoder + mask decoder"),
+    ("prompt_encoder", "SAM prompt encoder + mask decoder"),
+    ("mask_decoder", "SAM prompt encoder + mask decoder"),
+)
+
+
+def _op_names(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> the op_name of its metadata. A fusion whose own op_name names no
+    model part (:data:`_PARTS`) takes the most common one that does among the instructions of
+    the computation it calls, or without any, the most common of them if it has none itself."""
+    import re
+    from collections import Counter
+
+    own: dict[str, str] = {}
+    calls: dict[str, str] = {}
+    inside: dict[str, Counter] = {}
+    comp = None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(", line)
+        if head:
+            comp = head.group(1)
+            inside[comp] = Counter()
+            continue
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+        if not m:
+            continue
+        name = re.search(r'op_name="([^"]*)"', line)
+        own[m.group(1)] = name.group(1) if name else ""
+        if name and comp is not None:
+            inside[comp][name.group(1)] += 1
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        if called:
+            calls[m.group(1)] = called.group(1)
+
+    def named(op: str) -> bool:
+        return any(key in op for key, _ in _PARTS)
+
+    for inst, op in own.items():
+        body = inside.get(calls.get(inst, ""))
+        if named(op) or not body:
+            continue
+        parts = [(n, o) for o, n in body.items() if named(o)]
+        if parts:  # e.g. a fusion of a GlobalDiff layer labelled with its loop's scope
+            own[inst] = max(parts)[1]
+        elif not op:
+            own[inst] = body.most_common(1)[0][0]
+    return own
+
+
+def cpu_op_summary(events: list[dict], hlo_text: str, steps: int) -> str:
+    """Op time per model part and pass from a CPU trace: every event named after an HLO
+    instruction of ``hlo_text`` (XLA:CPU's ops, on its worker threads), its own time (nested
+    events subtracted), summed over the threads and grouped by the part its op_name names
+    (:data:`_PARTS`) and by pass (forward; ``recompute``: train.remat's forward in the backward
+    pass; backward)."""
+    from collections import defaultdict
+
+    names = _op_names(hlo_text)
+    by_thread: dict[tuple, list] = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in names:
+            by_thread[(e["pid"], e.get("tid"))].append(e)
+    own: dict[str, float] = defaultdict(float)
+    for evs in by_thread.values():
+        evs.sort(key=lambda e: (e["ts"], -e.get("dur", 0.0)))
+        stack: list[tuple[float, str]] = []  # (end, name) of the enclosing events
+        for e in evs:
+            start, dur = e["ts"], e.get("dur", 0.0)
+            while stack and stack[-1][0] <= start:
+                stack.pop()
+            if stack:
+                own[stack[-1][1]] -= dur
+            own[e["name"]] += dur
+            stack.append((start + dur, e["name"]))
+    cells: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for inst, t in own.items():
+        op = names[inst]
+        part = next((label for key, label in _PARTS if key in op), "other")
+        if not op:  # no source location: conversions and copies XLA added (no pass column)
+            part, kind = "other, no source location", "unknown"
+        elif "rematted_computation" in op:
+            kind = "recompute"
+        else:
+            kind = "backward" if "transpose(" in op else "forward"
+        cells[part][kind] += t / 1e3 / steps  # ms per step
+    total = sum(sum(c.values()) for c in cells.values())
+    kinds = ("forward", "recompute", "backward")
+    rows = [
+        [part, *(f"{c[k]:.0f} ms" for k in kinds), f"{sum(c.values()):.0f} ms"]
+        + [f"{100 * sum(c.values()) / total:.1f}%"]
+        for part, c in sorted(cells.items(), key=lambda kv: -sum(kv[1].values()))
+    ]
+    head = ["part (op time per step, all threads)", *kinds, "total", "share"]
+    return f"XLA:CPU op time, {fmt_time(total / 1e3)} per step\n\n{table(head, rows)}"
 
 
 def profile_step(call, step_s: float, trace_dir: str, steps: int = 3) -> str:

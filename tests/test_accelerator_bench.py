@@ -95,7 +95,9 @@ def test_train_step_benchmark_cached_part_and_memory_table(tmp_path):
     ``--parts memory`` compiles both steps at each batch without running them, and the
     temporaries grow with the batch."""
     tiny = ["--sam", "tiny", "--frame", "64", "--rounds", "2", "--global-size", "32"]
-    env = {"JAX_PLATFORMS": "cpu"}
+    # A fresh compilation cache: an executable loaded from the suite's cache keeps the op
+    # names (JAX scopes) of the code that compiled it, which the profile summary reads.
+    env = {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
     prof = tmp_path / "prof"
     out = run_python(
         ["benchmarks/train_step.py", *tiny, "--parts", "cached", "--runs", "0"]
@@ -106,9 +108,13 @@ def test_train_step_benchmark_cached_part_and_memory_table(tmp_path):
     assert "images/s: " in out and "cached step / in-step" not in out, out[-3000:]
     assert len(list(prof.glob("plugins/profile/*/*.trace.json.gz"))) == 1, out[-3000:]
     assert b"HloModule" in gzip.decompress((prof / "cached_step.hlo.txt.gz").read_bytes())
-    assert "no device timeline (a CPU backend)" in out, out[-3000:]
+    # A CPU has no device timeline: op time per model part from the trace and the HLO.
+    assert "XLA:CPU op time" in out, out[-3000:]
+    for part in ("GlobalDiff", "PatchDiff", "clicker", "losses"):
+        assert f"| {part} |" in out, (part, out[-3000:])
     out = run_python(
-        ["benchmarks/train_step.py", *tiny, "--parts", "memory", "--batch", "1", "2"], env=env
+        ["benchmarks/train_step.py", *tiny, "--parts", "memory", "--batch", "1", "2"],
+        env={"JAX_PLATFORMS": "cpu"},
     )
     rows = {}
     for line in out.splitlines():
@@ -156,6 +162,41 @@ def test_trace_summary_of_a_device_timeline(tmp_path):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1:] == ["1.5", "1.25 ms", "12.5%"], out  # (1500 + 1000) us / 2 steps
     assert "| fusion.1 | 1.000 ms | 10.0% |" in out and "host work" not in out, out
+
+
+def test_cpu_op_summary_own_time_by_part_and_pass():
+    """Own time of each op (nested ops subtracted) per model part and pass; a fusion without
+    metadata takes the op_name of the computation it calls; events that are not HLO
+    instructions are left out."""
+    from benchmarks.train_step import cpu_op_summary
+
+    hlo = "\n".join(
+        [
+            "%fused_computation.1 (p: f32[4]) -> f32[4] {",
+            '  %m = f32[4] multiply(%p, %p), metadata={op_name="jit(step)/transpose(jvp())/'
+            'SamRef._round/global_diff/refiner/mul"}',
+            "}",
+            "ENTRY %main (a: f32[4]) -> f32[4] {",
+            "  %fusion.1 = f32[4] fusion(%a), kind=kLoop, calls=%fused_computation.1",
+            '  %dot.2 = f32[4] dot(%a, %a), metadata={op_name="jit(step)/jvp()/SamRef._round/'
+            'sam.predict_masks/dot"}',
+            '  %sel.3 = f32[4] select(%a, %a), metadata={op_name="jit(step)/transpose(jvp())/'
+            'rematted_computation/clicker/select_n"}',
+            "}",
+        ]
+    )
+    ev = lambda tid, ts, dur, name: dict(ph="X", pid=1, tid=tid, ts=ts, dur=dur, name=name)  # noqa: E731
+    events = [
+        ev(1, 0.0, 10000.0, "ThunkExecutor::Execute"),  # not an instruction: ignored
+        ev(1, 0.0, 6000.0, "fusion.1"),
+        ev(1, 1000.0, 2000.0, "dot.2"),  # nested in fusion.1 on the same thread
+        ev(2, 0.0, 4000.0, "sel.3"),
+    ]
+    out = cpu_op_summary(events, hlo, steps=2)  # (4 + 2 + 4) ms of own time over 2 steps
+    assert "XLA:CPU op time, 5.0 ms per step" in out, out
+    assert "| GlobalDiff | 0 ms | 0 ms | 2 ms | 2 ms | 40.0% |" in out, out
+    assert "| SAM prompt encoder + mask decoder | 1 ms | 0 ms | 0 ms | 1 ms | 20.0% |" in out
+    assert "| clicker | 0 ms | 2 ms | 0 ms | 2 ms | 40.0% |" in out, out
 
 
 def test_accelerator_run_script_parses_and_names_existing_benchmarks():

@@ -227,10 +227,13 @@ def unrolled_loss(
     def body(carry, t):
         state, clicked = carry
         out, state = model.apply({"params": params}, ctx, state, mode, method=SamRef.click)
-        terms = L.round_losses(out, gt, valid, mode, lc)
+        # Named scopes label these ops in profiles (benchmarks/train_step.py --profile).
+        with jax.named_scope("losses"):
+            terms = L.round_losses(out, gt, valid, mode, lc)
         pred = jax.lax.stop_gradient(out.final_logits) > 0
         iou = L.iou_per_sample(pred, gt, valid)
-        cy, cx, pos = jax.vmap(next_click_jax)(gt, pred, clicked, valid)
+        with jax.named_scope("clicker"):
+            cy, cx, pos = jax.vmap(next_click_jax)(gt, pred, clicked, valid)
         if stop_fb:
             state = jax.lax.stop_gradient(state)
         state = state.add_click(jnp.stack([cx, cy], -1), pos)
