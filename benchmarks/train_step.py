@@ -11,7 +11,7 @@ Each part is its own ``jax.jit`` on the same inputs (synthetic images, their emb
 the encoder part):
 
 * encoder: ``embed_image`` forward (frozen: no backward);
-* click rounds: ``value_and_grad`` of the T-round unroll given the embedding (SAM prompt
+* click rounds: the step's ``loss_and_grads`` of the T-round unroll given the embedding (SAM prompt
   encoder + mask decoder, both refiners, losses, the jittable clicker), forward + backward;
 * clicker: T rounds of ``next_click_jax`` alone (also inside the click rounds above), on a
   prediction that shifts by a pixel per round;
@@ -269,19 +269,13 @@ def run(a: argparse.Namespace) -> dict:
     whole_step("step, cached embedding", cached)
 
     # 3. click rounds, forward + backward, given the embedding (the clicker included)
-    def rounds_of(c):
-        trainable = S.effective_trainable(c)
-
-        def rounds(p, batch):  # the step's gradient: frozen leaves under stop_gradient
-            def loss(p):
-                return S.unrolled_loss(S.stop_frozen(p, trainable), batch, model, c)
-
-            return jax.value_and_grad(loss, has_aux=True)(p)
-
-        return rounds
-
-    (_, _), grads = measure(
-        "click rounds", rounds_of(cfg), params, cached, count_fn=rounds_of(count_cfg)
+    # The step's own gradient function (frozen leaves under stop_gradient).
+    _, _, grads = measure(
+        "click rounds",
+        S.loss_and_grads(cfg),
+        params,
+        cached,
+        count_fn=S.loss_and_grads(count_cfg),
     )
 
     # 4. the clicker alone: T rounds of next_click_jax on a prediction with errors

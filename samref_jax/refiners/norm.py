@@ -71,13 +71,24 @@ def group_norm(
     return _fwd(x, scale, bias, num_groups, epsilon, dtype)[0]
 
 
-def _fwd(x, scale, bias, g, eps, dtype):
+def _checked_stats(x: Array, g: int, eps: float) -> tuple[Array, Array, Array]:
+    """float32 x and its (B, C) group mean and inverse deviation; C must split into g groups."""
     c = x.shape[-1]
     if c % g:
         raise ValueError(f"{c} channels do not split into {g} groups")
     xf = x.astype(F32)
-    mean, inv = _stats(xf, g, eps)
-    y = ((xf - mean[:, None, None, :]) * (inv * scale)[:, None, None, :] + bias).astype(dtype)
+    return (xf, *_stats(xf, g, eps))
+
+
+def _pre_act(xf, scale, bias, skip, mean, inv):
+    """GroupNorm's float32 output (+ skip): the input of the activation, if any."""
+    u = (xf - mean[:, None, None, :]) * (inv * scale)[:, None, None, :] + bias
+    return u if skip is None else u + skip.astype(F32)
+
+
+def _fwd(x, scale, bias, g, eps, dtype):
+    xf, mean, inv = _checked_stats(x, g, eps)
+    y = _pre_act(xf, scale, bias, None, mean, inv).astype(dtype)
     return y, (x, scale, mean, inv)
 
 
@@ -132,17 +143,8 @@ def group_norm_act(
     return _norm_act_fwd(x, scale, bias, skip, num_groups, epsilon, dtype, act)[0]
 
 
-def _pre_act(xf, scale, bias, skip, mean, inv):
-    u = (xf - mean[:, None, None, :]) * (inv * scale)[:, None, None, :] + bias
-    return u if skip is None else u + skip.astype(F32)
-
-
 def _norm_act_fwd(x, scale, bias, skip, g, eps, dtype, act):
-    c = x.shape[-1]
-    if c % g:
-        raise ValueError(f"{c} channels do not split into {g} groups")
-    xf = x.astype(F32)
-    mean, inv = _stats(xf, g, eps)
+    xf, mean, inv = _checked_stats(x, g, eps)
     y = act(_pre_act(xf, scale, bias, skip, mean, inv)).astype(dtype)
     return y, (x, scale, bias, skip, mean, inv)
 

@@ -320,7 +320,7 @@ def stop_frozen(params: Any, trainable: Any) -> Any:
     )
 
 
-def _loss_and_grads(config: ml_collections.ConfigDict) -> Callable[..., Any]:
+def loss_and_grads(config: ml_collections.ConfigDict) -> Callable[..., Any]:
     """``fn(params, batch, round_weights) -> (loss, metrics, grads)`` of :func:`unrolled_loss`;
     the gradients of frozen leaves are zeros (:func:`stop_frozen`)."""
     model = model_of(config, training=True)
@@ -352,7 +352,7 @@ def make_train_step(
     """
     tx = make_optimizer(config, params_template)
     rep, bsh = replicated(mesh), batch_sharding(mesh)
-    grads_fn = data_parallel_grads(_loss_and_grads(config), mesh)
+    grads_fn = data_parallel_grads(loss_and_grads(config), mesh)
 
     def step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
         TRACE_COUNT["train_step"] += 1
@@ -375,7 +375,7 @@ def make_train_step(
 def make_grad_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
     """``grads(params, batch, round_weights) -> (loss, metrics, grads)`` (tests, diagnostics);
     with ``mesh``, data-parallel exactly as in :func:`make_train_step`."""
-    fn = _loss_and_grads(config)
+    fn = loss_and_grads(config)
     if mesh is None:
         return jax.jit(fn)
     rep, bsh = replicated(mesh), batch_sharding(mesh)

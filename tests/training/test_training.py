@@ -77,7 +77,7 @@ def test_frozen_leaves_get_zero_gradients(use_jit):
     params = S.init_params(cfg, _key(0))
     batch = synthetic_batch(2, FRAME, seed=4)
     w = jnp.array([1.0, 1.0])
-    grad_fn = S._loss_and_grads(cfg)
+    grad_fn = S.loss_and_grads(cfg)
     loss, _, grads = (jax.jit(grad_fn) if use_jit else grad_fn)(params, batch, w)
     model = S.model_of(cfg, training=True)
 
