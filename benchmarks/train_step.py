@@ -221,6 +221,8 @@ def run(a: argparse.Namespace) -> dict:
             hlo.parent.mkdir(parents=True, exist_ok=True)
             hlo.write_bytes(gzip.compress(compiled.as_text().encode()))
             print(f"\n{profile_step(call, t, a.profile)}\n", flush=True)
+            if on_cpu:
+                print(memory_pass(global_diff_grid(cfg, B), a.runs) + "\n", flush=True)
 
     def result() -> dict:
         """The result dict of the parts measured, in the table's order."""
@@ -491,6 +493,31 @@ def profile_step(call, step_s: float, trace_dir: str, steps: int = 3) -> str:
         for _ in range(steps):
             jax.block_until_ready(call())
     return trace_summary(trace_dir, steps, step_s)
+
+
+def global_diff_grid(cfg, batch: int) -> tuple[int, int, int, int]:
+    """(B, h, w, C) of GlobalDiff's stem grid (a stride-2 stem on its working size)."""
+    from samref_jax.samref.config import sam_config_from
+
+    gd = cfg.model.refiners.global_diff
+    work = int(gd.input_size or sam_config_from(cfg.model).img_size)
+    return (batch, (work + 1) // 2, (work + 1) // 2, int(gd.width))
+
+
+def memory_pass(shape: tuple[int, ...], runs: int) -> str:
+    """Time of one elementwise float32 pass (``x * 2``: read and write) over ``shape``: the
+    floor of any full-size operation on a map of that shape, to read a CPU profile against."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones(shape, jnp.float32)
+    double = jax.jit(lambda v: v * 2.0)
+    t, _ = device_median(lambda: double(x), max(runs, 5))
+    moved = 2 * x.size * 4  # bytes read + written
+    return (
+        f"one float32 pass (x * 2) over a {' x '.join(map(str, shape))} map (GlobalDiff's "
+        f"grid): {fmt_time(t)}, {fmt_bytes(moved)} moved, {moved / t / 1e9:.1f} GB/s"
+    )
 
 
 def report(res: dict) -> str:

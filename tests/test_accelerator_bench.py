@@ -112,6 +112,8 @@ def test_train_step_benchmark_cached_part_and_memory_table(tmp_path):
     assert "XLA:CPU op time" in out, out[-3000:]
     for part in ("GlobalDiff", "PatchDiff", "clicker", "losses"):
         assert f"| {part} |" in out, (part, out[-3000:])
+    # The reference pass: GlobalDiff's grid at --global-size 32 is 16 x 16 x 32 (width 32).
+    assert "one float32 pass (x * 2) over a 1 x 16 x 16 x 32 map" in out, out[-3000:]
     out = run_python(
         ["benchmarks/train_step.py", *tiny, "--parts", "memory", "--batch", "1", "2"],
         env={"JAX_PLATFORMS": "cpu"},
