@@ -15,7 +15,9 @@ backward passes differ from what autodiff would trace, measured in
   inside the training step's loop);
 * a strided convolution's input gradient is one matrix product for all taps and a strided
   placement of each tap's slice, not XLA's transposed convolution (0.18 s per click round for
-  the stem).
+  the stem);
+* bf16 maps are padded as 16-bit integers (:func:`_pad_hw`), so their taps are read without
+  being rounded again.
 
 Other input gradients are what autodiff computes, in ``dtype``.
 
@@ -63,6 +65,21 @@ def _pixel_sums(terms: list[Array]) -> tuple[Array, ...]:
     )
 
 
+def _pad_hw(x: Array, lo: int, hi: int) -> Array:
+    """Zero-pad H and W of (B, H, W, C) x; a 16-bit float array is padded as its bits.
+
+    The same values as ``jnp.pad``. XLA:CPU has no bf16 pad: it pads a float32 copy, and the
+    taps read from it were each rounded back to bf16 inside their loop (nine emulated roundings
+    per element for a 3 x 3 kernel; docs/benchmarks.md, 'train_step.py'). An integer pad is
+    plain data movement, and the bits it moves need no rounding.
+    """
+    pads = ((0, 0), (lo, hi), (lo, hi), (0, 0))
+    if jnp.dtype(x.dtype).itemsize != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.pad(x, pads)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jnp.pad(bits, pads), x.dtype)
+
+
 def _same_pad(k: int) -> tuple[int, int]:
     return (k - 1) // 2, k - 1 - (k - 1) // 2
 
@@ -80,7 +97,7 @@ def _depthwise(
     k = kernel.shape[0]
     lo, hi = _same_pad(k) if pad is None else pad
     h, w = x.shape[1:3]
-    xp = jnp.pad(x.astype(dtype), ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+    xp = _pad_hw(x.astype(dtype), lo, hi)
     kern = kernel.astype(dtype).astype(F32)
     out = jnp.zeros(x.shape, F32) + bias.astype(dtype).astype(F32)
     for t, view in enumerate(_taps(xp, k, 1, (h, w))):
@@ -112,7 +129,7 @@ def _depthwise_bwd(dtype, res, g):
     # dx[z] = sum_d g[z - d + lo] kernel[d]: the forward loop on g, kernel flipped, padding
     # swapped, no bias.
     dx = _depthwise(g, kernel[::-1, ::-1], jnp.zeros(kernel.shape[-1:], F32), dtype, (hi, lo))
-    xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+    xp = _pad_hw(x, lo, hi)
     gf = g.astype(F32)
     sums = _pixel_sums([gf * v.astype(F32) for v in _taps(xp, k, 1, (h, w))] + [gf])
     return dx.astype(x.dtype), jnp.stack(sums[:-1]).reshape(kernel.shape), sums[-1]
@@ -208,7 +225,7 @@ def _conv2d_bwd(stride, dtype, out_dtype, pad, res, g):
         (dx,) = vjp_x(gd)
     else:
         dx = _strided_input_grad(gd, kernel.astype(dtype), stride, (lo, hi), x.shape)
-    xp = jnp.pad(x.astype(dtype), ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+    xp = _pad_hw(x.astype(dtype), lo, hi)
     taps = _taps(xp, k, stride, out_hw)
     cout = kernel.shape[-1]
     gf = g.astype(F32)

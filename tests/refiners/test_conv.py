@@ -157,3 +157,33 @@ def test_bf16_depthwise_rounds_once(use_jit):
     _, vjp = jax.vjp(lambda v: depthwise_conv(v, r(kernel), jnp.zeros_like(bias), F32), x)
     (dx32,) = vjp(r(jax.random.normal(kg, y16.shape, F32)))  # the cotangent _vjp_all draws
     np.testing.assert_array_equal(np.asarray(dx16), np.asarray(dx32.astype(bf).astype(F32)))
+
+
+def test_bf16_padding_keeps_bits_and_is_not_rounded_per_tap():
+    """A bf16 map is padded as its bits (``conv._pad_hw``): the same values as ``jnp.pad``
+    (signed zeros and NaNs included), and in the optimised CPU program of a bf16 layer's
+    gradient no padded map is rounded from float32 to bf16 (XLA:CPU pads bf16 in float32 and
+    then rounded the padded copy once per tap: nine roundings per element)."""
+    import re
+
+    from samref_jax.refiners.conv import _pad_hw
+
+    bf = jnp.bfloat16
+    x = jnp.asarray([[-0.0, 1.5], [jnp.nan, -3.25]], bf).reshape(1, 2, 2, 1)
+    bits = lambda a: np.asarray(jax.lax.bitcast_convert_type(a, jnp.uint16))  # noqa: E731
+    want = jnp.pad(x, ((0, 0), (1, 2), (1, 2), (0, 0)))
+    assert _pad_hw(x, 1, 2).dtype == bf
+    np.testing.assert_array_equal(bits(_pad_hw(x, 1, 2)), bits(want))
+    xf = jnp.ones((1, 4, 4, 2), F32)
+    np.testing.assert_array_equal(_pad_hw(xf, 1, 1), jnp.pad(xf, ((0, 0), (1, 1), (1, 1), (0, 0))))
+
+    x = jnp.ones((1, 16, 16, 8), bf)
+    b = jnp.zeros((8,), F32)
+    layers = {
+        "depthwise": lambda v: depthwise_conv(jnp.cos(v), jnp.ones((3, 3, 8)), b, bf),
+        "conv2d": lambda v: conv2d(jnp.cos(v), jnp.ones((3, 3, 8, 8)), b, 2, bf),
+    }
+    for name, layer in layers.items():
+        loss = lambda v, f=layer: jnp.sum(jnp.sin(f(v).astype(F32)))  # noqa: E731
+        hlo = jax.jit(jax.grad(loss)).lower(x).compile().as_text()
+        assert not re.findall(r"= bf16\[1,18,18,8\]\S* convert\(", hlo), name
