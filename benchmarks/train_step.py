@@ -11,8 +11,9 @@ Each part is its own ``jax.jit`` on the same inputs (synthetic images, their emb
 the encoder part):
 
 * encoder: ``embed_image`` forward (frozen: no backward);
-* click rounds: the step's ``loss_and_grads`` of the T-round unroll given the embedding (SAM prompt
-  encoder + mask decoder, both refiners, losses, the jittable clicker), forward + backward;
+* click rounds: the step's own ``loss_and_grads`` of the T-round unroll given the embedding
+  (SAM prompt encoder + mask decoder, both refiners, losses, the jittable clicker), forward +
+  backward;
 * clicker: T rounds of ``next_click_jax`` alone (also inside the click rounds above), on a
   prediction that shifts by a pixel per round;
 * optimiser: the masked AdamW update and ``apply_updates``;

@@ -162,8 +162,8 @@ def test_bf16_depthwise_rounds_once(use_jit):
 def test_bf16_padding_keeps_bits_and_is_not_rounded_per_tap():
     """A bf16 map is padded as its bits (``conv._pad_hw``): the same values as ``jnp.pad``
     (signed zeros and NaNs included), and in the optimised CPU program of a bf16 layer's
-    gradient no padded map is rounded from float32 to bf16 (XLA:CPU pads bf16 in float32 and
-    then rounded the padded copy once per tap: nine roundings per element)."""
+    gradient no padded map is rounded from float32 to bf16 (XLA:CPU pads bf16 in float32; a
+    plain ``jnp.pad`` left the padded copy rounded once per tap: nine roundings per element)."""
     import re
 
     from samref_jax.refiners.conv import _pad_hw
