@@ -66,7 +66,7 @@ class ImageContext(NamedTuple):
     image_pe / global_context / decoder_layer0: optional per-image caches an interactive caller
       computes once (:meth:`SamRef.prepare` with ``caches=True``): SAM's dense positional
       encoding (1, S, S, D), GlobalDiff's :class:`RefinerContext`, and the per-image part of
-      SAM's decoder's first layer. None: each click computes them (training, where they train).
+      SAM's decoder's first layer. None: each click computes them.
     """
 
     embedding: Array
@@ -324,7 +324,7 @@ class SamRef(nn.Module):
             frame pixels.
           embedding: (B, S, S, D) SAM's embedding if already known (cached); None: computed.
           caches: also compute the per-image caches (positional encoding, GlobalDiff's inputs,
-            the decoder's first-layer projections); False leaves them to each click (training).
+            the decoder's first-layer projections); False leaves them to each click.
           detail_image: (B, kF, kF, 3) the image at ``image_scale`` k x the frame (k > 1 only).
         """
         if embedding is None:

@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from samref_jax.interaction.clicker import next_click_jax
 from samref_jax.samref.config import sam_config_from
-from samref_jax.samref.model import ClickState, ImageContext, SamRef, init_samref_params
+from samref_jax.samref.model import ClickState, SamRef, init_samref_params
 from samref_jax.training import losses as L
 
 Array = jax.Array
@@ -205,12 +205,22 @@ def unrolled_loss(
     ):
         emb = jax.lax.stop_gradient(emb)
 
-    # The image context (caches left to the click: they train) and the first click.
+    # The image context with its per-image caches (SAM's positional encoding, GlobalDiff's
+    # inputs, the decoder's first-layer projections), computed once before the rounds: every
+    # round reads them, and their parameters' gradients sum over the rounds. Then the first click.
     detail = None
     if "detail_image" in batch:  # PatchDiff's image source at image_scale k x the frame
         k = batch["detail_image"].shape[1] // f
         detail = preprocess_frame(batch["detail_image"], batch["valid_hw"] * k, sam_cfg)
-    ctx = ImageContext(emb, image, batch["valid_hw"], batch["radius"], detail)
+    ctx = model.apply(
+        {"params": params},
+        image,
+        batch["valid_hw"],
+        batch["radius"],
+        emb,
+        detail_image=detail,
+        method=SamRef.prepare,
+    )
     fy, fx = batch["first_click"][:, 0], batch["first_click"][:, 1]
     first_xy = jnp.stack([fx, fy], -1).astype(jnp.float32)
     state0 = ClickState.empty(config.model, b).add_click(first_xy, jnp.ones((b,), jnp.int32))
