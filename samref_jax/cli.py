@@ -552,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``samref``; returns the exit status (2 on user errors)."""
+    from samref_jax.host import tune_malloc
+
+    tune_malloc()  # before JAX starts its threads (samref_jax/host.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = _lookup(argv[0]) if argv else None
     if cmd is None or cmd.forward is None:

@@ -31,9 +31,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-train") -> int:
     from absl import flags
     from ml_collections import config_flags
 
+    from samref_jax.host import tune_malloc
     from samref_jax.training import distributed
     from samref_jax.training.flag_args import parse_flags
 
+    tune_malloc()  # before JAX starts its threads (samref_jax/host.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(

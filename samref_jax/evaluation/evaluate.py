@@ -234,6 +234,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-eval") -> int:
     130. The inputs are checked before the model is loaded. Samples finished before an error
     or Ctrl-C stay in ``samples.jsonl``.
     """
+    from samref_jax.host import tune_malloc
+
+    tune_malloc()  # before JAX starts its threads (samref_jax/host.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:], f"{prog} compare")
