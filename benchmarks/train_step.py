@@ -214,9 +214,10 @@ def run(a: argparse.Namespace) -> dict:
         compile_s[name] = time.perf_counter() - t0
         call = lambda: compiled(state, batch)  # noqa: E731
         t, _ = device_median(call, a.runs)
+        faults = page_faults(call, a.runs)
         print(f"measured {name}: {fmt_time(t)} (compile {compile_s[name]:.1f} s)", flush=True)
         flop = train_step_flops(cfg, state, batch) if a.flops else math.nan
-        rows[name] = {"s": t, "flops": flop, "memory": step_memory(compiled)["total"]}
+        rows[name] = {"s": t, "flops": flop, "memory": step_memory(compiled)["total"], **faults}
         if a.profile and name == "step, cached embedding":
             hlo = epath.Path(a.profile) / "cached_step.hlo.txt.gz"  # the optimised program
             hlo.parent.mkdir(parents=True, exist_ok=True)
@@ -314,6 +315,22 @@ def run(a: argparse.Namespace) -> dict:
     # 6. the whole step with the encoder in it (same examples)
     whole_step("step, encoder in the step", raw)
     return result()
+
+
+def page_faults(call, runs: int) -> dict[str, float]:
+    """Minor page faults and kernel (system) CPU seconds of this process per ``call()``, over
+    ``max(runs, 1)`` calls: what the host allocator costs (docs/design.md, 'Host malloc')."""
+    import jax
+
+    n = max(runs, 1)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(n):
+        jax.block_until_ready(call())
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "faults": (after.ru_minflt - before.ru_minflt) / n,
+        "sys_s": (after.ru_stime - before.ru_stime) / n,
+    }
 
 
 def _busy(spans: list[tuple[float, float]]) -> float:
@@ -554,6 +571,12 @@ def report(res: dict) -> str:
         "- images/s: " + ", ".join(f"{v:.3f} ({k})" for k, v in ips.items()),
         "- clicks/s: " + ", ".join(f"{v:.3f} ({k})" for k, v in cps.items()),
         "- compile: " + ", ".join(f"{k} {v:.0f} s" for k, v in res["compile_s"].items()),
+        "- host page faults per step (kernel CPU time): "
+        + ", ".join(
+            f"{r['faults']:.0f} ({r['sys_s']:.2f} s, {k.split(', ', 1)[1]})"
+            for k, r in res["rows"].items()
+            if "faults" in r
+        ),
     ]
     if res["on_cpu"]:
         lines.append("- MFU: not reported on a CPU")
@@ -616,11 +639,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--runs", type=int, default=3, help="timed runs per part after a first call (0: time it)"
     )
+    ap.add_argument(
+        "--default-malloc", action="store_true", help="keep glibc's malloc settings (host.py)"
+    )
     a = ap.parse_args(argv)
 
     from benchmarks._common import host_setup, machine_line
 
-    host_setup()
+    host_setup(a.default_malloc)
 
     t0 = time.perf_counter()
     if a.parts == "memory":

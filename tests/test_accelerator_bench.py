@@ -80,7 +80,13 @@ def test_train_step_benchmark_smoke_on_cpu():
     args = ["--sam", "tiny", "--frame", "64", "--rounds", "2", "--runs", "0", "--global-size", "32"]
     out = run_python(["benchmarks/train_step.py", *args], env={"JAX_PLATFORMS": "cpu"})
     rows = ("| encoder |", "| click rounds |", "| step, cached embedding |", "memory (XLA)")
-    for needle in (*rows, "cached step / in-step-encoder step", "GlobalDiff working size 32,"):
+    faults = "host page faults per step (kernel CPU time): "
+    for needle in (
+        *rows,
+        "cached step / in-step-encoder step",
+        "GlobalDiff working size 32,",
+        faults,
+    ):
         assert needle in out, (needle, out[-3000:])
 
 
