@@ -6,7 +6,8 @@ threads. glibc serves large blocks with fresh ``mmap`` pages, which the kernel f
 zeroes on first touch, and unmaps them on ``free``; a worker thread's own arena does so for any
 block too large for its 64 MiB heaps whatever the mmap limits say. Measured on this project's
 CPU machine: one vit_b encoder pass took about 2.2 million page faults, and the cached-embedding
-training step about 376 thousand (its whole temporary buffer, every step; 1.8 s of kernel time).
+training step about 376 thousand (its whole temporary buffer, every step; 1.5-1.8 s of kernel
+time).
 
 ``tune_malloc`` puts every thread on glibc's main arena, never maps blocks of their own, and
 never trims the heap: freed memory is reused by the next call, so a step or a pass takes almost
