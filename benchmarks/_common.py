@@ -73,14 +73,23 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(out)
 
 
-def host_setup(default_malloc: bool = False) -> bool:
+def host_setup(default_malloc: bool = False, single_arena: bool = False) -> bool:
     """The process settings our predictors use (samref_jax.host.tune_malloc), applied up front
-    so that both sides of a comparison run under them; `default_malloc` keeps glibc's."""
+    so that both sides of a comparison run under them; `default_malloc` keeps glibc's,
+    `single_arena` adds the single-arena setting (docs/design.md, 'Host malloc')."""
     if default_malloc:
         os.environ["SAMREF_DEFAULT_MALLOC"] = "1"
+    elif single_arena:
+        os.environ["SAMREF_SINGLE_ARENA"] = "1"  # also for the processes it starts
     from samref_jax.host import tune_malloc
 
     return tune_malloc()
+
+
+def _malloc_name(tuned: bool) -> str:
+    if not tuned:
+        return "default"
+    return "single-arena" if os.environ.get("SAMREF_SINGLE_ARENA", "") not in ("", "0") else "tuned"
 
 
 def machine_line() -> str:
@@ -92,7 +101,7 @@ def machine_line() -> str:
     return (
         f"backend={jax.default_backend()} devices={jax.device_count()} "
         f"cpus={os.cpu_count()} load1={load:.2f} jax={jax.__version__} "
-        f"malloc={'tuned' if tune_malloc() else 'default'}"
+        f"malloc={_malloc_name(tune_malloc())}"
     )
 
 

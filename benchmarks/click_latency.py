@@ -29,8 +29,11 @@ def main() -> None:
         action="store_true",
         help="keep glibc's malloc settings (default: samref_jax.host.tune_malloc, for both sides)",
     )
+    ap.add_argument(
+        "--single-arena", action="store_true", help="host.py's single-arena setting as well"
+    )
     args = ap.parse_args()
-    host_setup(args.default_malloc)
+    host_setup(args.default_malloc, args.single_arena)
 
     import time
 

@@ -213,8 +213,7 @@ def run(a: argparse.Namespace) -> dict:
         compiled = step.lower(state, batch).compile()
         compile_s[name] = time.perf_counter() - t0
         call = lambda: compiled(state, batch)  # noqa: E731
-        t, _ = device_median(call, a.runs)
-        faults = page_faults(call, a.runs)
+        t, faults = timed_with_faults(call, a.runs)
         print(f"measured {name}: {fmt_time(t)} (compile {compile_s[name]:.1f} s)", flush=True)
         flop = train_step_flops(cfg, state, batch) if a.flops else math.nan
         rows[name] = {"s": t, "flops": flop, "memory": step_memory(compiled)["total"], **faults}
@@ -317,17 +316,18 @@ def run(a: argparse.Namespace) -> dict:
     return result()
 
 
-def page_faults(call, runs: int) -> dict[str, float]:
-    """Minor page faults and kernel (system) CPU seconds of this process per ``call()``, over
-    ``max(runs, 1)`` calls: what the host allocator costs (docs/design.md, 'Host malloc')."""
+def timed_with_faults(call, runs: int) -> tuple[float, dict[str, float]]:
+    """``device_median(call, runs)``'s time, and the minor page faults and kernel (system) CPU
+    seconds of this process per call over the calls it makes (after one more call, in which
+    the heap may grow): what the host allocator costs (docs/design.md, 'Host malloc')."""
     import jax
 
-    n = max(runs, 1)
+    jax.block_until_ready(call())
     before = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(n):
-        jax.block_until_ready(call())
+    t, _ = device_median(call, runs)
     after = resource.getrusage(resource.RUSAGE_SELF)
-    return {
+    n = 1 + max(runs, 0)  # device_median's warm-up call and its timed ones
+    return t, {
         "faults": (after.ru_minflt - before.ru_minflt) / n,
         "sys_s": (after.ru_stime - before.ru_stime) / n,
     }
@@ -642,11 +642,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--default-malloc", action="store_true", help="keep glibc's malloc settings (host.py)"
     )
+    ap.add_argument(
+        "--single-arena",
+        action="store_true",
+        help="host.py's single-arena setting (SAMREF_SINGLE_ARENA=1): no page faults per step",
+    )
     a = ap.parse_args(argv)
 
     from benchmarks._common import host_setup, machine_line
 
-    host_setup(a.default_malloc)
+    host_setup(a.default_malloc, a.single_arena)
 
     t0 = time.perf_counter()
     if a.parts == "memory":

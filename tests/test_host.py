@@ -62,9 +62,13 @@ def test_tuned_malloc_keeps_scratch_pages():
     assert tune_malloc() is True and tune_malloc() is True  # idempotent
     tuned, tuned_small, tuned_big = _faults({})
     default, default_small, default_big = _faults({"SAMREF_DEFAULT_MALLOC": "1"})
-    assert tuned and not default
-    # glibc's defaults hand the freed blocks back to the kernel and fault them in again (about
-    # 40k faults for the small blocks, 5 x 24.6k for the big one); tuned, they stay in the heap,
-    # also for a block above glibc's largest mmap threshold (32 MiB) allocated by a thread.
+    single, single_small, single_big = _faults({"SAMREF_SINGLE_ARENA": "1"})
+    assert tuned and single and not default
+    # glibc's defaults hand the freed small blocks back to the kernel and fault them in again
+    # (about 40k faults); tuned, they stay in the heap.
     assert tuned_small * 10 < default_small, (tuned_small, default_small)
-    assert tuned_big * 10 < default_big, (tuned_big, default_big)
+    assert single_small * 10 < default_small, (single_small, default_small)
+    # A block above glibc's largest mmap threshold (32 MiB), allocated by a thread, is mapped
+    # and faulted in on every call (5 x 24.6k faults) unless the single-arena setting is on.
+    assert tuned_big * 2 > default_big, (tuned_big, default_big)
+    assert single_big * 10 < default_big, (single_big, default_big)
