@@ -62,6 +62,14 @@ TARGET_RATIO = 0.15
 TARGET_CLICKER = 0.10
 
 
+def _remat_desc(cfg) -> str:
+    """'False', or 'True' and the policy when it saves anything."""
+    policy = cfg.train.get("remat_policy", "nothing_saveable")
+    if not cfg.train.remat:
+        return "False"
+    return "True" if policy == "nothing_saveable" else f"True ({policy})"
+
+
 def _config(
     sam: str,
     frame: int | None,
@@ -71,6 +79,7 @@ def _config(
     remat: bool | None = None,
     mode: str | None = None,
     global_size: int | None = None,
+    remat_policy: str | None = None,
 ):
     from configs.samref_vit_b import get_config
 
@@ -81,6 +90,8 @@ def _config(
         cfg.model.refiners.global_diff.input_size = int(global_size) or None
     if remat is not None:
         cfg.train.remat = bool(remat)
+    if remat_policy:
+        cfg.train.remat_policy = remat_policy
     cfg.train.init_checkpoint = ""  # random weights
     cfg.data.per_device_batch_size = batch
     if frame:
@@ -123,7 +134,9 @@ def run_memory(a: argparse.Namespace) -> str:
 
     rows, desc = [], ""
     for b in a.batch:
-        cfg = _config(a.sam, a.frame, a.rounds, b, a.dtype, a.remat, a.mode, a.global_size)
+        cfg = _config(
+            a.sam, a.frame, a.rounds, b, a.dtype, a.remat, a.mode, a.global_size, a.remat_policy
+        )
         sam_cfg = sam_config_from(cfg.model)
         f, n = sam_cfg.img_size, b * jax.device_count()
         mesh = S.make_mesh()
@@ -143,7 +156,7 @@ def run_memory(a: argparse.Namespace) -> str:
         rows.append(cells)
         desc = (
             f"SAM {sam_cfg.name}, frame {f}, T = {cfg.train.rounds}, {cfg.train.dtype} compute, "
-            f"mode {cfg.mode}, remat {bool(cfg.train.remat)}, on {jax.device_count()} "
+            f"mode {cfg.mode}, remat {_remat_desc(cfg)}, on {jax.device_count()} "
             f"{jax.default_backend()} device(s) ({jax.devices()[0].device_kind}); memory per device"
         )
     head = ["images per device", "encoder in the step: temporaries", "total"]
@@ -171,7 +184,9 @@ def run(a: argparse.Namespace) -> dict:
     from samref_jax.training import step as S
     from samref_jax.training.testing import synthetic_batch
 
-    cfg = _config(a.sam, a.frame, a.rounds, a.batch, a.dtype, a.remat, a.mode, a.global_size)
+    cfg = _config(
+        a.sam, a.frame, a.rounds, a.batch, a.dtype, a.remat, a.mode, a.global_size, a.remat_policy
+    )
     sam_cfg = sam_config_from(cfg.model)
     f, T, B = sam_cfg.img_size, int(cfg.train.rounds), int(a.batch) * jax.device_count()
     on_cpu = jax.default_backend() == "cpu"
@@ -243,7 +258,7 @@ def run(a: argparse.Namespace) -> dict:
             "desc": (
                 f"SAM {sam_cfg.name}, frame {f}, T = {T}, batch {B} on {jax.device_count()} "
                 f"{jax.default_backend()} device(s) ({dev.device_kind}), {cfg.train.dtype} "
-                f"compute, mode {cfg.mode}, remat {bool(cfg.train.remat)}, GlobalDiff working "
+                f"compute, mode {cfg.mode}, remat {_remat_desc(cfg)}, GlobalDiff working "
                 f"size {cfg.model.refiners.global_diff.input_size or f}, "
                 f"trainable {','.join(S.effective_trainable(cfg))}"
             ),
@@ -610,6 +625,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=(0, 1),
         default=None,
         help="1/0: recompute each round in the backward pass or not (default: the recipe's)",
+    )
+    ap.add_argument(
+        "--remat-policy",
+        default=None,
+        help="train.remat_policy: what remat keeps (a jax.checkpoint_policies name, e.g. "
+        "dots_saveable; default: the recipe's, nothing_saveable)",
     )
     ap.add_argument(
         "--mode",

@@ -23,7 +23,8 @@ Fields:
   train: trainable (path prefixes), rounds (T), num_steps, max_minutes (wall clock; 0 = none),
     lr, warmup_steps, end_lr_factor, b1, b2, weight_decay, clip_norm, dtype ("float32" |
     "bfloat16"), stop_grad_feedback, remat (recompute each round in the backward pass),
-    init_checkpoint, log_every, checkpoint_every_steps, keep_checkpoints.
+    remat_policy (what remat keeps: a ``jax.checkpoint_policies`` name), init_checkpoint,
+    log_every, checkpoint_every_steps, keep_checkpoints.
   loss: see ``samref_jax.training.losses.default_loss_config``.
   eval: every_steps, num_samples, max_clicks (periodic held-out eval; 0 steps = off).
 """
@@ -104,6 +105,10 @@ def base_config(sam_type: str = "tiny") -> ml_collections.ConfigDict:
             # activations (jax.checkpoint on the round): peak memory of one round instead of T,
             # for about one more forward per round.
             remat=False,
+            # What train.remat keeps of each round: a name in jax.checkpoint_policies
+            # ("nothing_saveable": recompute everything; "dots_saveable": keep the outputs of
+            # matrix products and convolutions, recompute the rest).
+            remat_policy="nothing_saveable",
             init_checkpoint="",
             init_subtrees=(),  # () all of init_checkpoint; ("sam",): SAM only, fresh refiners
             log_every=10,

@@ -252,8 +252,9 @@ def unrolled_loss(
         return (state, clicked | mark(cy, cx)), (terms, iou)
 
     if bool(config.train.get("remat", False)):
-        # Keep only each round's carry; its activations are recomputed in the backward pass.
-        body = jax.checkpoint(body)
+        # Keep only each round's carry (and what the policy saves); the rest of its activations
+        # are recomputed in the backward pass.
+        body = jax.checkpoint(body, policy=remat_policy(config))
     unroll = bool(config.train.get("scan_unroll", False))
     carry0 = (state0, mark(fy, fx))
     _, (terms, ious) = jax.lax.scan(body, carry0, jnp.arange(T), unroll=unroll)
@@ -263,6 +264,16 @@ def unrolled_loss(
     metrics = {"loss": loss, "iou": ious}  # iou: (T,)
     metrics.update({f"loss_{k}": v for k, v in terms.items()})  # each (T,)
     return loss, metrics
+
+
+def remat_policy(config: ml_collections.ConfigDict) -> Callable[..., bool]:
+    """``jax.checkpoint_policies``' function named by ``train.remat_policy`` (default
+    ``nothing_saveable``); an unknown name is a ValueError that lists the known ones."""
+    name = str(config.train.get("remat_policy", "nothing_saveable"))
+    known = sorted(n for n in vars(jax.checkpoint_policies) if n.endswith("saveable"))
+    if name not in known:
+        raise ValueError(f"train.remat_policy {name!r} is none of {', '.join(known)}")
+    return getattr(jax.checkpoint_policies, name)
 
 
 # ------------------------------------------------------------------------------- sharding

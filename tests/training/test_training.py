@@ -366,3 +366,29 @@ def test_remat_same_gradients_less_memory(full_setup):
         return fn.lower(params, batch, w).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(grad_r) < temp_bytes(grad_fn)
+
+
+@pytest.mark.slow
+def test_remat_policy_keeps_products_same_gradients(full_setup):
+    """``train.remat_policy`` chooses what remat keeps of each round: ``dots_saveable`` keeps
+    the products' outputs (more step memory) and gives the loss and gradients of the default,
+    which recomputes everything; an unknown name is one clear error."""
+    cfg, params, _ = full_setup
+    batch = synthetic_batch(2, FRAME, seed=6)
+    w = jnp.array([1.0, 1.0])
+    results = {}
+    for policy in ("nothing_saveable", "dots_saveable"):
+        c = cfg.copy_and_resolve_references()
+        c.train.remat, c.train.remat_policy = True, policy
+        fn = jax.jit(S.loss_and_grads(c)).lower(params, batch, w).compile()
+        loss, _, grads = fn(params, batch, w)
+        results[policy] = (fn.memory_analysis().temp_size_in_bytes, float(loss), grads)
+    (mem0, loss0, g0), (mem1, loss1, g1) = results.values()
+    assert mem1 > mem0, (mem0, mem1)
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    c = cfg.copy_and_resolve_references()
+    c.train.remat, c.train.remat_policy = True, "dots"
+    with pytest.raises(ValueError, match="'dots' is none of .*dots_saveable"):
+        S.loss_and_grads(c)(params, batch, w)
