@@ -41,6 +41,13 @@ cp /tmp/samref_prof/cached_step.hlo.txt.gz "$OUT/" 2>/dev/null
 for b in ${SWEEP_BATCHES:-32}; do
   step "train_step_cached_b$b" "${SWEEP_TIMEOUT:-200}" --parts cached --batch "$b" --flops 0
 done
+# 2b. With REMAT=1, the recipe batch's cached step without remat and with the dots_saveable
+#     policy: whether recomputing each round's forward pays on this device (on a CPU it does).
+if [ "${REMAT:-0}" = 1 ]; then
+  step train_step_cached_b4_remat0 "${SWEEP_TIMEOUT:-200}" --parts cached --batch 4 --flops 0 --remat 0
+  step train_step_cached_b4_dots "${SWEEP_TIMEOUT:-200}" --parts cached --batch 4 --flops 0 \
+    --remat-policy dots_saveable
+fi
 # 3. With ALL=1, also: the encoder, one click and SAM parity (accelerator.py), SAM's decoder
 #    alone, and the SAM latency peer.
 if [ "${ALL:-0}" = 1 ]; then

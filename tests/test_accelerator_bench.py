@@ -217,3 +217,11 @@ def test_accelerator_run_script_parses_and_names_existing_benchmarks():
     assert {"benchmarks/train_step.py", "benchmarks/accelerator.py"} <= called, called
     for rel in called:
         assert (repo / rel).is_file(), rel
+    # Every option the script gives train_step.py through its step() calls is one it takes.
+    source = (repo / "benchmarks" / "train_step.py").read_text()
+    joined = script.read_text().replace("\\\n", " ")  # continued lines joined
+    calls = re.findall(r"^\s*step .*$", joined, re.M)
+    flags = {f for call in calls for f in re.findall(r"\s(--[a-z][a-z-]*)", call)}
+    assert {"--remat", "--remat-policy", "--batch"} <= flags, flags
+    for flag in flags:
+        assert f'"{flag}"' in source, flag
