@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 F32 = jnp.float32
@@ -41,8 +42,16 @@ def _group(s: Array, g: int) -> Array:
 
 
 def _per_channel(v: Array, c: int) -> Array:
-    """(B, G) per-group values -> (B, C)."""
-    return jnp.repeat(v, c // v.shape[1], axis=1)
+    """(B, G) per-group values -> (B, C), each group's value on its C / G channels.
+
+    A gather with constant indices, which XLA computes on its own: ``jnp.repeat`` (a broadcast
+    to (B, G, C / G) viewed as (B, C)) is fused into the full-size loops that use the
+    statistics, and that view kept XLA:CPU from vectorising them: the backward pass of
+    GroupNorm + GELU fused with the next depthwise layer's took 62 ms at 512 x 512 x 32 in
+    bf16 on a 2-core CPU, 21 ms with the gather.
+    """
+    g = v.shape[1]
+    return jnp.take(v, np.repeat(np.arange(g), c // g), axis=1)
 
 
 def _pixel_sum(t: Array) -> Array:
