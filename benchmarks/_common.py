@@ -86,22 +86,17 @@ def host_setup(default_malloc: bool = False, single_arena: bool = False) -> bool
     return tune_malloc()
 
 
-def _malloc_name(tuned: bool) -> str:
-    if not tuned:
-        return "default"
-    return "single-arena" if os.environ.get("SAMREF_SINGLE_ARENA", "") not in ("", "0") else "tuned"
-
-
 def machine_line() -> str:
     import jax
 
-    from samref_jax.host import tune_malloc
+    from samref_jax.host import malloc_setting, tune_malloc
 
+    tune_malloc()  # as the predictors would (a no-op after host_setup)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
         f"backend={jax.default_backend()} devices={jax.device_count()} "
         f"cpus={os.cpu_count()} load1={load:.2f} jax={jax.__version__} "
-        f"malloc={_malloc_name(tune_malloc())}"
+        f"malloc={malloc_setting()}"
     )
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["tune_malloc"]
+__all__ = ["malloc_setting", "tune_malloc"]
 
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -73,6 +73,14 @@ def tune_malloc(single_arena: bool | None = None) -> bool:
     if single and _applied["base"] and "single_arena" not in _applied:
         _applied["single_arena"] = _mallopt(SINGLE_ARENA_SETTINGS)
     return _applied["base"]
+
+
+def malloc_setting() -> str:
+    """What :func:`tune_malloc` has put in effect: ``"default"`` (glibc's own: not called, not
+    glibc, or ``SAMREF_DEFAULT_MALLOC=1``), ``"tuned"`` or ``"single-arena"``."""
+    if not _applied.get("base"):
+        return "default"
+    return "single-arena" if _applied.get("single_arena") else "tuned"
 
 
 def _mallopt(settings: tuple[tuple[int, int], ...]) -> bool:

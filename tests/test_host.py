@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 _SCRIPT = """
 import ctypes, resource, threading
 import numpy as np
-from samref_jax.host import tune_malloc
+from samref_jax.host import malloc_setting, tune_malloc
 applied = tune_malloc()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
@@ -41,17 +41,19 @@ churn()  # warm-up: the heap grows once
 big()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 churn()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, faults(big))
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, faults(big),
+      malloc_setting())
 """
 
 
-def _faults(env_extra: dict) -> tuple[bool, int, int]:
-    env = {k: v for k, v in os.environ.items() if k != "SAMREF_DEFAULT_MALLOC"}
+def _faults(env_extra: dict) -> tuple[bool, int, int, str]:
+    drop = ("SAMREF_DEFAULT_MALLOC", "SAMREF_SINGLE_ARENA")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(PYTHONPATH=str(REPO), **env_extra)
     out = subprocess.run(
         [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
-    return out[0] == "True", int(out[1]), int(out[2])
+    return out[0] == "True", int(out[1]), int(out[2]), out[3]
 
 
 @pytest.mark.skipif(
@@ -60,10 +62,11 @@ def _faults(env_extra: dict) -> tuple[bool, int, int]:
 @pytest.mark.slow
 def test_tuned_malloc_keeps_scratch_pages():
     assert tune_malloc() is True and tune_malloc() is True  # idempotent
-    tuned, tuned_small, tuned_big = _faults({})
-    default, default_small, default_big = _faults({"SAMREF_DEFAULT_MALLOC": "1"})
-    single, single_small, single_big = _faults({"SAMREF_SINGLE_ARENA": "1"})
+    tuned, tuned_small, tuned_big, tuned_name = _faults({})
+    default, default_small, default_big, default_name = _faults({"SAMREF_DEFAULT_MALLOC": "1"})
+    single, single_small, single_big, single_name = _faults({"SAMREF_SINGLE_ARENA": "1"})
     assert tuned and single and not default
+    assert (tuned_name, single_name, default_name) == ("tuned", "single-arena", "default")
     # glibc's defaults hand the freed small blocks back to the kernel and fault them in again
     # (about 40k faults); tuned, they stay in the heap.
     assert tuned_small * 10 < default_small, (tuned_small, default_small)

@@ -578,6 +578,38 @@ def test_train_rejects_a_bad_mode_before_creating_anything(tmp_path, capsys):
     assert not work.exists()
 
 
+def test_train_rejects_a_bad_remat_policy_before_creating_anything(tmp_path, capsys):
+    from samref_jax.training.trainer import TrainConfigError, train
+    from train.main import main
+
+    work = tmp_path / "run"
+    config = _tiny_config()
+    config.train.remat_policy = "dots"
+    with pytest.raises(TrainConfigError, match="train.remat_policy 'dots' is none of"):
+        train(config, work, progress=False)
+    assert not work.exists()
+    argv = ["--config", "configs/tiny_cpu.py", "--workdir", str(work)]
+    assert main([*argv, "--config.train.remat_policy=dots"]) == 2
+    _one_error_line(capsys.readouterr().err, "remat_policy 'dots' is none of .*dots_saveable")
+    assert not work.exists()
+
+
+def test_resume_of_a_run_written_before_remat_policy_existed(tmp_path):
+    """A workdir whose config.json predates ``train.remat_policy`` resumes with the policy it
+    ran under (recompute everything); any other policy is a change."""
+    from samref_jax.training.trainer import resume_config_changes
+
+    work = tmp_path / "run"
+    work.mkdir()
+    old = json.loads(_tiny_config().to_json_best_effort())
+    del old["train"]["remat_policy"]
+    (work / "config.json").write_text(json.dumps(old))
+    assert resume_config_changes(work, _tiny_config()) == ([], [])
+    other = _tiny_config()
+    other.train.remat_policy = "dots_saveable"
+    assert resume_config_changes(work, other) == (["train.remat_policy"], [])
+
+
 def test_resume_refuses_a_config_that_changes_the_model_or_data(tmp_path, capsys):
     from samref_jax.training.trainer import TrainConfigError, resume_config_changes, train
     from train.main import main

@@ -16,7 +16,8 @@ agreed step and returns without evaluating or exporting (``preemption.Preemption
 It first compares the requested config with ``WORKDIR/config.json`` and refuses a difference in
 anything that changes the model or the data (``TrainConfigError`` listing the keys) unless
 ``allow_config_change``; only the keys in ``RESUME_SAFE`` (run length, logging and checkpoint
-cadence, file locations, eval) may change. A bad ``mode`` is refused before anything is created.
+cadence, file locations, eval) may change. A bad ``mode`` or ``train.remat_policy`` is refused
+before anything is created.
 
 Several processes (``jax.distributed``): each reads its own part of every global batch, all of
 them save and restore the checkpoints together (orbax), and only process 0 writes the logs,
@@ -79,6 +80,7 @@ ADDED_KEYS = {
     "data.copy_paste_distractor_prob": None,
     "data.copy_paste_max_cover": None,
     "train.init_subtrees": [],
+    "train.remat_policy": "nothing_saveable",
     "model.refiners.patch_diff.image_scale": 1,
 }
 
@@ -102,6 +104,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise TrainConfigError(
             f"config.mode must be one of {', '.join(MODES)}, got {config.get('mode')!r}"
         )
+    try:
+        S.remat_policy(config)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from None
 
 
 def resume_config_changes(
