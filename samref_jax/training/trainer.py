@@ -10,6 +10,8 @@ wall-clock budget (counted across resumes, including start-up and compile time) 
     WORKDIR/curves.png           loss and NoC curves
     WORKDIR/export/              the model (``save_samref``), for SamRefPredictor.from_checkpoint
 
+Each step is dispatched, then the next batch is read and sent to the devices while it runs,
+then its metrics are fetched (docs/design.md, 'Training step').
 A second call with the same ``workdir`` resumes from the newest checkpoint (same data order).
 A preemption notice (SIGTERM to any process) ends a call early: every process checkpoints one
 agreed step and returns without evaluating or exporting (``preemption.PreemptionWatch``).
@@ -352,10 +354,19 @@ def train(
             f"NoC@90 {ev.get('NoC@90'):.2f} 5-mIoU {ev.get('5-mIoU'):.3f}"
         )
 
+    # The iterator's state after the batches of the steps run so far: what a checkpoint
+    # stores. The iterator itself may be one batch further (the batch read ahead below).
+    consumed = [it.get_state()]
+
     def save() -> None:
-        ckpt.save(
-            int(state.step), state, {"iterator": it.get_state(), "minutes_used": minutes_used()}
-        )
+        ckpt.save(int(state.step), state, {"iterator": consumed[0], "minutes_used": minutes_used()})
+
+    def read_ahead() -> tuple[dict, float, dict]:
+        """The next batch, already sent to its devices; the host seconds it took; the
+        iterator's state after it."""
+        t0 = time.time()
+        batch = S.shard_batch(next(it), mesh)
+        return batch, time.time() - t0, it.get_state()
 
     from tqdm.auto import tqdm
 
@@ -376,6 +387,7 @@ def train(
     stop_reason = "num_steps"
     t_steps, n_timed = 0.0, 0
     last = jax.process_index() == jax.process_count() - 1
+    ahead = None
     try:
         with PreemptionWatch() as watch:
             while step < num_steps:
@@ -386,9 +398,11 @@ def train(
                     stop_reason = "max_minutes"
                     break
                 t0 = time.time()
-                batch = next(it)
-                t_data = time.time() - t0
-                state, metrics = step_fn(state, S.shard_batch(batch, mesh))
+                batch, t_data, consumed[0] = ahead if ahead is not None else read_ahead()
+                state, metrics = step_fn(state, batch)  # dispatched; runs on the devices
+                # While it runs, the host reads the next batch and sends it to the devices (a
+                # batch read for a step that then does not run is never checkpointed).
+                ahead = read_ahead() if step + 1 < num_steps else None
                 metrics = _jsonable(jax.device_get(metrics))
                 dt = time.time() - t0
                 step += 1

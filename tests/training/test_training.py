@@ -202,11 +202,20 @@ def test_overfit_and_frozen_subtrees(compile_cache):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_same_losses(tmp_path, compile_cache):
+def test_kill_and_resume_same_losses(tmp_path, compile_cache, monkeypatch):
     """Interrupted after step 2 (or preempted after step 3) and resumed == uninterrupted, for
-    the steps after; one trace per run; the exported model loads in the predictor."""
+    the steps after; one trace per run; the exported model loads in the predictor. The trainer
+    reads each next batch (and sends it to the devices) before it waits for the step running,
+    and a checkpoint stores the data state of the steps run, not of the batch read ahead (the
+    resumed losses would differ otherwise)."""
     from samref_jax.samref.predictor import SamRefPredictor
+    from samref_jax.training import trainer as T
     from samref_jax.training.trainer import train
+
+    events = []
+    shard, jsonable = S.shard_batch, T._jsonable
+    monkeypatch.setattr(S, "shard_batch", lambda *a: events.append("read") or shard(*a))
+    monkeypatch.setattr(T, "_jsonable", lambda m: events.append("wait") or jsonable(m))
 
     root = write_fake_coco_mval(tmp_path / "COCO_MVal", n=6)
     cfg = tiny_test_config("full", FRAME, rounds=2)
@@ -217,6 +226,8 @@ def test_kill_and_resume_same_losses(tmp_path, compile_cache):
     before = S.TRACE_COUNT["train_step"]
     train(cfg, tmp_path / "a", progress=False, export=True)
     assert S.TRACE_COUNT["train_step"] - before == 1
+    # batch 1, batch 2 read while step 1 runs, then step 1's metrics, ...; none after step 4
+    assert events == ["read", "read", "wait", "read", "wait", "read", "wait", "wait"], events
     train(cfg, tmp_path / "b", progress=False, export=False, stop_at_step=2)
     assert sorted(
         p.name for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()
