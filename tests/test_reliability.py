@@ -640,6 +640,67 @@ def test_resume_refuses_a_config_that_changes_the_model_or_data(tmp_path, capsys
     assert (work / "config.json").read_text() == written
 
 
+def test_checkpoint_save_returns_before_writing_and_survives_donation(tmp_path):
+    """``TrainCheckpointer.save`` writes in the background: the training step that follows
+    donates (deletes) the saved arrays at once, and the checkpoint still holds their values."""
+    import jax
+    import jax.numpy as jnp
+
+    from samref_jax.training.checkpointing import TrainCheckpointer
+
+    state = {"w": jnp.arange(300_000.0), "b": jnp.ones(3)}
+    expected = {k: np.asarray(v) for k, v in state.items()}
+    ck = TrainCheckpointer(tmp_path / "checkpoints", 2)
+    ck.save(1, state, {"step": 1})
+    state = jax.jit(lambda s: {k: v + 1 for k, v in s.items()}, donate_argnums=0)(state)
+    ck.save(2, state, {"step": 2})  # waits for step 1's write, then starts its own
+    for v in jax.tree_util.tree_leaves(state):
+        v.delete()  # as the next step's donation does
+    assert ck.latest_step() == 2
+    restored, data = ck.restore_latest({k: jnp.zeros_like(v) for k, v in expected.items()})
+    assert data == {"step": 2}
+    for k, v in expected.items():
+        np.testing.assert_array_equal(np.asarray(restored[k]), v + 1)
+    ck.close()
+
+
+_KILLED_WRITE = """
+import os, signal, sys
+import jax.numpy as jnp
+from samref_jax.training.checkpointing import TrainCheckpointer
+ck = TrainCheckpointer(sys.argv[1], 3)
+ck.save(1, {"w": jnp.full((1 << 24,), 1.0)}, {"step": 1})
+ck.wait()
+ck.save(2, {"w": jnp.full((1 << 24,), 2.0)}, {"step": 2})
+os.kill(os.getpid(), signal.SIGKILL)  # while orbax writes step 2 in the background
+"""
+
+
+def test_kill_during_a_background_checkpoint_write_resumes_a_whole_checkpoint(tmp_path):
+    """SIGKILL right after ``save`` returns, while orbax writes the 64 MiB state: a restore
+    finds a whole checkpoint (step 1, or step 2 if its write got done), never a torn one."""
+    import os
+    import subprocess
+    import sys
+
+    import jax.numpy as jnp
+
+    from samref_jax.training.checkpointing import TrainCheckpointer
+
+    folder = tmp_path / "checkpoints"
+    r = subprocess.run([sys.executable, "-c", _KILLED_WRITE, str(folder)], timeout=300)
+    assert r.returncode == -9, r.returncode
+    ck = TrainCheckpointer(folder, 3)
+    restored, data = ck.restore_latest({"w": jnp.zeros((1 << 24,))})
+    step = data["step"]
+    assert step in (1, 2) and ck.latest_step() == step, (step, sorted(os.listdir(folder)))
+    np.testing.assert_array_equal(np.unique(np.asarray(restored["w"])), [float(step)])
+    # The rerun goes on and writes the next step (over step 2's torn folder, if left).
+    ck.save(step + 1, {"w": jnp.full((1 << 24,), 3.0)}, {"step": step + 1})
+    assert ck.latest_step() == step + 1
+    ck.close()
+
+
 def test_damaged_latest_checkpoint_falls_back_with_one_warning(tmp_path, capfd):
     import jax.numpy as jnp
 

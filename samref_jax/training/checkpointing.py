@@ -5,6 +5,13 @@ RNG key data; ``StandardSave``) and ``data`` (JSON: the Grain iterator's ``get_s
 run bookkeeping such as the wall-clock minutes used so far). Orbax writes to a temporary
 directory and renames it when complete (atomic); ``keep`` last checkpoints are kept.
 
+In a single process (one host, any number of its devices) ``save`` returns once the state
+is copied off the devices and orbax writes the files in the background while training goes
+on (the vit_b recipe's state: 0.2 s against 3.5 s for the whole save on a local disk); the
+next ``save``, ``latest_step``, ``restore_latest``, ``wait`` and ``close`` wait for it. A
+process killed during a background write leaves only orbax's temporary directory, which a
+restore ignores. With several processes ``save`` waits for the whole save.
+
 ``restore_latest`` skips step directories without both items (e.g. an empty one) and falls
 back from a damaged checkpoint to the newest intact one, with a one-line warning; the damaged
 step is moved to ``<checkpoints>_damaged/`` so that later saves do not collide with it.
@@ -60,9 +67,18 @@ class TrainCheckpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True),
             item_names=("state", "data"),
         )
+        self._pending = False  # a background save may be in progress
 
     def latest_step(self) -> int | None:
+        """The newest finished checkpoint's step (after waiting for a save in progress)."""
+        self.wait()
         return self.manager.latest_step()
+
+    def wait(self) -> None:
+        """Returns when the last ``save`` is written."""
+        if self._pending:
+            self.manager.wait_until_finished()
+            self._pending = False
 
     def _complete_steps(self) -> list[int]:
         """Steps (newest first) whose directory holds both items; empty ones are removed."""
@@ -92,14 +108,20 @@ class TrainCheckpointer:
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)
             ),
             force=True,
-        )
-        self.manager.wait_until_finished()
+        )  # returns after the copy off the devices; the files are written in the background
+        if jax.process_count() > 1:
+            # Several processes wait for the whole save, as every process must: a background
+            # save is not used there yet (its barriers across processes are untested here).
+            self.manager.wait_until_finished()
+        else:
+            self._pending = True
 
     def restore_latest(self, state_template: Any) -> tuple[Any, dict] | None:
         """Restores the newest intact checkpoint onto the shardings/shapes of
         ``state_template``; ``None`` when there is none. A damaged newer checkpoint is reported
         in one line on stderr and set aside; if every checkpoint is damaged this raises
         :class:`TrainCheckpointError`."""
+        self.wait()
         steps = self._complete_steps()
         if not steps:
             self.manager.reload()
@@ -136,4 +158,5 @@ class TrainCheckpointer:
         )
 
     def close(self) -> None:
+        self.wait()
         self.manager.close()

@@ -435,6 +435,7 @@ def train(
                 if step % max(int(tc.checkpoint_every_steps), 1) == 0:
                     save()
                     if kill_after_step is not None and step == int(kill_after_step):
+                        ckpt.wait()  # a crash after the checkpoint is written
                         mlog.flush()
                         os.kill(os.getpid(), signal.SIGKILL)
                 if preempt_after_step is not None and step == int(preempt_after_step) and last:
