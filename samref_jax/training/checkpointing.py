@@ -5,12 +5,14 @@ RNG key data; ``StandardSave``) and ``data`` (JSON: the Grain iterator's ``get_s
 run bookkeeping such as the wall-clock minutes used so far). Orbax writes to a temporary
 directory and renames it when complete (atomic); ``keep`` last checkpoints are kept.
 
-In a single process (one host, any number of its devices) ``save`` returns once the state
-is copied off the devices and orbax writes the files in the background while training goes
-on (the vit_b recipe's state: 0.2 s against 3.5 s for the whole save on a local disk); the
-next ``save``, ``latest_step``, ``restore_latest``, ``wait`` and ``close`` wait for it. A
-process killed during a background write leaves only orbax's temporary directory, which a
-restore ignores. With several processes ``save`` waits for the whole save.
+``save`` returns once the state is copied off the devices, and orbax writes the files in the
+background while training goes on (the vit_b recipe's state in one process: 0.2 s against
+3.5 s for the whole save on a local disk); the next ``save``, ``latest_step``,
+``restore_latest``, ``wait`` and ``close`` wait for it. With several processes each writes its
+own shards in the background and orbax's finalisation joins them at a barrier of the
+coordination service (no device collective) before process 0 renames the directory. A process
+killed during a background write leaves only orbax's temporary directory, which a restore
+ignores and the next save of that step replaces.
 
 ``restore_latest`` skips step directories without both items (e.g. an empty one) and falls
 back from a damaged checkpoint to the newest intact one, with a one-line warning; the damaged
@@ -109,12 +111,7 @@ class TrainCheckpointer:
             ),
             force=True,
         )  # returns after the copy off the devices; the files are written in the background
-        if jax.process_count() > 1:
-            # Several processes wait for the whole save, as every process must: a background
-            # save is not used there yet (its barriers across processes are untested here).
-            self.manager.wait_until_finished()
-        else:
-            self._pending = True
+        self._pending = True
 
     def restore_latest(self, state_template: Any) -> tuple[Any, dict] | None:
         """Restores the newest intact checkpoint onto the shardings/shapes of

@@ -14,6 +14,9 @@ compilation cache (only process 0 writes it, so process 1 compiles in every 2-pr
 * ``preempted``: 2 x 4, process 1 alone gets SIGTERM (a preemption notice) after step 1; both
   checkpoint one agreed step and exit with 143, then the same command resumes.
 
+Besides, ``mp_checkpoint_worker.py`` checks the checkpointer's background saves in 2 processes
+x 2 devices (donation right after ``save``; a kill during the write).
+
 Every subprocess has a hard timeout.
 """
 
@@ -234,3 +237,42 @@ def test_coordinator_alone_fails_with_message(tmp_path):
     )
     assert r.returncode != 0 and "joined" not in r.stdout
     assert "not all 2 processes joined the JAX coordinator" in r.stderr, r.stderr[-3000:]
+
+
+def _checkpoint_worker(mode: str, folder: Path, env: dict[str, str]) -> tuple[int, str]:
+    from samref_jax.training.launch import launch
+
+    lines: list[str] = []
+    with open(os.devnull, "w") as sink:
+        rc = launch(
+            [mode, str(folder)],
+            2,
+            2,
+            module="tests.training.mp_checkpoint_worker",
+            timeout_s=300,
+            env=env,
+            output=sink,
+            capture=lines,
+        )
+    return rc, "".join(lines)
+
+
+def test_two_process_background_checkpoints_survive_donation_and_a_kill(tmp_path):
+    """Two processes x 2 devices save a sharded state in the background
+    (``TrainCheckpointer``, tests/training/mp_checkpoint_worker.py): the arrays donated right
+    after ``save`` are checkpointed with their values; every process SIGKILLed right after
+    ``save`` returns, while the files are written, leaves a whole checkpoint, which a restart
+    restores on both processes and writes the next step over."""
+    env = _env(tmp_path / "cache")
+    rc, out = _checkpoint_worker("donate", tmp_path / "donate", env)
+    assert rc == 0, out[-5000:]
+    assert out.count("ok 2") == 2, out[-3000:]
+
+    folder = tmp_path / "killed"
+    rc, out = _checkpoint_worker("kill", folder, env)
+    assert rc == -9, (rc, out[-5000:])
+    rc, out = _checkpoint_worker("resume", folder, env)
+    assert rc == 0, out[-5000:]
+    resumed = sorted(w[-1] for w in map(str.split, out.splitlines()) if w[-2:-1] == ["resumed"])
+    assert resumed in (["1", "1"], ["2", "2"]), out[-3000:]
+    assert out.count(f"ok {int(resumed[0]) + 1}") == 2, out[-3000:]
