@@ -385,64 +385,90 @@ def train(
     elog = as_path(log_path("eval.jsonl")).open("a", encoding="utf-8")  # noqa: SIM115
     step = start_step
     stop_reason = "num_steps"
-    t_steps, n_timed = 0.0, 0
+    timing = {"steps_s": 0.0, "timed": 0, "last": time.time()}
     last = jax.process_index() == jax.process_count() - 1
-    ahead = None
+    check_every = 1 if jax.process_count() == 1 else max(int(tc.log_every), 1)
+    ahead = None  # the next batch, read while a step runs
+    pending = None  # (step, metrics on the devices, data seconds): the step not logged yet
+
+    def log_row(n: int, device_metrics: dict, t_data: float) -> None:
+        """Waits for step ``n``'s metrics and writes its row. ``step_s``: the time since the
+        previous step's metrics arrived (checkpoint and evaluation time excluded)."""
+        metrics = _jsonable(jax.device_get(device_metrics))
+        now = time.time()
+        dt, timing["last"] = now - timing["last"], now
+        if n > start_step + 1:  # exclude the compiling step from throughput
+            timing["steps_s"] += dt
+            timing["timed"] += 1
+        sps = timing["timed"] / timing["steps_s"] if timing["steps_s"] else 0.0
+        row = {
+            "step": n,
+            **metrics,
+            "step_s": dt,
+            "data_s": t_data,
+            "steps_per_s": sps,
+            "images_per_s": sps * global_batch,
+            "minutes": minutes_used(),
+        }
+        mlog.write(json.dumps(row) + "\n")
+        mlog.flush()
+        bar.update(1)
+        if n % max(int(tc.log_every), 1) == 0:
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}", iou=f"{metrics['iou'][-1]:.3f}", sps=f"{sps:.2f}"
+            )
+
+    def log_pending() -> None:
+        nonlocal pending
+        if pending is not None:
+            log_row(*pending)
+            pending = None
+
     try:
         with PreemptionWatch() as watch:
             while step < num_steps:
                 if stop_at_step is not None and step >= stop_at_step:
                     stop_reason = "stop_at_step"
                     break
-                if tc.max_minutes and _all_agree(minutes_used() >= float(tc.max_minutes)):
+                # With several processes the budget is agreed on (a collective that waits for
+                # the step running) every log_every steps only.
+                if (
+                    tc.max_minutes
+                    and step % check_every == 0
+                    and _all_agree(minutes_used() >= float(tc.max_minutes))
+                ):
                     stop_reason = "max_minutes"
                     break
-                t0 = time.time()
                 batch, t_data, consumed[0] = ahead if ahead is not None else read_ahead()
                 state, metrics = step_fn(state, batch)  # dispatched; runs on the devices
-                # While it runs, the host reads the next batch and sends it to the devices (a
-                # batch read for a step that then does not run is never checkpointed).
-                ahead = read_ahead() if step + 1 < num_steps else None
-                metrics = _jsonable(jax.device_get(metrics))
-                dt = time.time() - t0
                 step += 1
-                if step > start_step + 1:  # exclude the compiling step from throughput
-                    t_steps += dt
-                    n_timed += 1
-                sps = n_timed / t_steps if t_steps else 0.0
-                row = {
-                    "step": step,
-                    **metrics,
-                    "step_s": dt,
-                    "data_s": t_data,
-                    "steps_per_s": sps,
-                    "images_per_s": sps * global_batch,
-                    "minutes": minutes_used(),
-                }
-                mlog.write(json.dumps(row) + "\n")
-                mlog.flush()
-                bar.update(1)
-                if step % max(int(tc.log_every), 1) == 0:
-                    bar.set_postfix(
-                        loss=f"{metrics['loss']:.3f}",
-                        iou=f"{metrics['iou'][-1]:.3f}",
-                        sps=f"{sps:.2f}",
-                    )
-                if eval_on and step % int(config.eval.every_steps) == 0:
-                    if evaluator is not None:
-                        run_eval()
-                    barrier("samref_eval")  # the others wait here, not in a collective
-                if step % max(int(tc.checkpoint_every_steps), 1) == 0:
-                    save()
-                    if kill_after_step is not None and step == int(kill_after_step):
-                        ckpt.wait()  # a crash after the checkpoint is written
-                        mlog.flush()
-                        os.kill(os.getpid(), signal.SIGKILL)
+                # While it runs, the host reads the next batch and sends it to the devices (a
+                # batch read for a step that then does not run is never checkpointed), then
+                # logs the step before, so that the devices always have the next step queued.
+                ahead = read_ahead() if step < num_steps else None
+                log_pending()
+                pending = (step, metrics, t_data)
+                evaluate = eval_on and step % int(config.eval.every_steps) == 0
+                checkpoint = step % max(int(tc.checkpoint_every_steps), 1) == 0
+                if evaluate or checkpoint:  # both read this step's state before it is donated
+                    log_pending()
+                    if evaluate:
+                        if evaluator is not None:
+                            run_eval()
+                        barrier("samref_eval")  # the others wait here, not in a collective
+                    if checkpoint:
+                        save()
+                        if kill_after_step is not None and step == int(kill_after_step):
+                            ckpt.wait()  # a crash after the checkpoint is written
+                            mlog.flush()
+                            os.kill(os.getpid(), signal.SIGKILL)
+                    timing["last"] = time.time()
                 if preempt_after_step is not None and step == int(preempt_after_step) and last:
                     notify_self()
                 if watch.reached(step):  # every process: the same step
                     stop_reason = "preempted"
                     break
+            log_pending()
     finally:
         bar.close()
     if ckpt.latest_step() != step:
@@ -473,8 +499,10 @@ def train(
         "stop_reason": stop_reason,
         "minutes_used": minutes_used(),
         "eval_minutes_this_call": eval_seconds[0] / 60.0,
-        "steps_per_s": n_timed / t_steps if t_steps else None,
-        "images_per_s": n_timed * global_batch / t_steps if t_steps else None,
+        "steps_per_s": timing["timed"] / timing["steps_s"] if timing["steps_s"] else None,
+        "images_per_s": (
+            timing["timed"] * global_batch / timing["steps_s"] if timing["steps_s"] else None
+        ),
         "global_batch": global_batch,
         "devices": jax.device_count(),
         "mode": str(config.mode),

@@ -51,6 +51,7 @@ _CONFIG = textwrap.dedent(
         c.train.num_steps = 4
         c.train.checkpoint_every_steps = 2
         c.train.log_every = 1
+        c.train.max_minutes = 600.0  # agreed on by the processes before every step
         return c
     """
 )

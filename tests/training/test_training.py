@@ -205,8 +205,8 @@ def test_overfit_and_frozen_subtrees(compile_cache):
 def test_kill_and_resume_same_losses(tmp_path, compile_cache, monkeypatch):
     """Interrupted after step 2 (or preempted after step 3) and resumed == uninterrupted, for
     the steps after; one trace per run; the exported model loads in the predictor. The trainer
-    reads each next batch (and sends it to the devices) before it waits for the step running,
-    and a checkpoint stores the data state of the steps run, not of the batch read ahead (the
+    queues each step and reads the next batch (and sends it to the devices) before it waits for
+    the step before's metrics, and a checkpoint stores the data state of the steps run, not of the batch read ahead (the
     resumed losses would differ otherwise)."""
     from samref_jax.samref.predictor import SamRefPredictor
     from samref_jax.training import trainer as T
@@ -226,8 +226,10 @@ def test_kill_and_resume_same_losses(tmp_path, compile_cache, monkeypatch):
     before = S.TRACE_COUNT["train_step"]
     train(cfg, tmp_path / "a", progress=False, export=True)
     assert S.TRACE_COUNT["train_step"] - before == 1
-    # batch 1, batch 2 read while step 1 runs, then step 1's metrics, ...; none after step 4
-    assert events == ["read", "read", "wait", "read", "wait", "read", "wait", "wait"], events
+    # Batch 1; step 1 runs while batch 2 is read; step 2 is queued, batch 3 read, and only
+    # then step 1's metrics are awaited; step 2 is a checkpoint step: its metrics, then the
+    # save; step 3 queued, batch 4 read; step 4 queued (no batch 5), step 3's metrics, step 4's.
+    assert events == ["read", "read", "read", "wait", "wait", "read", "wait", "wait"], events
     train(cfg, tmp_path / "b", progress=False, export=False, stop_at_step=2)
     assert sorted(
         p.name for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()
@@ -236,6 +238,14 @@ def test_kill_and_resume_same_losses(tmp_path, compile_cache, monkeypatch):
 
     def rows(d):
         return [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+
+    # The wall-clock budget counts the minutes of every earlier call (stored with the
+    # checkpoint, after step 4's row): with the budget at step 4's minutes, a longer run
+    # resumed from step 4 stops before running any step.
+    longer = cfg.copy_and_resolve_references()
+    longer.train.num_steps, longer.train.max_minutes = 6, rows("b")[-1]["minutes"]
+    summary = train(longer, tmp_path / "b", progress=False, export=False)
+    assert summary["stop_reason"] == "max_minutes" and summary["steps"] == 4, summary
 
     # A preemption notice (SIGTERM) after step 3, off the checkpoint cadence: step 3 is
     # checkpointed, nothing is exported, the SIGTERM handler is put back; the rerun resumes.
