@@ -21,7 +21,8 @@ Fields:
     images, dedup_iou, num_shards for preparing it; min_area, merge_prob, max_merged for the
     instance drawn per example).
   train: trainable (path prefixes), rounds (T), num_steps, max_minutes (wall clock; 0 = none;
-    checked before every step, with several processes before every log_every-th), lr, warmup_steps, end_lr_factor, b1, b2, weight_decay, clip_norm, dtype ("float32" |
+    checked before every step, with several processes before every log_every-th), lr,
+    warmup_steps, end_lr_factor, b1, b2, weight_decay, clip_norm, dtype ("float32" |
     "bfloat16"), stop_grad_feedback, remat (recompute each round in the backward pass),
     remat_policy (what remat keeps: a ``jax.checkpoint_policies`` name), init_checkpoint,
     log_every, checkpoint_every_steps, keep_checkpoints.

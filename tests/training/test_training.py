@@ -206,8 +206,8 @@ def test_kill_and_resume_same_losses(tmp_path, compile_cache, monkeypatch):
     """Interrupted after step 2 (or preempted after step 3) and resumed == uninterrupted, for
     the steps after; one trace per run; the exported model loads in the predictor. The trainer
     queues each step and reads the next batch (and sends it to the devices) before it waits for
-    the step before's metrics, and a checkpoint stores the data state of the steps run, not of the batch read ahead (the
-    resumed losses would differ otherwise)."""
+    the step before's metrics, and a checkpoint stores the data state of the steps run, not of
+    the batch read ahead (the resumed losses would differ otherwise)."""
     from samref_jax.samref.predictor import SamRefPredictor
     from samref_jax.training import trainer as T
     from samref_jax.training.trainer import train
@@ -270,6 +270,37 @@ def test_kill_and_resume_same_losses(tmp_path, compile_cache, monkeypatch):
     pred.set_image(img)
     out = pred.click(10, 12)
     assert out.mask.shape == img.shape[:2]
+
+
+def test_periodic_eval_reads_its_step_and_leaves_training_alone(tmp_path, compile_cache):
+    """Held-out evaluation every 2 steps (the step it evaluates is waited for, the next one
+    not yet queued: its state is donated by that one) writes rows at steps 2 and 4, and the
+    training losses equal those of the same run without it."""
+    from samref_jax.training.trainer import train
+
+    root = write_fake_coco_mval(tmp_path / "COCO_MVal", n=6)
+    cfg = tiny_test_config("full", FRAME, rounds=2)
+    cfg.data.manual_dir = str(root)
+    cfg.data.data_dir = str(tmp_path / "tfds")
+    cfg.data.heldout_every = 3  # instances 0 and 3 held out
+    cfg.train.num_steps = 4
+    cfg.train.checkpoint_every_steps = 3
+    quiet = cfg.copy_and_resolve_references()
+    cfg.eval.every_steps, cfg.eval.num_samples, cfg.eval.max_clicks = 2, 2, 4
+    train(cfg, tmp_path / "eval", progress=False, export=False)
+    train(quiet, tmp_path / "quiet", progress=False, export=False)
+
+    def rows(d, name="metrics.jsonl"):
+        return [json.loads(x) for x in (tmp_path / d / name).read_text().splitlines()]
+
+    evals = rows("eval", "eval.jsonl")
+    assert [r["step"] for r in evals] == [2, 4], evals
+    assert all(r["num_samples"] == 2 and 1 <= r["NoC@85"] <= r["NoC@90"] <= 4 for r in evals)
+    assert not (tmp_path / "quiet" / "eval.jsonl").read_text()
+    a, b = rows("eval"), rows("quiet")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        np.testing.assert_allclose(ra["loss"], rb["loss"], rtol=1e-6, atol=1e-7)
 
 
 def test_pipeline_deterministic_and_checkpointable(tmp_path):
