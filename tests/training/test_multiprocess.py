@@ -6,13 +6,18 @@ by ``samref_jax.training.launch`` (``train/launch_local.py``) running the unchan
 Runs (the tiniest trainable config: ``sam`` mode, whose step compiles fastest -- the
 multi-process machinery does not depend on the model --, 64 frame, one encoder block, T=2
 rounds, global batch 8, 4 steps, checkpoints every 2 steps), all sharing one persistent
-compilation cache (only process 0 writes it, so process 1 compiles in every 2-process run):
+compilation cache (only process 0 writes it, so the others compile in every multi-process run):
 
 * ``one``: 1 process x 8 devices;
 * ``two``: 2 processes x 4 devices, uninterrupted;
+* ``four``: 4 processes x 2 devices, uninterrupted (more than two hosts: every process reads
+  its quarter of the global batch, collectives over four);
 * ``killed``: 2 x 4, every process SIGKILLed right after the step-2 checkpoint, then restarted;
-* ``preempted``: 2 x 4, process 1 alone gets SIGTERM (a preemption notice) after step 1; both
-  checkpoint one agreed step and exit with 143, then the same command resumes.
+* ``preempted``: 4 x 2, process 3 alone gets SIGTERM (a preemption notice) after step 1; all
+  four checkpoint one agreed step and exit with 143, then the same command resumes.
+
+The cached-embedding path of a pod: ``cache_embeddings`` in 4 processes x 1 device, then
+training on that cache in 2 processes x 2 devices against 1 process x 4 devices.
 
 Besides, ``mp_checkpoint_worker.py`` checks the checkpointer's background saves in 2 processes
 x 2 devices (donation right after ``save``; a kill during the write).
@@ -57,6 +62,27 @@ _CONFIG = textwrap.dedent(
 )
 
 
+_CACHED_CONFIG = textwrap.dedent(
+    """
+    from samref_jax.training.testing import tiny_test_config
+
+    def get_config():
+        c = tiny_test_config("sam", 64, rounds=2)
+        c.train.trainable = ("sam/mask_decoder", "sam/prompt_encoder")  # a frozen encoder
+        c.data.per_device_batch_size = 1
+        c.data.heldout_every = 0
+        c.data.manual_dir = {manual!r}
+        c.data.data_dir = {data!r}
+        c.data.cached_views = 2
+        c.data.cache_dtype = "float32"
+        c.train.num_steps = 3
+        c.train.checkpoint_every_steps = 0
+        c.train.log_every = 1
+        return c
+    """
+)
+
+
 def _env(cache: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
     env.update(
@@ -70,12 +96,23 @@ def _env(cache: Path) -> dict[str, str]:
     return env
 
 
-def _launch(args: list[str], n: int, m: int, env: dict[str, str]) -> tuple[int, str]:
+def _launch(
+    args: list[str], n: int, m: int, env: dict[str, str], module: str = "train.main"
+) -> tuple[int, str]:
     from samref_jax.training.launch import launch
 
     lines: list[str] = []
     with open(os.devnull, "w") as sink:
-        rc = launch(args, n, m, timeout_s=RUN_TIMEOUT_S, env=env, output=sink, capture=lines)
+        rc = launch(
+            args,
+            n,
+            m,
+            module=module,
+            timeout_s=RUN_TIMEOUT_S,
+            env=env,
+            output=sink,
+            capture=lines,
+        )
     return rc, "".join(lines)
 
 
@@ -111,6 +148,10 @@ def runs(tmp_path_factory):
     rc, out = _launch([*common, "--workdir", str(two)], 2, 4, env)
     assert rc == 0, out[-5000:]
 
+    four = root / "four"
+    rc, out = _launch([*common, "--workdir", str(four)], 4, 2, env)
+    assert rc == 0, out[-5000:]
+
     killed = root / "killed"
     rc, out = _launch([*common, "--workdir", str(killed), "--kill_after_step", "2"], 2, 4, env)
     assert rc == -9, (rc, out[-5000:])  # SIGKILL, as a crash
@@ -122,14 +163,14 @@ def runs(tmp_path_factory):
     assert "resumed from step 2" in out, out[-3000:]
 
     pre = root / "preempted"
-    rc, out = _launch([*common, "--workdir", str(pre), "--preempt_after_step", "1"], 2, 4, env)
+    rc, out = _launch([*common, "--workdir", str(pre), "--preempt_after_step", "1"], 4, 2, env)
     assert rc == 143, (rc, out[-5000:])
     stopped = [r["step"] for r in _rows(pre)]
     ckpts = sorted(int(p.name) for p in (pre / "checkpoints").iterdir() if p.name.isdigit())
     assert not (pre / "export").exists()
-    rc, out = _launch([*common, "--workdir", str(pre)], 2, 4, env)
+    rc, out = _launch([*common, "--workdir", str(pre)], 4, 2, env)
     assert rc == 0, out[-5000:]
-    return one, two, killed, (pre, stopped, ckpts, out)
+    return one, two, four, killed, (pre, stopped, ckpts, out)
 
 
 def test_two_processes_match_one_process(runs):
@@ -137,7 +178,18 @@ def test_two_processes_match_one_process(runs):
     reads its part), same initialisation, losses equal up to the cross-process reduction
     order. Only process 0 logs; every process takes part in the checkpoints and the export."""
     one, two, *_ = runs
-    a, b = _rows(one), _rows(two)
+    _assert_same_run(one, two)
+
+
+def test_four_processes_match_one_process(runs):
+    """4 processes x 2 devices == 1 process x 8 devices, as for two processes: nothing assumes
+    that a run has at most two hosts (data split, collectives, checkpoints, export)."""
+    one, _, four, *_ = runs
+    _assert_same_run(one, four)
+
+
+def _assert_same_run(one: Path, other: Path) -> None:
+    a, b = _rows(one), _rows(other)
     assert [r["step"] for r in a] == [1, 2, 3, 4] and [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
         np.testing.assert_allclose(rb["loss"], ra["loss"], rtol=2e-4, atol=1e-5)
@@ -147,15 +199,15 @@ def test_two_processes_match_one_process(runs):
     for ra, rb in zip(a[:2], b[:2], strict=True):
         np.testing.assert_allclose(rb["grad_norm"], ra["grad_norm"], rtol=1e-4)
     s1 = json.loads((one / "summary.json").read_text())
-    s2 = json.loads((two / "summary.json").read_text())
+    s2 = json.loads((other / "summary.json").read_text())
     assert s1["global_batch"] == s2["global_batch"] == 8 and s2["devices"] == 8
-    assert (two / "export" / "metadata.json").is_file()
+    assert (other / "export" / "metadata.json").is_file()
 
 
 def test_killed_two_process_run_resumes_with_identical_losses(runs):
     """Every process SIGKILLed after the step-2 checkpoint, restarted: steps 3 and 4 have the
     losses of the uninterrupted 2-process run (restored params, optimiser, data position)."""
-    _, two, killed, _ = runs
+    _, two, _, killed, _ = runs
     a, b = _rows(two), _rows(killed)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
@@ -163,16 +215,16 @@ def test_killed_two_process_run_resumes_with_identical_losses(runs):
             np.testing.assert_allclose(rb[k], ra[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
-def test_preemption_notice_on_one_process_stops_both_at_one_step(runs):
-    """SIGTERM to process 1 only: both processes stop after the same step (the one JAX's
-    preemption service agrees on: the step after the notice at most), checkpoint it, skip the
-    export and exit 143; the rerun resumes there with the uninterrupted run's losses."""
-    _, two, _, (pre, stopped, ckpts, out) = runs
+def test_preemption_notice_on_one_process_stops_all_at_one_step(runs):
+    """SIGTERM to process 3 of 4 only: every process stops after the same step (the one JAX's
+    preemption service agrees on: the step after the notice at most), checkpoints it, skips the
+    export and exits 143; the rerun resumes there with the uninterrupted run's losses."""
+    _, _, four, _, (pre, stopped, ckpts, out) = runs
     s = stopped[-1]
     assert s in (2, 3) and stopped == list(range(1, s + 1)), stopped
-    assert ckpts[-1] == s, ckpts  # the agreed step, written by both (orbax: collective)
+    assert ckpts[-1] == s, ckpts  # the agreed step, written by all four (orbax: collective)
     assert f"resumed from step {s}" in out, out[-3000:]
-    a, b = _rows(two), _rows(pre)
+    a, b = _rows(four), _rows(pre)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
         for k in ("loss", "iou", "grad_norm"):
@@ -238,6 +290,78 @@ def test_coordinator_alone_fails_with_message(tmp_path):
     )
     assert r.returncode != 0 and "joined" not in r.stdout
     assert "not all 2 processes joined the JAX coordinator" in r.stderr, r.stderr[-3000:]
+
+
+def test_cache_built_by_four_processes_trains_two(tmp_path):
+    """The cached-embedding path of a pod: ``cache_embeddings`` in 4 processes x 1 device
+    (process 0 prepares the records while the others wait; shards dealt round-robin; process 0
+    writes the metadata once every shard is there) writes the records a one-process build
+    writes; training on it in 2 processes x 2 devices has the losses of 1 process x 4."""
+    import importlib.util
+
+    import jax
+
+    from samref_jax.training import step as S
+    from samref_jax.training.embedding_cache import CachedViews, build_cache, open_cache
+    from samref_jax.training.pipeline import prepare_source
+    from samref_jax.training.testing import write_fake_coco_mval
+
+    manual = write_fake_coco_mval(tmp_path / "COCO_MVal", n=6)
+    data = tmp_path / "tfds"
+    cfg_file = tmp_path / "cached.py"
+    cfg_file.write_text(_CACHED_CONFIG.format(manual=str(manual), data=str(data)))
+    env = _env(tmp_path / "jax_cache")
+    rc, out = _launch(
+        ["--config", str(cfg_file), "--records_per_shard", "2", "--noprogress"],
+        4,
+        1,
+        env,
+        module="samref_jax.training.cache_embeddings",
+    )
+    assert rc == 0, out[-5000:]
+    assert "6 instances x 2 views" in out, out[-3000:]
+
+    spec = importlib.util.spec_from_file_location("cached_config", cfg_file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    params = S.init_params(cfg, jax.random.key(int(cfg.seed), impl="rbg"))
+    build_cache(cfg, prepare_source(cfg, data), tmp_path / "one_process", params)
+    cfg.data.use_cached_embeddings = True
+    a, b = open_cache(cfg, data), CachedViews(tmp_path / "one_process")
+    assert len(a) == len(b) == 12
+    for r in range(len(a)):
+        x, y = a[r], b[r]
+        assert list(x) == list(y)
+        for k in x:
+            if k == "embedding":
+                np.testing.assert_allclose(x[k], y[k], rtol=1e-5, atol=1e-6)
+            else:
+                np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+    common = [
+        "--config",
+        str(cfg_file),
+        "--config.data.use_cached_embeddings=True",
+        "--noprogress",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "train.main", *common, "--workdir", str(tmp_path / "w1")],
+        env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rc, out = _launch([*common, "--workdir", str(tmp_path / "w2")], 2, 2, env)
+    assert rc == 0, out[-5000:]
+    one, two = _rows(tmp_path / "w1"), _rows(tmp_path / "w2")
+    assert [x["step"] for x in one] == [x["step"] for x in two] == [1, 2, 3]
+    for ra, rb in zip(one, two, strict=True):
+        assert np.isfinite(ra["loss"])
+        np.testing.assert_allclose(rb["loss"], ra["loss"], rtol=2e-4, atol=1e-5)
+        np.testing.assert_allclose(rb["iou"], ra["iou"], atol=2e-3)
 
 
 def _checkpoint_worker(mode: str, folder: Path, env: dict[str, str]) -> tuple[int, str]:
