@@ -2,7 +2,9 @@
 
 The trainer stores ``it.get_state()`` in the ``data`` item of each training checkpoint
 (``TrainCheckpointer``, orbax JSON) and calls ``it.set_state`` on resume: with worker processes
-the restored iterator must yield exactly the batches the interrupted one would have.
+the restored iterator must yield exactly the batches the interrupted one would have. Only
+process 0 writes that item; with several processes every process restores it, which is right
+because their iterator states are equal (each process reads its slice of one batch stream).
 
 It runs in a fresh interpreter, as ``train.main`` does: there the global absl flags are never
 parsed (``train.main`` parses its own ``FlagValues``), and Grain's worker pool reads them; the
@@ -79,6 +81,26 @@ _SCRIPT = textwrap.dedent(
     it2.set_state(data["iterator"])
     same([next(it2) for _ in range(3)], expected)
     del it2
+    gc.collect()
+
+    # Several processes: process i of n reads batches i, i + n, ... of the global stream, so
+    # after k steps every process's iterator state is the same, and the checkpoint's (process
+    # 0's: orbax writes the JSON item from process 0 only) puts every process where it was.
+    states, after = [], []
+    for pi in (0, 3):
+        itp = iter(make_train_dataset(cfg, source, process_index=pi, process_count=4))
+        for _ in range(2):
+            next(itp)
+        states.append(itp.get_state())
+        after.append([next(itp) for _ in range(2)])
+        del itp
+        gc.collect()
+    assert states[0] == states[1], states
+    assert not np.array_equal(after[0][0]["image"], after[1][0]["image"])  # other batches
+    it3 = iter(make_train_dataset(cfg, source, process_index=3, process_count=4))
+    it3.set_state(states[0])
+    same([next(it3) for _ in range(2)], after[1])
+    del it3
     gc.collect()
 
     # The worker processes change nothing in the data: in process (0 workers), same batches.
