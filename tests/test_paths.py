@@ -74,7 +74,9 @@ class _FakeGcs(backend_lib._OsPathBackend):
         return super().rename(self._local(path), self._local(dst))
 
     def replace(self, path, dst):
-        return super().replace(self._local(path), self._local(dst))
+        if self.isdir(dst):  # as the parent does, on the gs:// name
+            raise IsADirectoryError(f"Cannot overwrite: {dst} is a directory")
+        os.replace(self._local(path), self._local(dst))
 
     def copy(self, path, dst, overwrite):
         return super().copy(self._local(path), self._local(dst), overwrite)

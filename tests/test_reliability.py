@@ -594,6 +594,25 @@ def test_train_rejects_a_bad_remat_policy_before_creating_anything(tmp_path, cap
     assert not work.exists()
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.rounds=25", r"train.rounds \(25\) exceeds model.max_clicks \(24\)"),
+        ("--config.eval.max_clicks=30", r"eval.max_clicks \(30\) exceeds model.max_clicks"),
+    ],
+)
+def test_train_rejects_more_clicks_than_the_model_holds(tmp_path, capsys, override, message):
+    """Click rounds or periodic-evaluation clicks beyond ``model.max_clicks`` are refused
+    before anything is created (not at the first step, nor at the first evaluation)."""
+    from train.main import main
+
+    work = tmp_path / "run"
+    argv = ["--config", "configs/tiny_cpu.py", "--workdir", str(work)]
+    assert main([*argv, override]) == 2
+    _one_error_line(capsys.readouterr().err, message)
+    assert not work.exists()
+
+
 def test_resume_of_a_run_written_before_remat_policy_existed(tmp_path):
     """A workdir whose config.json predates ``train.remat_policy`` resumes with the policy it
     ran under (recompute everything); any other policy is a change."""

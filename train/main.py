@@ -9,7 +9,8 @@ with ``--config.<path>=<value>``. An existing ``--workdir`` resumes. Multi-host:
 reach the coordinator within ``--init_timeout`` seconds exits with status 3 and a message.
 On a scheduler's preemption notice (SIGTERM to any process) every process checkpoints one agreed
 step and exits with status 143 (128 + SIGTERM) without the final evaluation and export; the
-same command resumes from that step.
+same command resumes from that step. A process that fails alone (an exception on one host)
+prints its traceback and exits with status 1 at once instead of waiting for the others.
 ``train/launch_local.py`` starts N such processes on this machine (CPU devices, gloo).
 """
 
@@ -64,6 +65,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-train") -> int:
         "tests: send the last process SIGTERM after this step (a scheduler's preemption notice)",
         flag_values=fv,
     )
+    flags.DEFINE_integer(
+        "fail_after_step",
+        None,
+        "tests: raise an error in the last process alone after this step (a host's failure)",
+        flag_values=fv,
+    )
     status = parse_flags(fv, argv, prog, USAGE, DESCRIPTION, EXAMPLE)
     if status is not None:
         return status
@@ -89,16 +96,18 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-train") -> int:
     from samref_jax.training.trainer import train
 
     try:
-        summary = train(
-            fv.config,
-            fv.workdir,
-            progress=fv.progress,
-            command="python -m train.main " + " ".join(argv),
-            kill_after_step=fv.kill_after_step,
-            preempt_after_step=fv.preempt_after_step,
-            allow_config_change=fv.allow_config_change,
-        )
-    except (TrainConfigError, TrainCheckpointError) as e:
+        with distributed.exit_alone_on_error():  # one process failing ends the run at once
+            summary = train(
+                fv.config,
+                fv.workdir,
+                progress=fv.progress,
+                command="python -m train.main " + " ".join(argv),
+                kill_after_step=fv.kill_after_step,
+                preempt_after_step=fv.preempt_after_step,
+                fail_after_step=fv.fail_after_step,
+                allow_config_change=fv.allow_config_change,
+            )
+    except (TrainConfigError, TrainCheckpointError) as e:  # raised by every process alike
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     if jax.process_index() == 0:

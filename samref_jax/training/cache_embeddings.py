@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 USAGE = "--config configs/X.py [--workdir DIR | --config.data.data_dir=DIR] [--config.a.b=v]"
 DESCRIPTION = (
@@ -71,13 +72,21 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-cache-embeddings
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    import jax
-
     status = distributed.start_from_flags(fv)
     if status:
         return status
 
+    with distributed.exit_alone_on_error():  # one process failing ends the run at once
+        _build(config, fv)
+    return 0
+
+
+def _build(config: Any, fv: Any) -> None:
+    """Prepares the records (process 0), then every process builds its shards of the cache."""
+    import jax
+
     from samref_jax.paths import as_path
+    from samref_jax.training import distributed
     from samref_jax.training import step as S
     from samref_jax.training.embedding_cache import build_cache, cache_location
     from samref_jax.training.pipeline import prepare_source
@@ -106,7 +115,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-cache-embeddings
             f"{where}: {meta['num_instances']} instances x {meta['views']} views, "
             f"{meta['embedding_dtype']} embeddings {tuple(meta['embedding_shape'])}"
         )
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ starts). ``jax.distributed.initialize`` itself aborts the process (SIGABRT, with
 about "another task" having died) when the coordinator cannot be reached within its timeout;
 :func:`initialize` first probes the coordinator's TCP port for at most ``timeout_s`` and raises
 :class:`CoordinatorUnreachableError` with a plain message instead, and prints an explanation
-before JAX's own deadline when the other processes do not join.
+before JAX's own deadline when the other processes do not join. :func:`exit_alone_on_error`
+ends a process that fails on its own at once, rather than after JAX's shutdown barrier.
 
 Example:
   >>> initialize("127.0.0.1:12345", num_processes=2, process_id=1, timeout_s=60)  # doctest: +SKIP
@@ -21,11 +22,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import threading
 import time
+import traceback
+from collections.abc import Iterator
 from typing import Any
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -204,3 +208,25 @@ def start_from_flags(flag_values: Any) -> int:
 
         jax.distributed.initialize(initialization_timeout=int(fv.init_timeout))
     return 0
+
+
+@contextlib.contextmanager
+def exit_alone_on_error() -> Iterator[None]:
+    """With several processes, an exception raised inside ends this process at once: its
+    traceback on stderr, then exit status 1 (``os._exit``). Left to Python, the process would
+    wait at JAX's shutdown barrier (300 s) for peers that wait for it in a collective, and then
+    every process would abort with "Shutdown barrier has failed"; exiting at once lets the
+    launcher (``samref launch-local``) or a scheduler end the job, and JAX's heartbeat (100 s)
+    ends the peers otherwise. One process: the exception propagates as usual."""
+    try:
+        yield
+    except Exception:
+        import jax
+
+        if jax.process_count() == 1:
+            raise
+        print(f"process {jax.process_index()} failed:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

@@ -110,6 +110,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         S.remat_policy(config)
     except ValueError as e:
         raise TrainConfigError(str(e)) from None
+    slots = int(config.model.max_clicks)  # clicks the model holds per object
+    if int(config.train.rounds) > slots:
+        raise TrainConfigError(
+            f"train.rounds ({int(config.train.rounds)}) exceeds model.max_clicks ({slots}): "
+            "each round adds a click"
+        )
+    ev = config.eval
+    if int(ev.every_steps) > 0 and int(config.data.heldout_every) > 0 and ev.max_clicks > slots:
+        raise TrainConfigError(
+            f"eval.max_clicks ({int(ev.max_clicks)}) exceeds model.max_clicks ({slots}): the "
+            "periodic evaluation would fail at its first evaluation"
+        )
 
 
 def resume_config_changes(
@@ -254,6 +266,7 @@ def train(
     stop_at_step: int | None = None,
     kill_after_step: int | None = None,
     preempt_after_step: int | None = None,
+    fail_after_step: int | None = None,
     allow_config_change: bool = False,
 ) -> dict:
     """Trains (or resumes) into ``workdir``; returns a summary dict (steps, steps/s, ...).
@@ -264,7 +277,8 @@ def train(
     ``preempt_after_step`` sends the last process SIGTERM after that step (tests: a
     scheduler's preemption notice reaching one host); on such a notice every process stops at
     one agreed step, checkpoints it and returns with ``stop_reason`` "preempted", without the
-    final evaluation and export (``preemption.PreemptionWatch``).
+    final evaluation and export (``preemption.PreemptionWatch``). ``fail_after_step`` raises
+    an error in the last process alone after that step (tests: a failure on one host).
     ``allow_config_change`` resumes even when the config differs in keys that change the model
     or the data (module docstring).
     """
@@ -291,8 +305,13 @@ def train(
             "--allow_config_change"
         )
     workdir.mkdir(parents=True, exist_ok=True)
-    if main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    # Every process has read the stored config.json before process 0 replaces it (a process
+    # reading it while it is rewritten would see a damaged file and stop alone).
+    barrier("samref_config_compared")
+    if main:  # written whole, then renamed: a run killed meanwhile leaves the old one
+        tmp = workdir / "config.json.tmp"
+        tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
+        tmp.replace(workdir / "config.json")
     tc = config.train
 
     data_dir = as_path(config.data.data_dir) if config.data.data_dir else workdir / "tfds"
@@ -465,6 +484,8 @@ def train(
                     timing["last"] = time.time()
                 if preempt_after_step is not None and step == int(preempt_after_step) and last:
                     notify_self()
+                if fail_after_step is not None and step == int(fail_after_step) and last:
+                    raise RuntimeError(f"fail_after_step: an error after step {step}")
                 if watch.reached(step):  # every process: the same step
                     stop_reason = "preempted"
                     break

@@ -8,6 +8,9 @@ multi-process machinery does not depend on the model --, 64 frame, one encoder b
 rounds, global batch 8, 4 steps, checkpoints every 2 steps), all sharing one persistent
 compilation cache (only process 0 writes it, so the others compile in every multi-process run):
 
+Every run evaluates the held-out images after steps 2 and 4 (process 0 alone; the others wait
+at a barrier of the coordination service).
+
 * ``one``: 1 process x 8 devices;
 * ``two``: 2 processes x 4 devices, uninterrupted;
 * ``four``: 4 processes x 2 devices, uninterrupted (more than two hosts: every process reads
@@ -50,7 +53,9 @@ _CONFIG = textwrap.dedent(
     def get_config():
         c = tiny_test_config("sam", 64, rounds=2)  # no refiners: the cheapest compile
         c.data.per_device_batch_size = 1  # global batch 8 on 8 devices
-        c.data.heldout_every = 0
+        c.data.heldout_every = 5  # images 0 and 5 held out: 8 train the model
+        c.model.max_clicks = 5  # 5 clicks per held-out object: NoC and 5-mIoU
+        c.eval.every_steps, c.eval.num_samples, c.eval.max_clicks = 2, 2, 5  # process 0
         c.data.manual_dir = {manual!r}
         c.data.data_dir = {data!r}
         c.train.num_steps = 4
@@ -116,8 +121,8 @@ def _launch(
     return rc, "".join(lines)
 
 
-def _rows(workdir: Path) -> list[dict]:
-    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+def _rows(workdir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(x) for x in (workdir / name).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +209,21 @@ def _assert_same_run(one: Path, other: Path) -> None:
     assert (other / "export" / "metadata.json").is_file()
 
 
+def test_periodic_evaluation_on_process_zero(runs):
+    """Process 0 evaluates after steps 2 and 4 while the others wait (no collective times out
+    meanwhile); resumed runs keep one row per step; the NoCs of the same model agree."""
+    one, two, four, killed, (pre, *_) = runs
+    evals = {w.name: _rows(w, "eval.jsonl") for w in (one, two, four, killed, pre)}
+    for name, rows in evals.items():
+        assert [r["step"] for r in rows] == [2, 4], (name, rows)
+        assert all(r["num_samples"] == 2 and 1 <= r["NoC@85"] <= r["NoC@90"] <= 5 for r in rows)
+        assert all(0.0 <= r["5-mIoU"] <= 1.0 for r in rows), (name, rows)
+    for name in ("two", "four"):  # the same model up to the 2e-4 of the losses
+        for ra, rb in zip(evals["one"], evals[name], strict=True):
+            assert abs(ra["NoC@90"] - rb["NoC@90"]) <= 0.5, (name, ra, rb)
+            assert abs(ra["5-mIoU"] - rb["5-mIoU"]) <= 0.02, (name, ra, rb)
+
+
 def test_killed_two_process_run_resumes_with_identical_losses(runs):
     """Every process SIGKILLed after the step-2 checkpoint, restarted: steps 3 and 4 have the
     losses of the uninterrupted 2-process run (restored params, optimiser, data position)."""
@@ -230,6 +250,36 @@ def test_preemption_notice_on_one_process_stops_all_at_one_step(runs):
         for k in ("loss", "iou", "grad_norm"):
             np.testing.assert_allclose(rb[k], ra[k], rtol=1e-6, atol=1e-7, err_msg=k)
     assert (pre / "export" / "metadata.json").is_file()
+
+
+def test_one_failing_process_ends_the_run_at_once(tmp_path):
+    """An error in process 1 of 2 alone (``--fail_after_step``): it prints its traceback and
+    exits with status 1 at once, and the launcher stops process 0, which waits for it in the
+    next step. Left to Python, process 1 would wait 300 s at JAX's shutdown barrier (past this
+    test's 240 s limit: status 124) and then every process would abort."""
+    from samref_jax.training.testing import write_fake_coco_mval
+
+    manual = write_fake_coco_mval(tmp_path / "COCO_MVal", n=10)
+    cfg = tmp_path / "config.py"
+    cfg.write_text(_CONFIG.format(manual=str(manual), data=str(tmp_path / "tfds")))
+    args = ["--config", str(cfg), "--noprogress", "--workdir", str(tmp_path / "w")]
+    from samref_jax.training.launch import launch
+
+    lines: list[str] = []
+    with open(os.devnull, "w") as sink:
+        rc = launch(
+            [*args, "--fail_after_step", "1"],
+            2,
+            2,
+            timeout_s=240,
+            env=_env(tmp_path / "jax_cache"),
+            output=sink,
+            capture=lines,
+        )
+    out = "".join(lines)
+    assert rc == 1, (rc, out[-5000:])
+    assert "process 1 failed:" in out, out[-3000:]
+    assert "fail_after_step: an error after step 1" in out, out[-3000:]
 
 
 def test_unreachable_coordinator_fails_fast_with_message(tmp_path):
