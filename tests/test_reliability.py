@@ -986,3 +986,35 @@ def test_resume_accepts_keys_added_since_the_run_started(tmp_path):
     cached = _tiny_config()
     cached.data.use_cached_embeddings = True
     assert resume_config_changes(work, cached)[0] == ["data.use_cached_embeddings"]
+
+
+def test_exit_alone_on_error_with_several_processes(monkeypatch, capsys):
+    """With several processes an unexpected error ends the process at once (traceback, status
+    1, no wait at JAX's shutdown barrier); an error every process meets alike propagates (one
+    line and status 2 from the entry point); one process: everything propagates."""
+    import jax
+
+    from samref_jax.training import distributed
+    from samref_jax.training.trainer import TrainConfigError
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(status):
+        raise Exited(status)
+
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    with pytest.raises(ValueError), distributed.exit_alone_on_error():
+        raise ValueError("one process: propagates")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with pytest.raises(Exited) as e, distributed.exit_alone_on_error(alike=(TrainConfigError,)):
+        raise OSError("a disk error on host 1")
+    assert e.value.args == (1,)
+    err = capsys.readouterr().err
+    assert "process 1 failed:" in err and "OSError: a disk error on host 1" in err
+    with (
+        pytest.raises(TrainConfigError),
+        distributed.exit_alone_on_error(alike=(TrainConfigError,)),
+    ):
+        raise TrainConfigError("refused on every process")

@@ -96,7 +96,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "samref-train") -> int:
     from samref_jax.training.trainer import train
 
     try:
-        with distributed.exit_alone_on_error():  # one process failing ends the run at once
+        # One process failing alone ends the run at once; refusals every process meets alike
+        # end each with one line and status 2.
+        with distributed.exit_alone_on_error(alike=(TrainConfigError, TrainCheckpointError)):
             summary = train(
                 fv.config,
                 fv.workdir,

@@ -211,19 +211,22 @@ def start_from_flags(flag_values: Any) -> int:
 
 
 @contextlib.contextmanager
-def exit_alone_on_error() -> Iterator[None]:
+def exit_alone_on_error(
+    alike: tuple[type[BaseException], ...] = (),
+) -> Iterator[None]:
     """With several processes, an exception raised inside ends this process at once: its
     traceback on stderr, then exit status 1 (``os._exit``). Left to Python, the process would
     wait at JAX's shutdown barrier (300 s) for peers that wait for it in a collective, and then
     every process would abort with "Shutdown barrier has failed"; exiting at once lets the
     launcher (``samref launch-local``) or a scheduler end the job, and JAX's heartbeat (100 s)
-    ends the peers otherwise. One process: the exception propagates as usual."""
+    ends the peers otherwise. Exceptions of the ``alike`` types (raised by every process alike,
+    e.g. a refused config) and any exception in one process propagate as usual."""
     try:
         yield
-    except Exception:
+    except Exception as e:
         import jax
 
-        if jax.process_count() == 1:
+        if jax.process_count() == 1 or isinstance(e, alike):
             raise
         print(f"process {jax.process_index()} failed:", file=sys.stderr)
         traceback.print_exc()
