@@ -6,10 +6,9 @@ by ``samref_jax.training.launch`` (``train/launch_local.py``) running the unchan
 Runs (the tiniest trainable config: ``sam`` mode, whose step compiles fastest -- the
 multi-process machinery does not depend on the model --, 64 frame, one encoder block, T=2
 rounds, global batch 8, 4 steps, checkpoints every 2 steps), all sharing one persistent
-compilation cache (only process 0 writes it, so the others compile in every multi-process run):
-
-Every run evaluates the held-out images after steps 2 and 4 (process 0 alone; the others wait
-at a barrier of the coordination service).
+compilation cache (only process 0 writes it, so the others compile in every multi-process run),
+each evaluating the held-out images after steps 2 and 4 (process 0 alone; the others wait at a
+barrier of the coordination service):
 
 * ``one``: 1 process x 8 devices;
 * ``two``: 2 processes x 4 devices, uninterrupted;
@@ -21,6 +20,8 @@ at a barrier of the coordination service).
 
 The cached-embedding path of a pod: ``cache_embeddings`` in 4 processes x 1 device, then
 training on that cache in 2 processes x 2 devices against 1 process x 4 devices.
+
+An error in one of 2 processes (``--fail_after_step``) ends the run at once with its traceback.
 
 Besides, ``mp_checkpoint_worker.py`` checks the checkpointer's background saves in 2 processes
 x 2 devices (donation right after ``save``; a kill during the write).
