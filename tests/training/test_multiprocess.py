@@ -103,23 +103,36 @@ def _env(cache: Path) -> dict[str, str]:
 
 
 def _launch(
-    args: list[str], n: int, m: int, env: dict[str, str], module: str = "train.main"
+    args: list[str],
+    n: int,
+    m: int,
+    env: dict[str, str],
+    module: str = "train.main",
+    timeout_s: float = RUN_TIMEOUT_S,
 ) -> tuple[int, str]:
+    """``module`` in ``n`` processes x ``m`` devices: (exit status, their output)."""
     from samref_jax.training.launch import launch
 
     lines: list[str] = []
     with open(os.devnull, "w") as sink:
         rc = launch(
-            args,
-            n,
-            m,
-            module=module,
-            timeout_s=RUN_TIMEOUT_S,
-            env=env,
-            output=sink,
-            capture=lines,
+            args, n, m, module=module, timeout_s=timeout_s, env=env, output=sink, capture=lines
         )
     return rc, "".join(lines)
+
+
+def _train_one_process(args: list[str], devices: int, env: dict[str, str]) -> None:
+    """``train.main`` in this machine's one process with ``devices`` CPU devices (no
+    ``jax.distributed``); fails the test unless it exits with 0."""
+    r = subprocess.run(
+        [sys.executable, "-m", "train.main", *args],
+        env={**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def _rows(workdir: Path, name: str = "metrics.jsonl") -> list[dict]:
@@ -140,15 +153,7 @@ def runs(tmp_path_factory):
 
     # 1 process x 8 devices: the plain entry point, no jax.distributed.
     one = root / "one"
-    r = subprocess.run(
-        [sys.executable, "-m", "train.main", *common, "--workdir", str(one)],
-        env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _train_one_process([*common, "--workdir", str(one)], 8, env)
 
     two = root / "two"
     rc, out = _launch([*common, "--workdir", str(two)], 2, 4, env)
@@ -264,20 +269,8 @@ def test_one_failing_process_ends_the_run_at_once(tmp_path):
     cfg = tmp_path / "config.py"
     cfg.write_text(_CONFIG.format(manual=str(manual), data=str(tmp_path / "tfds")))
     args = ["--config", str(cfg), "--noprogress", "--workdir", str(tmp_path / "w")]
-    from samref_jax.training.launch import launch
-
-    lines: list[str] = []
-    with open(os.devnull, "w") as sink:
-        rc = launch(
-            [*args, "--fail_after_step", "1"],
-            2,
-            2,
-            timeout_s=240,
-            env=_env(tmp_path / "jax_cache"),
-            output=sink,
-            capture=lines,
-        )
-    out = "".join(lines)
+    env = _env(tmp_path / "jax_cache")
+    rc, out = _launch([*args, "--fail_after_step", "1"], 2, 2, env, timeout_s=240)
     assert rc == 1, (rc, out[-5000:])
     assert "process 1 failed:" in out, out[-3000:]
     assert "fail_after_step: an error after step 1" in out, out[-3000:]
@@ -396,15 +389,7 @@ def test_cache_built_by_four_processes_trains_two(tmp_path):
         "--config.data.use_cached_embeddings=True",
         "--noprogress",
     ]
-    r = subprocess.run(
-        [sys.executable, "-m", "train.main", *common, "--workdir", str(tmp_path / "w1")],
-        env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _train_one_process([*common, "--workdir", str(tmp_path / "w1")], 4, env)
     rc, out = _launch([*common, "--workdir", str(tmp_path / "w2")], 2, 2, env)
     assert rc == 0, out[-5000:]
     one, two = _rows(tmp_path / "w1"), _rows(tmp_path / "w2")
@@ -416,21 +401,8 @@ def test_cache_built_by_four_processes_trains_two(tmp_path):
 
 
 def _checkpoint_worker(mode: str, folder: Path, env: dict[str, str]) -> tuple[int, str]:
-    from samref_jax.training.launch import launch
-
-    lines: list[str] = []
-    with open(os.devnull, "w") as sink:
-        rc = launch(
-            [mode, str(folder)],
-            2,
-            2,
-            module="tests.training.mp_checkpoint_worker",
-            timeout_s=300,
-            env=env,
-            output=sink,
-            capture=lines,
-        )
-    return rc, "".join(lines)
+    module = "tests.training.mp_checkpoint_worker"
+    return _launch([mode, str(folder)], 2, 2, env, module=module, timeout_s=300)
 
 
 def test_two_process_background_checkpoints_survive_donation_and_a_kill(tmp_path):
